@@ -1,0 +1,221 @@
+"""One timing method for every backend: warm-up, timed iterations, the same statistics.
+
+Default mode times the backend on a ready, padded model-space batch (what trtexec calls
+compute + copies). ``end_to_end`` times ``Runner.segment`` on a raw image: normalisation,
+padding, inference, cropping and post-processing. GPU runners that expose device timing
+(CUDA events) report it beside the host wall-clock time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .console import Reporter
+from .environment import versions
+from .errors import BackendUnavailable, InputError
+from .preprocess import pad_to_divisor
+from .runtimes.base import AUTO_ORDER, Runner, runner_class
+
+DEFAULT_ITERATIONS = 30
+COV_WARNING = 0.05
+
+
+@dataclass
+class BenchSettings:
+    shape: tuple[int, int, int, int]
+    warmup: int = 5
+    iterations: int | None = None
+    duration: float | None = None
+    end_to_end: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise InputError("--warmup must be >= 0")
+        if self.iterations is not None and self.iterations < 1:
+            raise InputError("--iterations must be >= 1")
+        if self.duration is not None and self.duration <= 0:
+            raise InputError("--duration must be > 0")
+
+
+def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, int]:
+    """'1x3x256x256' -> (1, 3, 256, 256); checks four positive ints and the channel count."""
+    parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or any(d < 1 for d in dims):
+        raise InputError(f"bad shape {text!r}: expected NxCxHxW with positive integers, e.g. 1x3x256x256")
+    if channels is not None and dims[1] != channels:
+        raise InputError(f"shape {text} has {dims[1]} channels, the model takes {channels}: use "
+                         f"{dims[0]}x{channels}x{dims[2]}x{dims[3]}")
+    return dims  # type: ignore[return-value]
+
+
+def latency_stats(seconds: list[float] | np.ndarray) -> dict[str, float]:
+    """Latency statistics in milliseconds. Percentiles use linear interpolation between ranks
+    (numpy's default), std is the population standard deviation."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if ms.size == 0:
+        raise InputError("no timed iterations")
+    return {
+        "mean": float(ms.mean()),
+        "std": float(ms.std()),
+        "min": float(ms.min()),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p95": float(np.percentile(ms, 95)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+    }
+
+
+def coefficient_of_variation(stats: dict[str, float]) -> float:
+    return stats["std"] / stats["mean"] if stats["mean"] > 0 else math.inf
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024.0 if os.uname().sysname != "Darwin" else peak / (1024.0 * 1024.0)
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / (1024.0 * 1024.0)
+
+
+def bench_runner(runner: Runner, settings: BenchSettings, reporter: Reporter | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Time one activated runner; returns the design.md section 8 record."""
+    reporter = reporter or Reporter()
+    n, c, h, w = settings.shape
+    if c != runner.channels:
+        raise InputError(f"--shape has {c} channels, the model takes {runner.channels}")
+    rng = np.random.default_rng(seed)
+    raw = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    padded, _ = pad_to_divisor(raw, runner.divisor)
+
+    def once() -> float | None:
+        if settings.end_to_end:
+            runner.segment(raw)
+            return None
+        return runner.timed_infer(padded)
+
+    for _ in range(settings.warmup):
+        once()
+    host: list[float] = []
+    device: list[float] = []
+    iterations = settings.iterations or (None if settings.duration else DEFAULT_ITERATIONS)
+    total = iterations or 0
+    label = f"Timing {runner.name} at {'x'.join(map(str, settings.shape))}"
+    with reporter.progress(label, total or int(settings.duration or 1)) as advance:
+        start = time.perf_counter()
+        last_whole = 0
+        while True:
+            t0 = time.perf_counter()
+            dev = once()
+            host.append(time.perf_counter() - t0)
+            if dev is not None:
+                device.append(dev)
+            if iterations is not None:
+                advance()
+                if len(host) >= iterations:
+                    break
+            else:
+                elapsed = time.perf_counter() - start
+                if int(elapsed) > last_whole:
+                    advance(int(elapsed) - last_whole)
+                    last_whole = int(elapsed)
+                if elapsed >= settings.duration and len(host) >= 5:  # type: ignore[operator]
+                    break
+    stats = latency_stats(host)
+    result: dict[str, Any] = {
+        "backend": runner.backend,
+        "precision": runner.precision,
+        "device": runner.device,
+        "shape": list(settings.shape),
+        "mode": "end-to-end" if settings.end_to_end else "compute",
+        "warmup": settings.warmup,
+        "iterations": len(host),
+        "latency_ms": stats,
+        "throughput_ips": n / (stats["mean"] / 1000.0),
+        "cov": coefficient_of_variation(stats),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": settings.threads or os.cpu_count(),
+        "timing": "host perf_counter",
+        "versions": versions(),
+    }
+    if device:
+        result["device_latency_ms"] = latency_stats(device)
+        result["timing"] = "host perf_counter + CUDA events"
+    result.update(runner.bench_extras())
+    return result
+
+
+def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,
+               reporter: Reporter | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Time every (backend, precision) that can run here, in one process, one after another.
+
+    Returns (results, skipped); each result gets ``ratio_vs_first`` (its p50 over the first's).
+    """
+    from .bundle import PRECISIONS
+    from .runtimes.base import BACKEND_MODULES
+
+    reporter = reporter or Reporter()
+    if "all" in backends:
+        backends = list(BACKEND_MODULES)
+    if "all" in precisions:
+        precisions = list(PRECISIONS)
+    threads = settings.threads or os.cpu_count() or 1
+    settings.threads = threads
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for backend in backends:
+        for precision in precisions:
+            name = backend
+            try:
+                if backend == "auto":
+                    name = _auto_backend(bundle, precision)
+                cls = runner_class(name)
+                if precision not in cls.precisions:
+                    if len(precisions) > 1:
+                        continue  # e.g. torch with --precision all: only fp32 exists, not worth a line
+                    raise BackendUnavailable(f"{name} runs {', '.join(cls.precisions)} only")
+                reason = cls.availability(bundle, precision)
+                if reason is not None:
+                    raise BackendUnavailable(reason)
+                if name == "torch":
+                    import torch
+
+                    torch.set_num_threads(threads)  # same thread count as ONNX Runtime
+                with cls(bundle, precision, threads=threads) as runner:
+                    results.append(bench_runner(runner, settings, reporter))
+            except BackendUnavailable as exc:
+                skipped.append({"backend": name, "precision": precision, "reason": str(exc)})
+    if results:
+        first = results[0]["latency_ms"]["p50"]
+        for r in results:
+            r["ratio_vs_first"] = r["latency_ms"]["p50"] / first if first > 0 else None
+    return results, skipped
+
+
+def _auto_backend(bundle: Bundle, precision: str) -> str:
+    for candidate in AUTO_ORDER:
+        try:
+            cls = runner_class(candidate)
+        except BackendUnavailable:
+            continue
+        if precision in cls.precisions and cls.availability(bundle, precision) is None:
+            return candidate
+    raise BackendUnavailable(f"no backend can run {precision} here")

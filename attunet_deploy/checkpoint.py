@@ -1,0 +1,280 @@
+"""Read Attention U-Net checkpoints in every supported layout; write this project's format.
+
+Supported inputs (design.md section 2):
+
+1. this project's file ``{"format": "attunet-deploy/1", "config": {...}, "state_dict": {...}}``;
+2. a bare state_dict of the popular ``AttU_Net`` code (``Conv1.conv.0.weight``,
+   ``Att5.W_g.0.weight``, ``Up5.up.1.weight``, head ``Conv.*`` or ``Conv_1x1.*``), possibly
+   with ``module.`` prefixes and inside ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers;
+3. TorchScript archives, used as they are;
+4. full pickled modules, only with ``trust_pickle=True`` because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .fileio import atomic_path
+from .model import AttentionUNet, AttentionUNetConfig
+
+FORMAT = "attunet-deploy/1"
+
+#: Wrapper keys that training scripts put around a state_dict, tried in this order.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+#: Prefixes added by DataParallel / DistributedDataParallel and torch.compile.
+_PREFIXES = ("module.", "_orig_mod.")
+#: Top-level renames from the popular AttU_Net naming to this project's modules.
+_RENAMES = (
+    (re.compile(r"^Up_conv([2-5])\."), r"dec\1."),
+    (re.compile(r"^Conv([1-5])\."), r"enc\1."),
+    (re.compile(r"^Up([2-5])\."), r"up\1."),
+    (re.compile(r"^Att([2-5])\."), r"att\1."),
+    (re.compile(r"^(?:Conv_1x1|Conv|final)\."), "head."),
+)
+_SHOW = 5  # how many keys of each kind an error lists
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for export: either our AttentionUNet or an opaque module (TorchScript)."""
+
+    module: nn.Module
+    config: AttentionUNetConfig
+    source: str  # "attunet-deploy" | "state_dict" | "torchscript" | "pickle"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_reference(self) -> bool:
+        """True when ``module`` is this project's AttentionUNet (weights can be re-saved)."""
+        return isinstance(self.module, AttentionUNet)
+
+
+def save_checkpoint(model: AttentionUNet, path: str | Path, meta: Mapping[str, str] | None = None) -> None:
+    """Write ``model`` in this project's checkpoint format (atomically)."""
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": {str(k): str(v) for k, v in (meta or {}).items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Read ``path`` in any supported layout and return an eval-mode CPU model."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+
+    if _is_torchscript(path):
+        return _load_torchscript(path)
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _needs_full_pickle(exc):
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module); loading it runs code. "
+                "Save a state_dict instead, or rerun with --trust-pickle if you trust the file."
+            ) from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as inner:  # noqa: BLE001 - arbitrary code ran; report what it raised
+            raise CheckpointError(f"cannot unpickle {path}: {_first_line(inner)}") from inner
+        return _from_object(obj, source="pickle")
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
+    return _from_object(obj, source="state_dict")
+
+
+def _from_object(obj: Any, source: str) -> LoadedCheckpoint:
+    if isinstance(obj, nn.Module):
+        return _from_module(obj, source)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint holds a {type(obj).__name__}, expected a state_dict (a dict of tensors)"
+        )
+    if obj.get("format") == FORMAT:
+        try:
+            config = AttentionUNetConfig.from_dict(obj["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"attunet-deploy checkpoint has a bad config: {exc}") from exc
+        model = build_model(obj["state_dict"], config)
+        return LoadedCheckpoint(model, config, "attunet-deploy")
+    state_dict = unwrap_state_dict(obj)
+    if isinstance(state_dict, nn.Module):
+        return _from_module(state_dict, source)
+    renamed = convert_state_dict(state_dict)
+    config = infer_config(renamed)
+    model = build_model(renamed, config)
+    return LoadedCheckpoint(model, config, source)
+
+
+def _from_module(module: nn.Module, source: str) -> LoadedCheckpoint:
+    if isinstance(module, AttentionUNet):
+        return LoadedCheckpoint(module.eval(), module.config, source)
+    # A pickled AttU_Net of the popular code: its state_dict maps onto ours.
+    try:
+        renamed = convert_state_dict(module.state_dict())
+        config = infer_config(renamed)
+        return LoadedCheckpoint(build_model(renamed, config), config, source,
+                                [f"weights taken from a pickled {type(module).__name__}"])
+    except CheckpointError:
+        config = _probe_config(module)
+        return LoadedCheckpoint(module.eval(), config, source,
+                                [f"{type(module).__name__} exported as it is (not an AttU_Net layout)"])
+
+
+def unwrap_state_dict(obj: Mapping[str, Any]) -> Any:
+    """Peel training-script wrappers (``{"epoch": .., "state_dict": ..}``) off a state_dict."""
+    for _ in range(4):  # nested wrappers like {"model": {"state_dict": ...}} exist in the wild
+        if not isinstance(obj, Mapping):
+            break
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], (Mapping, nn.Module)):
+                obj = obj[key]
+                break
+        else:
+            break
+    if isinstance(obj, nn.Module):
+        return obj
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(list(map(str, obj.keys()))[:_SHOW]) if isinstance(obj, Mapping) else ""
+        raise CheckpointError(f"no state_dict found in checkpoint (top-level keys: {keys or 'none'})")
+    return obj
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and rename popular AttU_Net keys to this project's names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        for pattern, repl in _RENAMES:
+            key, n = pattern.subn(repl, key)
+            if n:
+                break
+        out[key] = value
+    return out
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> AttentionUNetConfig:
+    """Read in/out/base channels off the first conv and the head of a (renamed) state_dict."""
+    first, head = state_dict.get("enc1.conv.0.weight"), state_dict.get("head.weight")
+    if first is None or head is None or first.ndim != 4 or head.ndim != 4:
+        _raise_mismatch(state_dict, AttentionUNet(AttentionUNetConfig(1, 1, 4)), None)
+    return AttentionUNetConfig(in_channels=int(first.shape[1]), out_channels=int(head.shape[0]),
+                               base_channels=int(first.shape[0]))
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], config: AttentionUNetConfig) -> AttentionUNet:
+    """An eval-mode AttentionUNet with ``state_dict`` loaded; a readable error on mismatch."""
+    model = AttentionUNet(config)
+    expected = model.state_dict()
+    # BatchNorm's step counter does not affect inference; older exports lack it.
+    state = dict(state_dict)
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        _raise_mismatch(state, model, config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _raise_mismatch(state: Mapping[str, torch.Tensor], model: AttentionUNet,
+                    config: AttentionUNetConfig | None) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)}!={tuple(v.shape)}" for k, v in expected.items()
+              if k in state and config is not None and tuple(state[k].shape) != tuple(v.shape)]
+
+    def few(items: list[str]) -> str:
+        more = f", +{len(items) - _SHOW} more" if len(items) > _SHOW else ""
+        return ", ".join(items[:_SHOW]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({few(shapes)})")
+    raise CheckpointError(
+        "checkpoint does not match the Attention U-Net (AttU_Net layout): " + "; ".join(parts)
+        + ". Pass an AttU_Net state_dict, an attunet-deploy checkpoint or a TorchScript file."
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile:
+        return False
+    # torch.save archives hold data.pkl only; TorchScript adds constants.pkl and code/.
+    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _load_torchscript(path: Path) -> LoadedCheckpoint:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:  # noqa: BLE001 - TorchScript raises many types
+        raise CheckpointError(f"cannot load TorchScript archive {path}: {_first_line(exc)}") from exc
+    return LoadedCheckpoint(module, _probe_config(module), "torchscript",
+                            ["TorchScript archive exported as it is"])
+
+
+def _probe_config(module: nn.Module) -> AttentionUNetConfig:
+    """Config of an opaque module: in/base from its first 4D weight, out from a probe forward."""
+    weights = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.ndim == 4]
+    if not weights:
+        raise CheckpointError("cannot tell the model's input channels: it has no conv weights")
+    in_ch, base = int(weights[0].shape[1]), int(weights[0].shape[0])
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, in_ch, 32, 32))
+    except Exception as exc:  # noqa: BLE001 - user module
+        raise CheckpointError(f"the model does not run on a 1x{in_ch}x32x32 input: {_first_line(exc)}") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[2:]) != (32, 32):
+        raise CheckpointError("the model must return one [N, K, H, W] logits tensor of the input's size")
+    return AttentionUNetConfig(in_channels=in_ch, out_channels=int(out.shape[1]), base_channels=base)
+
+
+def _needs_full_pickle(exc: Exception) -> bool:
+    # torch names the class it refused ("Unsupported global: GLOBAL pkg.Cls"); garbage bytes
+    # fail with other unpickler errors ("Unsupported operand ...") and are not pickled objects.
+    text = str(exc)
+    return "Unsupported global" in text or "GLOBAL " in text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

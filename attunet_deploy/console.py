@@ -1,0 +1,68 @@
+"""Progress reporting for long steps. Library code takes a Reporter; the CLI passes a rich one.
+
+The default :class:`Reporter` is silent, so the Python API prints nothing unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+class Reporter:
+    """Silent reporter: the interface library code calls."""
+
+    def info(self, message: str) -> None:  # noqa: B027 - intentionally empty
+        """A one-line notice (e.g. 'INT8 skipped: no --calib')."""
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        """A slow step with no measurable progress (spinner + elapsed time)."""
+        yield
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Any]:
+        """A step with ``total`` units; the yielded callable advances it by n (default 1)."""
+        yield lambda n=1: None
+
+
+class RichReporter(Reporter):
+    """Spinners, progress bars and notices on stderr (stdout stays clean for JSON)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, highlight=False)
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        if self.quiet:
+            yield
+            return
+        t0 = time.perf_counter()
+        with self.console.status(f"{description} ..."):
+            yield
+        self.console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - t0:.1f}s)[/dim]",
+                           highlight=False)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Any]:
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        t0 = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+        self.console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - t0:.1f}s)[/dim]",
+                           highlight=False)

@@ -1,0 +1,25 @@
+"""The bundled demo: a small Attention U-Net trained on synthetic abdominal CT phantoms.
+
+``attunet_demo.pt`` (in this project's checkpoint format) is reproduced by
+``python -m attunet_deploy.demo.train``. Its preprocessing is a CT window (level 40, width 400).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .phantom import DEMO_SIZE, DEMO_WINDOW, make_phantom, make_phantoms, window
+
+DEMO_WEIGHTS = Path(__file__).with_name("attunet_demo.pt")
+#: Normalisation recorded in the demo bundle's manifest (parse_normalization syntax).
+DEMO_NORMALIZE = f"ct-window:{DEMO_WINDOW[0]:g},{DEMO_WINDOW[1]:g}"
+#: Seeds of the phantom sets: training, held-out Dice, golden set, calibration.
+TRAIN_SEED, HELDOUT_SEED, GOLDEN_SEED, CALIB_SEED = 0, 1, 2, 3
+
+
+def is_demo(path: str | Path | None) -> bool:
+    return path is None or Path(path).resolve() == DEMO_WEIGHTS.resolve()
+
+
+__all__ = ["CALIB_SEED", "DEMO_NORMALIZE", "DEMO_SIZE", "DEMO_WEIGHTS", "DEMO_WINDOW", "GOLDEN_SEED",
+           "HELDOUT_SEED", "TRAIN_SEED", "is_demo", "make_phantom", "make_phantoms", "window"]

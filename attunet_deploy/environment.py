@@ -1,0 +1,185 @@
+"""What this machine can run: library versions, ONNX Runtime providers, CUDA devices, TensorRT.
+
+Every probe is cheap, never raises, and never imports torch unless asked about torch. CUDA is
+probed through ``cuda.bindings`` (``cudaGetDeviceCount`` returns an error code instead of
+crashing when there is no driver) *before* any TensorRT object is made: without a GPU, a
+TensorRT runtime only logs a CUDA failure and the next call on it can crash the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Probe:
+    """One component: available or not, its version, and why not."""
+
+    name: str
+    available: bool
+    version: str = ""
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "available": self.available, "version": self.version,
+                "detail": self.detail, **self.extra}
+
+
+def module_version(name: str) -> str | None:
+    """Installed version of a module without importing heavy packages where metadata suffices."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - py3.8+ always has it
+        return None
+    dist = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tensorrt": ("tensorrt", "tensorrt-cu12",
+            "tensorrt-cu13"), "PIL": ("pillow",), "cuda": ("cuda-python", "cuda-bindings")}.get(name, (name,))
+    for d in dist:
+        try:
+            return version(d)
+        except PackageNotFoundError:
+            continue
+    if importlib.util.find_spec(name) is None:
+        return None
+    mod = importlib.import_module(name)  # e.g. JetPack's tensorrt has no dist metadata
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_devices() -> Probe:
+    """Number and names of CUDA devices via cuda-python's runtime bindings (no torch)."""
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[import-not-found,no-redef]  # cuda-python < 12.6
+        except ImportError:
+            return Probe("cuda", False, detail="cuda-python is not installed "
+                         "(pip install 'attunet-deploy[tensorrt]')")
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - driver/library loading errors vary
+        return Probe("cuda", False, detail=f"CUDA runtime unusable: {exc}")
+    if int(err) != 0 or count == 0:
+        return Probe("cuda", False, detail=f"no CUDA device ({_cuda_error_name(cudart, err)})")
+    gpus = []
+    for i in range(count):
+        err, prop = cudart.cudaGetDeviceProperties(i)
+        if int(err) == 0:
+            name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+            gpus.append({"index": i, "name": name.strip("\x00 "),
+                         "compute_capability": f"{prop.major}.{prop.minor}",
+                         "multiprocessors": int(prop.multiProcessorCount),
+                         "memory_mb": int(prop.totalGlobalMem) // (1 << 20)})
+    err, drv = cudart.cudaDriverGetVersion()
+    err2, rt = cudart.cudaRuntimeGetVersion()
+    version = f"driver {drv // 1000}.{drv % 1000 // 10}, runtime {rt // 1000}.{rt % 1000 // 10}"
+    return Probe("cuda", True, version=version, detail=f"{count} device(s)", extra={"gpus": gpus})
+
+
+def _cuda_error_name(cudart: Any, err: Any) -> str:
+    try:
+        return str(cudart.cudaGetErrorName(err)[1].decode())
+    except Exception:  # noqa: BLE001
+        return f"error {int(err)}"
+
+
+def free_device_memory_mb() -> int | None:
+    """Free memory on the current CUDA device, or None when it cannot be read."""
+    if not cuda_devices().available:
+        return None
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        err, free, _total = cudart.cudaMemGetInfo()
+        return int(free) // (1 << 20) if int(err) == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def gpu_identity() -> dict[str, Any] | None:
+    """Name and compute capability of device 0 (what engines are tied to)."""
+    probe = cuda_devices()
+    if not probe.available or not probe.extra.get("gpus"):
+        return None
+    return dict(probe.extra["gpus"][0])
+
+
+def tensorrt_probe() -> Probe:
+    version = module_version("tensorrt") if has_module("tensorrt") else None
+    if version is None:
+        return Probe("tensorrt", False, detail="TensorRT python bindings not installed (pip install "
+                     "'attunet-deploy[tensorrt]' on x86; JetPack's python3-libnvinfer on Jetson)")
+    cuda = cuda_devices()
+    if not cuda.available:
+        return Probe("tensorrt", False, version=version, detail=f"TensorRT {version} installed, but {cuda.detail}")
+    return Probe("tensorrt", True, version=version, detail="ready")
+
+
+def tensorrt_major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
+
+
+def onnxruntime_probe() -> Probe:
+    if not has_module("onnxruntime"):
+        return Probe("onnxruntime", False, detail="not installed (pip install onnxruntime)")
+    import onnxruntime as ort
+
+    providers = list(ort.get_available_providers())
+    return Probe("onnxruntime", True, version=ort.__version__, detail=", ".join(providers),
+                 extra={"providers": providers, "device": ort.get_device()})
+
+
+def torch_probe() -> Probe:
+    if not has_module("torch"):
+        return Probe("torch", False, detail="not installed: the torch reference runner and export need "
+                     "pip install 'attunet-deploy[torch]'")
+    import torch
+
+    cuda = bool(torch.cuda.is_available())
+    return Probe("torch", True, version=torch.__version__,
+                 detail="CUDA available" if cuda else "CPU only", extra={"cuda": cuda})
+
+
+def versions(include_torch: bool = False) -> dict[str, str]:
+    """Versions recorded with every artifact and benchmark (torch only when it is loaded)."""
+    from . import __version__
+
+    out = {"attunet_deploy": __version__, "python": platform.python_version()}
+    for name in ("numpy", "onnx", "onnxruntime", "tensorrt"):
+        v = module_version(name) if has_module(name) else None
+        if v:
+            out[name] = v
+    if include_torch or "torch" in sys.modules:
+        v = module_version("torch") if has_module("torch") else None
+        if v:
+            out["torch"] = v
+    return out
+
+
+def doctor_report() -> list[Probe]:
+    """Everything ``attdeploy doctor`` prints, in order."""
+    probes = [Probe("python", True, platform.python_version(), f"{platform.system()} {platform.machine()}")]
+    for name in ("numpy", "onnx"):
+        v = module_version(name) if has_module(name) else None
+        probes.append(Probe(name, v is not None, v or "", "" if v else f"not installed (pip install {name})"))
+    probes.append(torch_probe())
+    probes.append(onnxruntime_probe())
+    probes.append(tensorrt_probe())
+    probes.append(cuda_devices())
+    return probes

@@ -1,0 +1,1 @@
+"""Loaders: things that BUILD artifacts (ONNX export, quantised graphs, TensorRT engines)."""

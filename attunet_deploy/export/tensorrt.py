@@ -1,0 +1,296 @@
+"""ONNX -> TensorRT engine, built on the device that will run it.
+
+Our code decides *what* to build (graph per precision, strongly typed or builder flags per
+TensorRT major, optimization profiles, workspace, cache key) and checks the result (layer
+precisions); Polygraphy's version-aware loaders make the TensorRT calls.
+
+Precision comes from the graph (design.md section 4): ``model.fp16.onnx`` and the Q/DQ
+``model.int8.onnx``. TensorRT >= 10 builds them strongly typed (TensorRT 11 has no FP16/INT8
+flags); TensorRT 8.6 (JetPack 6.0) builds the same graphs weakly typed with the flags set.
+Engines are keyed by sha256 of the graph + build settings + GPU + TensorRT version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
+from ..console import Reporter
+from ..environment import free_device_memory_mb, gpu_identity, module_version, tensorrt_major, tensorrt_probe
+from ..errors import BackendUnavailable, InputError, VerificationFailed
+
+Shape = tuple[int, int, int, int]
+
+#: Default profile: covers the golden set (batch <= 8, 64..512 px) with an optimum at 256.
+DEFAULT_PROFILE_HW = (64, 256, 512)
+DEFAULT_MAX_BATCH = 8
+WORKSPACE_FRACTION = 0.25  # of free device memory: Jetson boards share it with the CPU
+WORKSPACE_BOUNDS_MB = (256, 4096)
+WORKSPACE_UNKNOWN_MB = 1024
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile for the input ``image`` (NCHW)."""
+
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def contains(self, shape: Shape) -> bool:
+        return all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
+
+    def contains_spatial(self, shape: Shape) -> bool:
+        return all(lo <= s <= hi for lo, s, hi in zip(self.min[2:], shape[2:], self.max[2:]))
+
+    def describe(self) -> str:
+        fmt = "x".join
+        return f"{fmt(map(str, self.min))} .. {fmt(map(str, self.max))} (opt {fmt(map(str, self.opt))})"
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[int]]) -> Profile:
+        return cls(tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))  # type: ignore[arg-type]
+
+
+def default_profile(channels: int) -> Profile:
+    lo, opt, hi = DEFAULT_PROFILE_HW
+    return Profile((1, channels, lo, lo), (1, channels, opt, opt), (DEFAULT_MAX_BATCH, channels, hi, hi))
+
+
+def parse_profiles(mins: tuple[str, ...] | list[str], opts: tuple[str, ...] | list[str],
+                   maxs: tuple[str, ...] | list[str], channels: int, divisor: int = 16) -> list[Profile]:
+    """Profiles from repeated --min/--opt/--max-shape options (the k-th of each form profile k).
+
+    No options: the default profile. A missing --opt-shape defaults to the --max-shape.
+    """
+    from ..bench import parse_shape
+
+    if not mins and not opts and not maxs:
+        return [default_profile(channels)]
+    if len(mins) != len(maxs) or (opts and len(opts) != len(mins)):
+        raise InputError(f"profiles need as many --min-shape as --max-shape (and --opt-shape, if given): "
+                         f"got {len(mins)} min, {len(opts)} opt, {len(maxs)} max")
+    profiles = []
+    for i, (lo_s, hi_s) in enumerate(zip(mins, maxs)):
+        lo, hi = parse_shape(lo_s, channels), parse_shape(hi_s, channels)
+        opt = parse_shape(opts[i], channels) if opts else hi
+        for name, shp in (("min", lo), ("opt", opt), ("max", hi)):
+            if shp[2] % divisor or shp[3] % divisor:
+                raise InputError(f"profile {i + 1} {name} shape {'x'.join(map(str, shp))}: H and W must be "
+                                 f"multiples of {divisor} (runners pad inputs up to them)")
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise InputError(f"profile {i + 1}: need min <= opt <= max in every dimension, got "
+                             f"{'x'.join(map(str, lo))} / {'x'.join(map(str, opt))} / {'x'.join(map(str, hi))}")
+        profiles.append(Profile(lo, opt, hi))
+    return profiles
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How to build one precision with a given TensorRT: which graph, typing, builder flags."""
+
+    precision: str
+    graph: str
+    strongly_typed: bool
+    flags: tuple[str, ...] = ()
+    expect: str = "fp32"  # layer precision that must appear in the built engine
+
+
+def build_plan(precision: str, trt_version: str) -> BuildPlan:
+    """Graph and settings per TensorRT major: strongly typed on >= 10, flags on 8.x/9.x."""
+    if precision not in ONNX_FILES:
+        raise InputError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    major = tensorrt_major(trt_version)
+    if major < 8:
+        raise BackendUnavailable(f"TensorRT {trt_version} is too old: need 8.6 or newer")
+    graph = ONNX_FILES[precision]
+    if major >= 10:
+        return BuildPlan(precision, graph, strongly_typed=True, flags=(), expect=precision)
+    flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}[precision]
+    return BuildPlan(precision, graph, strongly_typed=False, flags=flags, expect=precision)
+
+
+def default_workspace_mb(free_mb: int | None) -> int:
+    """A quarter of free device memory, within 256 MB..4 GB; 1 GB when unknown."""
+    if free_mb is None or free_mb <= 0:
+        return WORKSPACE_UNKNOWN_MB
+    lo, hi = WORKSPACE_BOUNDS_MB
+    return int(min(hi, max(lo, free_mb * WORKSPACE_FRACTION)))
+
+
+@dataclass
+class BuildSettings:
+    """Everything that changes the engine besides the graph, GPU and TensorRT version."""
+
+    precision: str
+    profiles: list[Profile]
+    workspace_mb: int
+    strongly_typed: bool
+    flags: tuple[str, ...] = ()
+    builder_optimization_level: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def canonical(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["profiles"] = [p.to_dict() for p in self.profiles]
+        d["flags"] = list(self.flags)
+        return d
+
+
+def engine_cache_key(graph_sha256: str, settings: BuildSettings, gpu: dict[str, Any], trt_version: str) -> str:
+    """sha256 over graph hash, build settings, GPU name + compute capability, TensorRT version."""
+    payload = {"graph": graph_sha256, "settings": settings.canonical(),
+               "gpu": {"name": gpu.get("name"), "compute_capability": gpu.get("compute_capability")},
+               "tensorrt": trt_version}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def engine_name(precision: str, gpu: dict[str, Any], trt_version: str, key: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", str(gpu.get("name", "gpu")).lower()).strip("-")
+    cc = str(gpu.get("compute_capability", "")).replace(".", "")
+    return f"{ENGINE_DIR}/{precision}-{slug}-sm{cc}-trt{trt_version}-{key[:12]}.engine"
+
+
+# ------------------------------------------------------------------------------------ layer check
+def layer_precisions(engine_info: dict[str, Any]) -> Counter[str]:
+    """Count engine layers by the precision of their first output, from the engine inspector's
+    JSON (ProfilingVerbosity.DETAILED). Reformat/copy layers are not counted."""
+    counts: Counter[str] = Counter()
+    for layer in engine_info.get("Layers", []):
+        if not isinstance(layer, dict):
+            continue
+        if str(layer.get("LayerType", "")).lower() in ("reformat", "shuffle", "nocopy"):
+            continue
+        outputs = layer.get("Outputs") or []
+        fmt = str(outputs[0].get("Format/Datatype", "")) if outputs and isinstance(outputs[0], dict) else ""
+        text = fmt.lower()
+        if "int8" in text:
+            counts["int8"] += 1
+        elif "half" in text or "fp16" in text:
+            counts["fp16"] += 1
+        elif "float" in text or "fp32" in text:
+            counts["fp32"] += 1
+        elif fmt:
+            counts["other"] += 1
+    return counts
+
+
+def check_layer_precision(requested: str, counts: Counter[str]) -> str | None:
+    """None if the engine really runs ``requested`` somewhere, else why not.
+
+    FP16/INT8 engines keep some float layers (casts, the float gates/head): we require that
+    the requested precision is present, not exclusive.
+    """
+    if not counts:
+        return "the engine reports no layer information (build with detailed profiling verbosity)"
+    if requested == "fp32":
+        return None
+    if counts.get(requested, 0) == 0:
+        found = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        return (f"no {requested} layers in the engine (layers: {found}); on TensorRT 11 precision must come "
+                f"from the graph: rerun 'attdeploy quantize'")
+    return None
+
+
+# ------------------------------------------------------------------------------------ building
+def require_tensorrt() -> tuple[str, dict[str, Any]]:
+    """(TensorRT version, GPU identity) or BackendUnavailable naming what is missing."""
+    probe = tensorrt_probe()
+    if not probe.available:
+        raise BackendUnavailable(f"cannot build TensorRT engines here: {probe.detail}")
+    gpu = gpu_identity()
+    if gpu is None:
+        raise BackendUnavailable("cannot build TensorRT engines here: no CUDA GPU found")
+    return probe.version, gpu
+
+
+def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile] | None = None,
+                  workspace_mb: int | None = None, force: bool = False,
+                  reporter: Reporter | None = None) -> list[dict[str, Any]]:
+    """Build (or reuse from the cache) one engine per precision for this GPU and TensorRT."""
+    reporter = reporter or Reporter()
+    trt_version, gpu = require_tensorrt()
+    profiles = profiles or [default_profile(bundle.in_channels)]
+    if workspace_mb is None:
+        workspace_mb = default_workspace_mb(free_device_memory_mb())
+    if workspace_mb < 1:
+        raise InputError("--workspace-mb must be >= 1")
+    results = []
+    for precision in precisions:
+        plan = build_plan(precision, trt_version)
+        graph_path = bundle.onnx_path(precision)  # BundleError says to run quantize
+        settings = BuildSettings(precision, profiles, workspace_mb, plan.strongly_typed, plan.flags)
+        key = engine_cache_key(bundle.artifacts[plan.graph]["sha256"], settings, gpu, trt_version)
+        name = engine_name(precision, gpu, trt_version, key)
+        stale = [n for n, e in bundle.artifacts.items() if e.get("kind") == "tensorrt-engine"
+                 and e.get("precision") == precision and e.get("gpu", {}).get("name") == gpu["name"]
+                 and e.get("tensorrt") == trt_version and n != name]
+        if not force and bundle.has(name) and bundle.artifacts[name].get("cache_key") == key:
+            results.append({"precision": precision, "engine": name, "status": "cached",
+                            "layer_precisions": bundle.artifacts[name].get("layer_precisions", {})})
+            continue
+        for old in stale:
+            reporter.info(f"rebuilding {precision}: {old} is stale (graph or build settings changed)")
+            bundle.remove_artifact(old)
+        t0 = time.perf_counter()
+        with reporter.step(f"Building TensorRT {trt_version} {precision} engine on {gpu['name']} "
+                           f"({'strongly typed' if plan.strongly_typed else 'flags ' + ','.join(plan.flags)})"):
+            engine_bytes, info = _build_with_polygraphy(bundle, graph_path, plan, settings, trt_version)
+        counts = layer_precisions(info)
+        problem = check_layer_precision(plan.expect, counts)
+        if problem:
+            raise VerificationFailed(f"{precision} engine not kept: {problem}")
+        with bundle.writing(name) as tmp:
+            tmp.write_bytes(engine_bytes)
+        bundle.add_artifact(name, kind="tensorrt-engine", precision=precision,
+                            producer={"tensorrt": trt_version, "polygraphy": module_version("polygraphy") or ""},
+                            gpu=gpu, tensorrt=trt_version, cache_key=key, graph=plan.graph,
+                            profiles=[p.to_dict() for p in profiles], settings=settings.canonical(),
+                            layer_precisions=dict(counts))
+        results.append({"precision": precision, "engine": name, "status": "built",
+                        "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
+    return results
+
+
+def _build_with_polygraphy(bundle: Bundle, graph_path: Any, plan: BuildPlan, settings: BuildSettings,
+                           trt_version: str) -> tuple[bytes, dict[str, Any]]:
+    """Build with Polygraphy's loaders; return the serialized engine and its inspector JSON."""
+    import tensorrt as trt  # type: ignore[import-not-found]
+    from polygraphy.backend.trt import (  # type: ignore[import-not-found]
+        CreateConfig,
+        NetworkFromOnnxPath,
+        engine_bytes_from_network,
+    )
+    from polygraphy.backend.trt import Profile as PolyProfile
+
+    cache_dir = bundle.path(ENGINE_DIR)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    timing_cache = cache_dir / f"timing-trt{trt_version}.cache"
+    network = NetworkFromOnnxPath(str(graph_path), strongly_typed=plan.strongly_typed or None)
+    poly_profiles = [PolyProfile().add("image", min=p.min, opt=p.opt, max=p.max) for p in settings.profiles]
+    config = CreateConfig(
+        fp16="FP16" in plan.flags, int8="INT8" in plan.flags, profiles=poly_profiles,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+        builder_optimization_level=settings.builder_optimization_level,
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+    )
+    engine_bytes = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
+    if engine_bytes is None:
+        raise VerificationFailed(f"TensorRT could not build the {plan.precision} engine (see its log above)")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(bytes(engine_bytes))
+    if engine is None:
+        raise VerificationFailed("TensorRT built an engine it cannot deserialize")
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return bytes(engine_bytes), info

@@ -1,0 +1,122 @@
+"""Tables for the terminal and the bundle's report.md / report.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bundle import Bundle, now_iso
+from .fileio import write_json_atomic, write_text_atomic
+
+_STATUS_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]",
+                 "unavailable": "[dim]unavailable[/dim]"}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.4f}"
+
+
+def verify_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(header, row -> text) pairs shared by the rich table and the markdown report."""
+    cols: list[tuple[str, Any]] = [
+        ("backend", lambda r: r["backend"]),
+        ("precision", lambda r: r["precision"]),
+        ("status", lambda r: r["status"]),
+        ("rel L2", lambda r: _fmt(r.get("rel_l2"), ".2e")),
+        ("max |Δ|", lambda r: _fmt(r.get("max_abs"), ".2e")),
+        ("pixels agree %", lambda r: _pct(r.get("pixel_agreement"))),
+        ("mean Dice", lambda r: _fmt(r.get("mean_dice"), ".4f")),
+        ("worst Dice", lambda r: _fmt(r.get("worst_dice"), ".4f")),
+        ("mean IoU", lambda r: _fmt(r.get("mean_iou"), ".4f")),
+        ("flips (confident)", lambda r: "-" if r.get("flipped_pixels") is None
+         else f"{r['flipped_pixels']} ({r['confident_flips']})"),
+    ]
+    if any("gt_dice" in r for r in rows):
+        cols.append(("Dice vs truth", lambda r: _fmt(r.get("gt_dice"), ".4f")))
+    if any(r.get("reason") for r in rows):
+        cols.append(("note", lambda r: r.get("reason", "")))
+    return cols
+
+
+def verify_table(rows: list[dict[str, Any]], title: str = "Verification against PyTorch FP32") -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    cols = verify_columns(rows)
+    for header, _ in cols:
+        table.add_column(header, justify="left" if header in ("backend", "precision", "status", "note")
+                         else "right", overflow="fold", max_width=60 if header == "note" else None)
+    for r in rows:
+        cells = [fn(r) for _, fn in cols]
+        cells[2] = _STATUS_STYLE.get(r["status"], r["status"])
+        table.add_row(*cells)
+    return table
+
+
+BENCH_COLUMNS: list[tuple[str, Any]] = [
+    ("backend", lambda r: r["backend"]),
+    ("precision", lambda r: r["precision"]),
+    ("device", lambda r: r.get("device", "")),
+    ("shape", lambda r: "x".join(map(str, r["shape"]))),
+    ("p50 ms", lambda r: f"{r['latency_ms']['p50']:.2f}"),
+    ("mean ms", lambda r: f"{r['latency_ms']['mean']:.2f}"),
+    ("p90 ms", lambda r: f"{r['latency_ms']['p90']:.2f}"),
+    ("p99 ms", lambda r: f"{r['latency_ms']['p99']:.2f}"),
+    ("min ms", lambda r: f"{r['latency_ms']['min']:.2f}"),
+    ("max ms", lambda r: f"{r['latency_ms']['max']:.2f}"),
+    ("img/s", lambda r: f"{r['throughput_ips']:.1f}"),
+    ("CoV %", lambda r: f"{100 * r['cov']:.1f}"),
+    ("RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+    ("vs first", lambda r: "-" if r.get("ratio_vs_first") is None else f"{r['ratio_vs_first']:.2f}x"),
+]
+
+
+def bench_table(results: list[dict[str, Any]], title: str = "Latency") -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for header, _ in BENCH_COLUMNS:
+        table.add_column(header, justify="left" if header in ("backend", "precision", "device", "shape")
+                         else "right")
+    for r in results:
+        table.add_row(*[fn(r) for _, fn in BENCH_COLUMNS])
+    return table
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(bundle: Bundle, verify_rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write report.md and report.json into the bundle (atomically)."""
+    m = bundle.manifest
+    data = {"bundle": str(bundle.root), "generated": now_iso(), "model": m["model"],
+            "preprocessing": m["preprocessing"], "verification": verify_rows, "benchmarks": bench_rows,
+            **(extra or {})}
+    write_json_atomic(bundle.path("report.json"), data)
+    cfg = m["model"]["config"]
+    md = [f"# attunet-deploy report: {bundle.root.name}", "",
+          f"Generated {data['generated']}. Model: AttentionUNet in={cfg['in_channels']} "
+          f"out={cfg['out_channels']} base={cfg['base_channels']} "
+          f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
+          ""]
+    if verify_rows:
+        vcols = verify_columns(verify_rows)
+        md += ["## Verification against PyTorch FP32", "",
+               markdown_table([h for h, _ in vcols], [[fn(r) for _, fn in vcols] for r in verify_rows]), ""]
+    if bench_rows:
+        md += ["## Latency", "",
+               markdown_table([h for h, _ in BENCH_COLUMNS], [[fn(r) for _, fn in BENCH_COLUMNS] for r in bench_rows]),
+               ""]
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            md += [f"## {key}", "", value, ""]
+    write_text_atomic(bundle.path("report.md"), "\n".join(md))

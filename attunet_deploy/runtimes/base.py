@@ -1,0 +1,223 @@
+"""The Runner interface every backend implements, the backend registry and ``load_runner``.
+
+In Polygraphy's terms a Runner *runs* an artifact that a loader in ``attunet_deploy.export``
+built. All runners share the same input handling: validation, pad H/W up to the model's
+divisor, crop the logits back, so every backend sees byte-identical padded inputs.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import threading
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..bundle import PRECISIONS, Bundle
+from ..errors import BackendUnavailable, InputError
+from ..preprocess import check_batch, crop, logits_to_masks, normalize, pad_to_divisor
+
+#: backend name -> module that registers it (imported only when the backend is asked for,
+#: so importing this package never pulls in torch, onnxruntime or tensorrt).
+BACKEND_MODULES = {
+    "torch": "attunet_deploy.runtimes.torch_runner",
+    "ort": "attunet_deploy.runtimes.onnxruntime",
+    "ort-cuda": "attunet_deploy.runtimes.onnxruntime",
+    "ort-trt": "attunet_deploy.runtimes.onnxruntime",
+    "trt": "attunet_deploy.runtimes.tensorrt",
+}
+#: ``backend="auto"`` tries these in order and takes the first that can run here.
+AUTO_ORDER = ("trt", "ort-cuda", "ort")
+
+_REGISTRY: dict[str, type[Runner]] = {}
+
+
+def register(cls: type[Runner]) -> type[Runner]:
+    """Class decorator: make ``cls`` available under ``cls.backend``."""
+    _REGISTRY[cls.backend] = cls
+    return cls
+
+
+def runner_class(backend: str) -> type[Runner]:
+    if backend not in BACKEND_MODULES:
+        raise InputError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKEND_MODULES)}")
+    if backend not in _REGISTRY:
+        try:
+            importlib.import_module(BACKEND_MODULES[backend])
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend {backend} cannot be imported: {exc}") from exc
+    return _REGISTRY[backend]
+
+
+class Runner(abc.ABC):
+    """Runs one bundle artifact. Use as a context manager, or call activate()/deactivate().
+
+    ``infer`` takes model-space float32 [N, C, H, W] with any H and W and returns float32
+    logits [N, K, H, W]; ``segment`` takes raw images and returns uint8 masks [N, H, W].
+    Subclasses implement ``_activate``, ``_deactivate`` and ``_infer_padded``.
+    """
+
+    backend: ClassVar[str] = ""
+    #: precisions this backend can run; a subclass narrows it.
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", **options: Any) -> None:
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision not in self.precisions:
+            raise BackendUnavailable(f"backend {self.backend} does not run {precision} "
+                                     f"(it runs {', '.join(self.precisions)})")
+        self.bundle = bundle
+        self.precision = precision
+        self.options = options
+        self.channels = bundle.in_channels
+        self.out_channels = bundle.out_channels
+        self.divisor = bundle.divisor
+        self.is_active = False
+        self._activate_lock = threading.Lock()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def availability(cls, bundle: Bundle, precision: str) -> str | None:
+        """None if this backend can plausibly run here, else the reason it cannot.
+
+        Cheap checks only; some failures (an ONNX Runtime provider falling back to CPU) are
+        found only by ``activate`` and raised there as BackendUnavailable.
+        """
+        return None
+
+    def activate(self) -> Runner:
+        with self._activate_lock:
+            if not self.is_active:
+                self._activate()
+                self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        with self._activate_lock:
+            if self.is_active:
+                self._deactivate()
+                self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.precision}"
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, e.g. 'cpu', 'cuda:0 (NVIDIA H100)'."""
+        return "cpu"
+
+    def get_input_metadata(self) -> dict[str, dict[str, Any]]:
+        return {"image": {"dtype": "float32", "shape": ("N", self.channels, "H", "W")}}
+
+    def last_inference_time(self) -> float | None:
+        """Seconds the calling thread's last ``infer`` spent in the backend (after padding)."""
+        return getattr(self._local, "last_time", None)
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, images: Any) -> np.ndarray:
+        """Logits for a model-space batch; any H and W (padded and cropped here)."""
+        x = check_batch(images, self.channels)
+        xp, size = pad_to_divisor(x, self.divisor)
+        if not self.is_active:
+            self.activate()
+        t0 = time.perf_counter()
+        y = self._infer_padded(xp)
+        self._local.last_time = time.perf_counter() - t0
+        return crop(np.asarray(y, dtype=np.float32), size)
+
+    def timed_infer(self, padded: np.ndarray) -> float | None:
+        """Run on an already padded, validated batch (benchmark path, no checks or copies).
+
+        Returns device-side seconds when the backend measures them (CUDA events), else None.
+        """
+        if not self.is_active:
+            self.activate()
+        self._infer_padded(padded)
+        return None
+
+    def bench_extras(self) -> dict[str, Any]:
+        """Backend facts worth recording with a benchmark (device memory, CUDA graphs, ...)."""
+        return {}
+
+    def preprocess(self, raw: Any) -> np.ndarray:
+        """Raw images ([N,C,H,W], [C,H,W] or [H,W] for one channel) -> model space [N,C,H,W]."""
+        arr = np.asarray(raw)
+        if arr.ndim == 2 and self.channels == 1:
+            arr = arr[None, None]
+        elif arr.ndim == 3 and arr.shape[0] == self.channels:
+            arr = arr[None]
+        arr = check_batch(arr, self.channels)
+        return normalize(arr, self.bundle.preprocessing)
+
+    def segment(self, raw: Any) -> np.ndarray:
+        """Normalise raw images, infer, post-process: uint8 masks [N, H, W]."""
+        return logits_to_masks(self.infer(self.preprocess(raw)), self.bundle.postprocessing)
+
+    @abc.abstractmethod
+    def _activate(self) -> None: ...
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer_padded(self, x: np.ndarray) -> np.ndarray:
+        """Run the backend on float32 [N, C, H, W] with H, W multiples of ``divisor``."""
+
+
+def available_backends(bundle: Bundle, precision: str = "fp32") -> dict[str, str | None]:
+    """backend -> None if it can run this bundle/precision here, else the reason."""
+    out: dict[str, str | None] = {}
+    for backend in BACKEND_MODULES:
+        try:
+            cls = runner_class(backend)
+        except BackendUnavailable as exc:
+            out[backend] = str(exc)
+            continue
+        if precision not in cls.precisions:
+            out[backend] = f"{backend} does not run {precision}"
+            continue
+        out[backend] = cls.availability(bundle, precision)
+    return out
+
+
+def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
+                precision: str = "fp32", **options: Any) -> Runner:
+    """The one entry point: a runner for ``bundle`` on ``backend`` at ``precision``.
+
+    ``backend="auto"`` picks TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU by what this
+    machine can run. Raises BackendUnavailable (with the reason) when the backend cannot run
+    here and InputError/BundleError for a bad bundle or argument. The runner is activated
+    lazily on first use, or explicitly with ``with`` / ``activate()``.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    if backend == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER:
+            try:
+                cls = runner_class(candidate)
+            except BackendUnavailable as exc:
+                reasons.append(f"{candidate}: {exc}")
+                continue
+            reason = cls.availability(bundle, precision) if precision in cls.precisions else "precision"
+            if reason is None:
+                return cls(bundle, precision, **options)
+            reasons.append(f"{candidate}: {reason}")
+        raise BackendUnavailable("no backend can run this bundle here: " + "; ".join(reasons))
+    cls = runner_class(backend)
+    reason = cls.availability(bundle, precision) if precision in cls.precisions else None
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend} unavailable: {reason}")
+    return cls(bundle, precision, **options)

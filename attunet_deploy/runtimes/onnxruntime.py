@@ -1,0 +1,124 @@
+"""ONNX Runtime runners: CPU (``ort``), CUDA (``ort-cuda``) and TensorRT EP (``ort-trt``).
+
+ONNX Runtime lists CUDA/TensorRT providers even where their libraries are missing and then
+silently falls back to CPU; the runner checks ``session.get_providers()`` after creating
+the session and raises BackendUnavailable instead of passing a CPU run off as a GPU one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
+from ..environment import cuda_devices, has_module
+from ..errors import BackendUnavailable
+from .base import Runner, register
+
+
+class _OrtRunner(Runner):
+    """Options: ``threads`` (intra-op threads; 0 = ONNX Runtime's default, all cores)."""
+
+    provider = "CPUExecutionProvider"
+
+    @classmethod
+    def availability(cls, bundle: Bundle, precision: str) -> str | None:
+        if not has_module("onnxruntime"):
+            return "onnxruntime is not installed (pip install onnxruntime)"
+        name = ONNX_FILES[precision]
+        if not bundle.has(name):
+            return f"bundle has no {name} (run 'attdeploy quantize')" if precision != "fp32" else \
+                f"bundle has no {name}"
+        import onnxruntime as ort
+
+        if cls.provider not in ort.get_available_providers():
+            return f"this onnxruntime build has no {cls.provider} (install onnxruntime-gpu)"
+        return cls._gpu_reason()
+
+    @classmethod
+    def _gpu_reason(cls) -> str | None:
+        return None
+
+    def _providers(self) -> list[Any]:
+        return [self.provider]
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(self.options.get("threads", 0))
+        opts.log_severity_level = 3  # provider fallbacks are reported by us, not as red log lines
+        path = self.bundle.onnx_path(self.precision)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=self._providers())
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise BackendUnavailable(f"{self.backend}: cannot create a session for {path.name}: "
+                                     f"{str(exc).splitlines()[0][:200]}") from exc
+        used = self._session.get_providers()
+        if not used or used[0] != self.provider:
+            self._session = None
+            raise BackendUnavailable(f"{self.backend}: ONNX Runtime fell back to {used[0] if used else 'nothing'} "
+                                     f"instead of {self.provider} (CUDA/cuDNN/TensorRT libraries missing?)")
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    def _infer_padded(self, x: np.ndarray) -> np.ndarray:
+        # InferenceSession.run is thread-safe: one session serves every thread.
+        return self._session.run([self._output], {self._input: x})[0]
+
+
+@register
+class OrtCpuRunner(_OrtRunner):
+    backend = "ort"
+    provider = "CPUExecutionProvider"
+
+
+@register
+class OrtCudaRunner(_OrtRunner):
+    backend = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+
+    @classmethod
+    def _gpu_reason(cls) -> str | None:
+        cuda = cuda_devices()
+        if not cuda.available and not has_module("cuda"):
+            # Without cuda-python we cannot count devices cheaply; activate() decides.
+            return None
+        return None if cuda.available else cuda.detail
+
+    def _providers(self) -> list[Any]:
+        return [(self.provider, {"device_id": int(self.options.get("device_id", 0))}), "CPUExecutionProvider"]
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{int(self.options.get('device_id', 0))}"
+
+
+@register
+class OrtTensorrtRunner(OrtCudaRunner):
+    """TensorRT execution provider; its engine cache lives in the bundle's engines/ort-trt/."""
+
+    backend = "ort-trt"
+    provider = "TensorrtExecutionProvider"
+
+    def _providers(self) -> list[Any]:
+        cache = Path(self.bundle.root) / ENGINE_DIR / "ort-trt" / self.precision
+        cache.mkdir(parents=True, exist_ok=True)
+        trt_opts: dict[str, Any] = {
+            "device_id": int(self.options.get("device_id", 0)),
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            # The graphs carry their precision (FP16 tensors / Q/DQ); these flags let TRT 10 use it.
+            "trt_fp16_enable": self.precision == "fp16",
+            "trt_int8_enable": self.precision == "int8",
+        }
+        return [(self.provider, trt_opts),
+                ("CUDAExecutionProvider", {"device_id": trt_opts["device_id"]}), "CPUExecutionProvider"]

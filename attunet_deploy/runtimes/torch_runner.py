@@ -1,0 +1,65 @@
+"""PyTorch reference runner: the bundle's weights (or TorchScript file) on CPU or CUDA.
+
+This is the reference every other backend is verified against; it runs FP32 only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..bundle import TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle
+from ..environment import has_module
+from ..errors import BackendUnavailable
+from .base import Runner, register
+
+
+@register
+class TorchRunner(Runner):
+    """Options: ``device`` ("cpu", "cuda", or "auto": CUDA when torch sees a GPU)."""
+
+    backend = "torch"
+    precisions = ("fp32",)
+
+    @classmethod
+    def availability(cls, bundle: Bundle, precision: str) -> str | None:
+        if not has_module("torch"):
+            return "torch is not installed (pip install 'attunet-deploy[torch]')"
+        if not (bundle.has(WEIGHTS_FILE) or bundle.has(TORCHSCRIPT_FILE)):
+            return f"bundle has neither {WEIGHTS_FILE} nor {TORCHSCRIPT_FILE}"
+        return None
+
+    def _activate(self) -> None:
+        import torch
+
+        want = self.options.get("device", "cpu")
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch was asked for CUDA but torch.cuda.is_available() is False")
+        self._torch = torch
+        self._device = torch.device(want)
+        if self.bundle.has(WEIGHTS_FILE):
+            from ..checkpoint import load_checkpoint
+
+            module: Any = load_checkpoint(self.bundle.require(WEIGHTS_FILE)).module
+        else:
+            module = torch.jit.load(str(self.bundle.require(TORCHSCRIPT_FILE)), map_location="cpu")
+        self._module = module.eval().to(self._device)
+
+    def _deactivate(self) -> None:
+        self._module = None
+
+    @property
+    def device(self) -> str:
+        dev = getattr(self, "_device", None)
+        if dev is None or dev.type == "cpu":
+            return "cpu"
+        return f"{dev} ({self._torch.cuda.get_device_name(dev)})"
+
+    def _infer_padded(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            y = self._module(torch.from_numpy(x).to(self._device))
+        return y.float().cpu().numpy()
