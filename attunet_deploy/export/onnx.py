@@ -158,6 +158,18 @@ def golden_inputs(in_channels: int, preprocessing: dict[str, Any], demo: bool) -
     return cases
 
 
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging directories left by exports of ``out`` that were killed (owner not alive)."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # raises if no such process
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathLike[str] = "deploy", *,
                   opset: int = DEFAULT_OPSET, trust_pickle: bool = False, force: bool = False,
                   normalize: str | None = None, exporter: str = "auto",
@@ -195,6 +207,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
         if n_mean not in (1, config.in_channels):
             raise InputError(f"--normalize gives {n_mean} means for a {config.in_channels}-channel model")
 
+    _remove_stale_staging(out)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
