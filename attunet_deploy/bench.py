@@ -97,70 +97,85 @@ def peak_rss_mb() -> float:
 
 def bench_runner(runner: Runner, settings: BenchSettings, reporter: Reporter | None = None,
                  seed: int = 0) -> dict[str, Any]:
-    """Time one activated runner; returns the design.md section 8 record."""
+    """Time one runner; returns the design.md section 8 record."""
+    return bench_runners([runner], settings, reporter, seed)[0]
+
+
+def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Reporter | None = None,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """Time several runners side by side: iterations are interleaved round-robin, so drifting
+    load on a shared machine hits every backend alike and their ratios stay fair."""
     reporter = reporter or Reporter()
     n, c, h, w = settings.shape
-    if c != runner.channels:
-        raise InputError(f"--shape has {c} channels, the model takes {runner.channels}")
+    for runner in runners:
+        if c != runner.channels:
+            raise InputError(f"--shape has {c} channels, the model takes {runner.channels}")
     rng = np.random.default_rng(seed)
     raw = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    padded, _ = pad_to_divisor(raw, runner.divisor)
+    padded, _ = pad_to_divisor(raw, runners[0].divisor)
 
-    def once() -> float | None:
+    def once(runner: Runner) -> float | None:
         if settings.end_to_end:
             runner.segment(raw)
             return None
         return runner.timed_infer(padded)
 
-    for _ in range(settings.warmup):
-        once()
-    host: list[float] = []
-    device: list[float] = []
+    for runner in runners:
+        for _ in range(settings.warmup):
+            once(runner)
+    host: list[list[float]] = [[] for _ in runners]
+    device: list[list[float]] = [[] for _ in runners]
     iterations = settings.iterations or (None if settings.duration else DEFAULT_ITERATIONS)
-    total = iterations or 0
-    label = f"Timing {runner.name} at {'x'.join(map(str, settings.shape))}"
-    with reporter.progress(label, total or int(settings.duration or 1)) as advance:
+    names = ", ".join(r.name for r in runners)
+    label = f"Timing {names} at {'x'.join(map(str, settings.shape))}"
+    budget = (settings.duration or 0.0) * len(runners)
+    with reporter.progress(label, iterations or max(1, int(budget))) as advance:
         start = time.perf_counter()
         last_whole = 0
         while True:
-            t0 = time.perf_counter()
-            dev = once()
-            host.append(time.perf_counter() - t0)
-            if dev is not None:
-                device.append(dev)
+            for i, runner in enumerate(runners):
+                t0 = time.perf_counter()
+                dev = once(runner)
+                host[i].append(time.perf_counter() - t0)
+                if dev is not None:
+                    device[i].append(dev)
             if iterations is not None:
                 advance()
-                if len(host) >= iterations:
+                if len(host[0]) >= iterations:
                     break
             else:
                 elapsed = time.perf_counter() - start
                 if int(elapsed) > last_whole:
                     advance(int(elapsed) - last_whole)
                     last_whole = int(elapsed)
-                if elapsed >= settings.duration and len(host) >= 5:  # type: ignore[operator]
+                if elapsed >= budget and len(host[0]) >= 5:
                     break
-    stats = latency_stats(host)
-    result: dict[str, Any] = {
-        "backend": runner.backend,
-        "precision": runner.precision,
-        "device": runner.device,
-        "shape": list(settings.shape),
-        "mode": "end-to-end" if settings.end_to_end else "compute",
-        "warmup": settings.warmup,
-        "iterations": len(host),
-        "latency_ms": stats,
-        "throughput_ips": n / (stats["mean"] / 1000.0),
-        "cov": coefficient_of_variation(stats),
-        "peak_rss_mb": peak_rss_mb(),
-        "threads": settings.threads or os.cpu_count(),
-        "timing": "host perf_counter",
-        "versions": versions(),
-    }
-    if device:
-        result["device_latency_ms"] = latency_stats(device)
-        result["timing"] = "host perf_counter + CUDA events"
-    result.update(runner.bench_extras())
-    return result
+    rss = peak_rss_mb()
+    results = []
+    for runner, times, dev_times in zip(runners, host, device):
+        stats = latency_stats(times)
+        result: dict[str, Any] = {
+            "backend": runner.backend,
+            "precision": runner.precision,
+            "device": runner.device,
+            "shape": list(settings.shape),
+            "mode": "end-to-end" if settings.end_to_end else "compute",
+            "warmup": settings.warmup,
+            "iterations": len(times),
+            "latency_ms": stats,
+            "throughput_ips": n / (stats["mean"] / 1000.0),
+            "cov": coefficient_of_variation(stats),
+            "peak_rss_mb": rss,
+            "threads": settings.threads or os.cpu_count(),
+            "timing": "host perf_counter, interleaved" if len(runners) > 1 else "host perf_counter",
+            "versions": versions(),
+        }
+        if dev_times:
+            result["device_latency_ms"] = latency_stats(dev_times)
+            result["timing"] += " + CUDA events"
+        result.update(runner.bench_extras())
+        results.append(result)
+    return results
 
 
 def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,
@@ -179,30 +194,34 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
         precisions = list(PRECISIONS)
     threads = settings.threads or os.cpu_count() or 1
     settings.threads = threads
-    results: list[dict[str, Any]] = []
+    runners: list[Runner] = []
     skipped: list[dict[str, str]] = []
-    for backend in backends:
-        for precision in precisions:
-            name = backend
-            try:
-                if backend == "auto":
-                    name = _auto_backend(bundle, precision)
-                cls = runner_class(name)
-                if precision not in cls.precisions:
-                    if len(precisions) > 1:
-                        continue  # e.g. torch with --precision all: only fp32 exists, not worth a line
-                    raise BackendUnavailable(f"{name} runs {', '.join(cls.precisions)} only")
-                reason = cls.availability(bundle, precision)
-                if reason is not None:
-                    raise BackendUnavailable(reason)
-                if name == "torch":
-                    import torch
+    try:
+        for backend in backends:
+            for precision in precisions:
+                name = backend
+                try:
+                    if backend == "auto":
+                        name = _auto_backend(bundle, precision)
+                    cls = runner_class(name)
+                    if precision not in cls.precisions:
+                        if len(precisions) > 1:
+                            continue  # e.g. torch with --precision all: only fp32 exists, not worth a line
+                        raise BackendUnavailable(f"{name} runs {', '.join(cls.precisions)} only")
+                    reason = cls.availability(bundle, precision)
+                    if reason is not None:
+                        raise BackendUnavailable(reason)
+                    if name == "torch":
+                        import torch
 
-                    torch.set_num_threads(threads)  # same thread count as ONNX Runtime
-                with cls(bundle, precision, threads=threads) as runner:
-                    results.append(bench_runner(runner, settings, reporter))
-            except BackendUnavailable as exc:
-                skipped.append({"backend": name, "precision": precision, "reason": str(exc)})
+                        torch.set_num_threads(threads)  # same thread count as ONNX Runtime
+                    runners.append(cls(bundle, precision, threads=threads).activate())
+                except BackendUnavailable as exc:
+                    skipped.append({"backend": name, "precision": precision, "reason": str(exc)})
+        results = bench_runners(runners, settings, reporter) if runners else []
+    finally:
+        for runner in runners:
+            runner.deactivate()
     if results:
         first = results[0]["latency_ms"]["p50"]
         for r in results:

@@ -131,7 +131,7 @@ def read_file(path: Path, channels: int) -> list[ImageRecord]:
     except ImportError as exc:
         raise InputError(f"{path}: reading {suffix or 'DICOM'} needs {exc.name}: "
                          "pip install 'attunet-deploy[medical]'") from exc
-    except Exception as exc:  # noqa: BLE001 - readers raise many types for corrupt files
+    except Exception as exc:
         raise InputError(f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
                          ) from exc
     raise InputError(f"{path}: unsupported file type (supported: {SUPPORTED})")

@@ -94,7 +94,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
             ) from exc
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as inner:  # noqa: BLE001 - arbitrary code ran; report what it raised
+        except Exception as inner:
             raise CheckpointError(f"cannot unpickle {path}: {_first_line(inner)}") from inner
         return _from_object(obj, source="pickle")
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -246,7 +246,7 @@ def _is_torchscript(path: Path) -> bool:
 def _load_torchscript(path: Path) -> LoadedCheckpoint:
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:  # noqa: BLE001 - TorchScript raises many types
+    except Exception as exc:
         raise CheckpointError(f"cannot load TorchScript archive {path}: {_first_line(exc)}") from exc
     return LoadedCheckpoint(module, _probe_config(module), "torchscript",
                             ["TorchScript archive exported as it is"])
@@ -261,7 +261,7 @@ def _probe_config(module: nn.Module) -> AttentionUNetConfig:
     try:
         with torch.no_grad():
             out = module(torch.zeros(1, in_ch, 32, 32))
-    except Exception as exc:  # noqa: BLE001 - user module
+    except Exception as exc:
         raise CheckpointError(f"the model does not run on a 1x{in_ch}x32x32 input: {_first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[2:]) != (32, 32):
         raise CheckpointError("the model must return one [N, K, H, W] logits tensor of the input's size")

@@ -37,7 +37,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-        except Exception as exc:  # noqa: BLE001 - last line of defence for a clean CLI
+        except Exception as exc:
             if debug:
                 raise
             click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
@@ -172,8 +172,11 @@ def _size(n: int) -> str:
 @click.option("--quantize-all", is_flag=True, help="Also quantise the attention gates' psi branch and the head.")
 @click.option("--precision", "precisions", type=click.Choice(["fp16", "int8"]), multiple=True,
               help="Make only these (default both).")
+@click.option("--full-range-weights", is_flag=True,
+              help="8-bit instead of 7-bit INT8 weights: for GPU-only targets (x86 CPUs without VNNI then run "
+                   "ONNX Runtime's slower exact int8 path).")
 def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
-             precisions: tuple[str, ...]) -> None:
+             precisions: tuple[str, ...], full_range_weights: bool) -> None:
     """Write model.fp16.onnx and model.int8.onnx (Q/DQ) and verify them on ONNX Runtime CPU."""
     from .export.quantize import quantize_bundle
     from .report import verify_table
@@ -181,7 +184,7 @@ def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, 
     bundle = _load_bundle(bundle_dir)
     rows = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
                            quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
-                           reporter=_reporter())
+                           full_range_weights=full_range_weights, reporter=_reporter())
     _stdout().print(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
     if any(r["status"] == "fail" for r in rows):
         from .errors import VerificationFailed

@@ -14,7 +14,7 @@ from typing import Any
 class Reporter:
     """Silent reporter: the interface library code calls."""
 
-    def info(self, message: str) -> None:  # noqa: B027 - intentionally empty
+    def info(self, message: str) -> None:
         """A one-line notice (e.g. 'INT8 skipped: no --calib')."""
 
     @contextlib.contextmanager

@@ -71,7 +71,7 @@ def cuda_devices() -> Probe:
                          "(pip install 'attunet-deploy[tensorrt]')")
     try:
         err, count = cudart.cudaGetDeviceCount()
-    except Exception as exc:  # noqa: BLE001 - driver/library loading errors vary
+    except Exception as exc:
         return Probe("cuda", False, detail=f"CUDA runtime unusable: {exc}")
     if int(err) != 0 or count == 0:
         return Probe("cuda", False, detail=f"no CUDA device ({_cuda_error_name(cudart, err)})")
@@ -84,8 +84,8 @@ def cuda_devices() -> Probe:
                          "compute_capability": f"{prop.major}.{prop.minor}",
                          "multiprocessors": int(prop.multiProcessorCount),
                          "memory_mb": int(prop.totalGlobalMem) // (1 << 20)})
-    err, drv = cudart.cudaDriverGetVersion()
-    err2, rt = cudart.cudaRuntimeGetVersion()
+    _, drv = cudart.cudaDriverGetVersion()
+    _, rt = cudart.cudaRuntimeGetVersion()
     version = f"driver {drv // 1000}.{drv % 1000 // 10}, runtime {rt // 1000}.{rt % 1000 // 10}"
     return Probe("cuda", True, version=version, detail=f"{count} device(s)", extra={"gpus": gpus})
 
@@ -93,7 +93,7 @@ def cuda_devices() -> Probe:
 def _cuda_error_name(cudart: Any, err: Any) -> str:
     try:
         return str(cudart.cudaGetErrorName(err)[1].decode())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return f"error {int(err)}"
 
 
@@ -105,7 +105,7 @@ def free_device_memory_mb() -> int | None:
         from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
         err, free, _total = cudart.cudaMemGetInfo()
         return int(free) // (1 << 20) if int(err) == 0 else None
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -115,6 +115,24 @@ def gpu_identity() -> dict[str, Any] | None:
     if not probe.available or not probe.extra.get("gpus"):
         return None
     return dict(probe.extra["gpus"][0])
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has an int8 dot-product instruction (x86 VNNI/AMX, or any Arm64).
+
+    Without it, ONNX Runtime's x86 int8 convolutions use int16 pairwise sums that saturate
+    with full-range (8-bit) weights.
+    """
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def tensorrt_probe() -> Probe:

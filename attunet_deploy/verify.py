@@ -53,7 +53,7 @@ def load_golden(bundle: Bundle) -> list[GoldenCase]:
             cases = []
             i = 0
             while f"case{i}_input" in data:
-                labels = data[f"case{i}_labels"] if f"case{i}_labels" in data else None
+                labels = data.get(f"case{i}_labels")
                 cases.append(GoldenCase(data[f"case{i}_input"], data[f"case{i}_logits"], labels))
                 i += 1
     except (OSError, ValueError, KeyError) as exc:

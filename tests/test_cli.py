@@ -175,7 +175,7 @@ def test_bench_end_to_end_and_duration(small_bundle: Path, tmp_path: Path) -> No
 
 def test_predict_writes_masks_and_overlays(small_bundle: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.random.default_rng(0).random((2, 1, 40, 52), dtype=np.float32))
-    code, out, err = run("predict", "-b", str(small_bundle), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o"),
+    code, _, err = run("predict", "-b", str(small_bundle), str(tmp_path / "a.npy"), "-o", str(tmp_path / "o"),
                          "--backend", "ort")
     assert code == 0, err
     masks = np.load(tmp_path / "o" / "a_mask.npy")

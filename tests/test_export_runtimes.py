@@ -130,7 +130,7 @@ def test_threads_share_one_runner(small_bundle: Path) -> None:
                 for _ in range(50):
                     if not np.array_equal(runner.infer(inputs[i]), expected[i]):
                         mismatches.append(i)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
@@ -158,9 +158,9 @@ def test_torch_runner_threads(small_bundle: Path) -> None:
 def test_load_runner_errors(small_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown backend"):
         load_runner(small_bundle, backend="tflite")
-    with pytest.raises(BackendUnavailable, match="no model.int8.onnx"):
+    with pytest.raises(BackendUnavailable, match=r"no model\.int8\.onnx"):
         load_runner(small_bundle, backend="ort", precision="int8")
-    with pytest.raises(BackendUnavailable, match="torch runs fp32|does not run fp16"):
+    with pytest.raises(BackendUnavailable, match=r"torch runs fp32|does not run fp16"):
         load_runner(small_bundle, backend="torch", precision="fp16").activate()
     with pytest.raises(InputError, match="no bundle"):
         load_runner(tmp_path / "missing")

@@ -7,8 +7,7 @@ import pytest
 
 from attunet_deploy.errors import InputError
 from attunet_deploy.metrics import abs_errors, confident_flips, dice, iou, per_image_overlap, rel_l2
-from attunet_deploy.preprocess import (crop, logits_to_masks, normalize, pad_to_divisor, padded_size,
-                                       parse_normalization)
+from attunet_deploy.preprocess import crop, logits_to_masks, normalize, pad_to_divisor, padded_size, parse_normalization
 from attunet_deploy.verify import DEFAULT_TOLERANCES, GoldenCase, Tolerance, compare, judge
 
 

@@ -92,7 +92,7 @@ def test_mismatch_error_lists_missing_unexpected_and_shapes(tmp_path: Path) -> N
 
 def test_other_network_is_refused(tmp_path: Path) -> None:
     torch.save({"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="does not match the Attention U-Net.*missing.*unexpected"):
+    with pytest.raises(CheckpointError, match=r"does not match the Attention U-Net.*missing.*unexpected"):
         load_checkpoint(tmp_path / "other.pth")
 
 

@@ -20,9 +20,16 @@ from onnx import TensorProto, helper, numpy_helper
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.errors import BackendUnavailable, InputError, VerificationFailed
 from attunet_deploy.export import tensorrt as trt_export
-from attunet_deploy.export.tensorrt import (BuildSettings, Profile, build_plan, check_layer_precision,
-                                            default_workspace_mb, engine_cache_key, layer_precisions,
-                                            parse_profiles)
+from attunet_deploy.export.tensorrt import (
+    BuildSettings,
+    Profile,
+    build_plan,
+    check_layer_precision,
+    default_workspace_mb,
+    engine_cache_key,
+    layer_precisions,
+    parse_profiles,
+)
 from attunet_deploy.export.trt_lint import lint_model, lint_onnx
 from attunet_deploy.runtimes.tensorrt import choose_profile, find_engine
 
@@ -118,7 +125,7 @@ def test_choose_profile_and_refusal() -> None:
     assert choose_profile(profiles, (1, 1, 512, 512)) == (0, 2)  # narrow profile preferred
     assert choose_profile(profiles, (4, 1, 512, 512)) == (1, 8)  # whole batch fits profile 1
     assert choose_profile(profiles, (1, 1, 128, 96)) == (1, 8)
-    with pytest.raises(InputError, match="fits no engine profile.*64x64"):
+    with pytest.raises(InputError, match=r"fits no engine profile.*64x64"):
         choose_profile(profiles, (1, 1, 1024, 512))
 
 

@@ -23,7 +23,6 @@ from . import HELDOUT_SEED, TRAIN_SEED
 from .phantom import DEMO_SIZE, make_phantoms, window
 
 
-
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     prob = torch.sigmoid(logits)
     inter = (prob * target).sum(dim=(1, 2, 3))

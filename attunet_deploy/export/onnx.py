@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import (GOLDEN_FILE, ONNX_FILES, TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle, check_output_dir,
-                      commit_staged)
+from ..bundle import GOLDEN_FILE, ONNX_FILES, TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle, check_output_dir, commit_staged
 from ..console import Reporter
 from ..environment import versions
 from ..errors import InputError, VerificationFailed
@@ -88,7 +87,7 @@ def export_onnx(module: Any, in_channels: int, path: Path, opset: int = DEFAULT_
                                                     "logits": {0: "N", 2: "H", 3: "W"}})
                 used = kind
                 break
-            except Exception as exc:  # noqa: BLE001 - exporters raise many types
+            except Exception as exc:
                 errors.append(f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
         if used is None:
             raise InputError("ONNX export failed: " + " | ".join(errors))
@@ -133,7 +132,8 @@ def reference_logits(module: Any, x: np.ndarray, divisor: int) -> np.ndarray:
     return crop(y, size)
 
 
-def golden_inputs(in_channels: int, preprocessing: dict[str, Any], demo: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def golden_inputs(in_channels: int, preprocessing: dict[str, Any], demo: bool
+                  ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(model-space inputs, labels or None) for each golden case."""
     from ..preprocess import normalize
 

@@ -44,6 +44,14 @@ class _OrtRunner(Runner):
     def _providers(self) -> list[Any]:
         return [self.provider]
 
+    def _needs_exact_int8(self) -> bool:
+        from ..environment import cpu_has_int8_dot
+
+        if self.precision != "int8" or self.provider != "CPUExecutionProvider":
+            return False
+        entry = self.bundle.artifacts.get(ONNX_FILES["int8"], {})
+        return entry.get("producer", {}).get("weight_bits", 8) == 8 and not cpu_has_int8_dot()
+
     def _activate(self) -> None:
         import onnxruntime as ort
 
@@ -51,10 +59,14 @@ class _OrtRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = int(self.options.get("threads", 0))
         opts.log_severity_level = 3  # provider fallbacks are reported by us, not as red log lines
+        if self._needs_exact_int8():
+            # Full-range int8 weights on an x86 CPU without VNNI: ORT's default u8s8 path
+            # saturates (see export.quantize.quantize_int8); its s8s8 path is exact, only slower.
+            opts.add_session_config_entry("session.qdqisint8allowed", "1")
         path = self.bundle.onnx_path(self.precision)
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=self._providers())
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        except Exception as exc:
             raise BackendUnavailable(f"{self.backend}: cannot create a session for {path.name}: "
                                      f"{str(exc).splitlines()[0][:200]}") from exc
         used = self._session.get_providers()

@@ -24,7 +24,8 @@ def find_engine(bundle: Bundle, precision: str, gpu: dict[str, Any] | None, trt_
     engines = {n: e for n, e in bundle.artifacts.items()
                if e.get("kind") == "tensorrt-engine" and e.get("precision") == precision}
     if not engines:
-        return None, f"no {precision} engine in the bundle: run 'attdeploy build --precision {precision}' on this device"
+        return None, (f"no {precision} engine in the bundle: run 'attdeploy build --precision {precision}' "
+                      "on this device")
     for name, entry in engines.items():
         egpu = entry.get("gpu", {})
         if (gpu is not None and egpu.get("name") == gpu.get("name")
@@ -110,7 +111,7 @@ class TensorrtRunner(Runner):
         for runner in self._contexts:
             try:
                 runner.deactivate()
-            except Exception:  # noqa: BLE001, S110 - best effort on shutdown
+            except Exception:
                 pass
         self._contexts = []
         self._local = threading.local()
@@ -165,7 +166,7 @@ def _cuda_event_timer(trt_runner: Any) -> Any:
         _, start = cudart.cudaEventCreate()
         _, end = cudart.cudaEventCreate()
         cudart.cudaEventRecord(start, stream)
-    except Exception:  # noqa: BLE001 - timing is optional
+    except Exception:
         return None
 
     def stop() -> float | None:

@@ -1,0 +1,208 @@
+"""Benchmark the full-size Attention U-Net (in 3 / out 1 / base 64) on every backend here.
+
+    python benchmarks/run_benchmarks.py [--iterations 10] [--shapes 1x3x256x256 ...] [--out benchmarks/results]
+
+Steps: build a checkpoint with random weights and realistic BatchNorm statistics, export it,
+make FP16 and INT8 graphs (INT8 calibrated on CT phantoms stacked to 3 channels), then time
+every available (backend, precision) at each shape with one method (bench.bench_runners:
+warm-up, interleaved round-robin iterations). Also counts the model's FLOPs and measures this
+machine's FP32 GEMM rate as the roof. Writes results.json, results.md and latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attunet_deploy.bench import BenchSettings, bench_runners, parse_shape  # noqa: E402
+from attunet_deploy.bundle import Bundle  # noqa: E402
+from attunet_deploy.console import RichReporter  # noqa: E402
+from attunet_deploy.environment import cuda_devices, versions  # noqa: E402
+from attunet_deploy.runtimes.base import BACKEND_MODULES, runner_class  # noqa: E402
+
+DEFAULT_SHAPES = ("1x3x256x256", "1x3x512x512", "4x3x256x256")
+
+
+def realistic_checkpoint(path: Path, seed: int = 0) -> None:
+    """Random weights; BatchNorm statistics from running the network on phantom images in
+    training mode, so activations have realistic scales (as after real training)."""
+    import torch
+
+    from attunet_deploy.checkpoint import save_checkpoint
+    from attunet_deploy.demo import make_phantoms, window
+    from attunet_deploy.model import AttentionUNet, AttentionUNetConfig
+
+    torch.manual_seed(seed)
+    model = AttentionUNet(AttentionUNetConfig(3, 1, 64))
+    hu, _ = make_phantoms(16, seed=seed + 100, size=(128, 128))
+    x = torch.from_numpy(np.repeat(window(hu), 3, axis=1))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the passes below
+    with torch.no_grad():
+        for i in range(0, 16, 4):
+            model(x[i:i + 4])
+    save_checkpoint(model.eval(), path, meta={"note": "benchmark model: random weights, BN stats from phantoms"})
+
+
+def conv_flops(shape: tuple[int, int, int, int]) -> float:
+    """FLOPs (2 x multiply-adds) of the full-size model's convolutions at ``shape``."""
+    import torch
+
+    from attunet_deploy.model import AttentionUNet, AttentionUNetConfig
+
+    model = AttentionUNet(AttentionUNetConfig(3, 1, 64)).eval()
+    total = 0
+
+    def hook(mod: torch.nn.Conv2d, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, *shape[1:]))
+    for h in handles:
+        h.remove()
+    return 2.0 * total * shape[0]
+
+
+def gemm_roof_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Best FP32 GEMM rate of this machine (torch.mm, same thread count) in GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--bundle", type=Path, default=None, help="Reuse an exported full-size bundle.")
+    args = parser.parse_args()
+
+    from attunet_deploy.export.onnx import export_bundle
+    from attunet_deploy.export.quantize import quantize_bundle
+    from attunet_deploy.report import bench_table, markdown_table
+
+    reporter = RichReporter()
+    threads = os.cpu_count() or 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="attdeploy-bench-") as tmp:
+        bundle_dir = args.bundle
+        if bundle_dir is None or not (bundle_dir / "manifest.json").exists():
+            bundle_dir = bundle_dir or Path(tmp) / "full"
+            ckpt = Path(tmp) / "full.pt"
+            with reporter.step("Making the full-size checkpoint (BatchNorm statistics from phantoms)"):
+                realistic_checkpoint(ckpt)
+            export_bundle(ckpt, bundle_dir, reporter=reporter)
+            from attunet_deploy.demo import make_phantoms, window
+
+            calib = Path(tmp) / "calib.npy"
+            hu, _ = make_phantoms(32, seed=7, size=(256, 256))
+            np.save(calib, np.repeat(window(hu), 3, axis=1))
+            quantize_bundle(Bundle.load(bundle_dir), calib=str(calib), max_samples=32, reporter=reporter,
+                            verify=False)
+        bundle = Bundle.load(bundle_dir)
+        with reporter.step("Measuring the FP32 GEMM roof"):
+            roof = gemm_roof_gflops(threads)
+        records = []
+        for text in args.shapes:
+            shape = parse_shape(text, bundle.in_channels)
+            runners = []
+            for backend in BACKEND_MODULES:
+                cls = runner_class(backend)
+                for precision in cls.precisions:
+                    if cls.availability(bundle, precision) is None:
+                        if backend == "torch":
+                            import torch
+
+                            torch.set_num_threads(threads)
+                        runners.append(cls(bundle, precision, threads=threads).activate())
+            results = bench_runners(runners, BenchSettings(shape=shape, warmup=args.warmup,
+                                                           iterations=args.iterations, threads=threads), reporter)
+            for r in runners:
+                r.deactivate()
+            flops = conv_flops(shape)
+            first = results[0]["latency_ms"]["p50"]
+            for r in results:
+                r["ratio_vs_first"] = r["latency_ms"]["p50"] / first
+                r["gflop"] = flops / 1e9
+                r["achieved_gflops"] = flops / (r["latency_ms"]["p50"] / 1000.0) / 1e9
+                r["efficiency_vs_fp32_gemm_roof"] = r["achieved_gflops"] / roof
+            reporter.console.print(bench_table(results, title=f"Full-size model at {text} "
+                                               f"({flops / 1e9:.1f} GFLOP, roof {roof:.0f} GFLOP/s)"))
+            records.extend(results)
+
+    cuda = cuda_devices()
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.processor() or platform.platform()}", "gpu": cuda.extra.get("gpus") if cuda.available else None,
+            "fp32_gemm_roof_gflops": roof, "threads": threads, "versions": versions(include_torch=True)}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    headers = ["shape", "backend", "precision", "p50 ms", "p90 ms", "p99 ms", "img/s", "CoV %", "vs first",
+               "GFLOP/s", "% of roof"]
+    rows = [["x".join(map(str, r["shape"])), r["backend"], r["precision"], f"{r['latency_ms']['p50']:.1f}",
+             f"{r['latency_ms']['p90']:.1f}", f"{r['latency_ms']['p99']:.1f}", f"{r['throughput_ips']:.2f}",
+             f"{100 * r['cov']:.1f}", f"{r['ratio_vs_first']:.2f}x", f"{r['achieved_gflops']:.0f}",
+             f"{100 * r['efficiency_vs_fp32_gemm_roof']:.0f}"] for r in records]
+    md = [f"# Benchmark results ({meta['date']})", "", f"Machine: {meta['machine']}; threads {threads}; "
+          f"FP32 GEMM roof {roof:.0f} GFLOP/s; versions {meta['versions']}.", "",
+          "p50 etc. per call; ratios are p50 against the first row of the same shape; iterations interleaved.",
+          "", markdown_table(headers, rows), ""]
+    (args.out / "results.md").write_text("\n".join(md))
+    try:
+        _chart(records, args.out / "latency.png")
+    except ImportError:
+        print("matplotlib missing: no chart (pip install 'attunet-deploy[bench]')")
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+
+
+def _chart(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({"x".join(map(str, r["shape"])) for r in records}, key=lambda s: [int(v) for v in s.split("x")])
+    names = list(dict.fromkeys(f"{r['backend']}/{r['precision']}" for r in records))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, name in enumerate(names):
+        vals = []
+        for s in shapes:
+            match = [r for r in records if f"{r['backend']}/{r['precision']}" == name
+                     and "x".join(map(str, r["shape"])) == s]
+            vals.append(match[0]["latency_ms"]["p50"] if match else 0)
+        ax.bar(np.arange(len(shapes)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(shapes)) + width * (len(names) - 1) / 2, shapes)
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_title("Attention U-Net (base 64) latency by backend and precision")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
