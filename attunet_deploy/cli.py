@@ -331,8 +331,10 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
             if r["cov"] > 0.05:
                 out.print(f"[yellow]warning:[/yellow] {r['backend']}/{r['precision']} timing unstable "
                           f"(CoV {100 * r['cov']:.1f}% > 5%): close other programs or use --duration")
+        from rich.markup import escape
+
         for s in skipped:
-            out.print(f"[dim]skipped {s['backend']}/{s['precision']}: {s['reason']}[/dim]", highlight=False)
+            out.print(f"[dim]skipped {s['backend']}/{s['precision']}: {escape(s['reason'])}[/dim]", highlight=False)
     _write_json(json_path, {"bundle": str(bundle.root), "results": results, "skipped": skipped})
     if not results:
         raise InputError("nothing could be timed: " + "; ".join(f"{s['backend']}/{s['precision']}: {s['reason']}"

@@ -15,7 +15,11 @@ class Reporter:
     """Silent reporter: the interface library code calls."""
 
     def info(self, message: str) -> None:
-        """A one-line notice (e.g. 'INT8 skipped: no --calib')."""
+        """A one-line notice (e.g. 'INT8 skipped: no --calib'); may hold rich markup."""
+
+    def notice(self, label: str, text: str) -> None:
+        """A highlighted label followed by literal text."""
+        self.info(f"{label} {text}")
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
@@ -40,6 +44,12 @@ class RichReporter(Reporter):
     def info(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message, highlight=False)
+
+    def notice(self, label: str, text: str) -> None:
+        """A yellow label followed by literal text (no rich markup inside ``text``)."""
+        from rich.markup import escape
+
+        self.info(f"[yellow]{label}[/yellow] {escape(text)}")
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:

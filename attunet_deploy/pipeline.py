@@ -28,7 +28,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     if demo or calib:
         precisions.append("int8")
     else:
-        reporter.info("[yellow]INT8 skipped:[/yellow] a user model needs calibration images, pass --calib PATH")
+        reporter.notice("INT8 skipped:", "a user model needs calibration images, pass --calib PATH")
     quantize_bundle(bundle, calib=calib, precisions=precisions, reporter=reporter, verify=False)
 
     notes: dict[str, Any] = {}
@@ -38,7 +38,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
 
         build_engines(bundle, ["fp32", *precisions], reporter=reporter)
     else:
-        reporter.info(f"[yellow]TensorRT engines skipped:[/yellow] {trt.detail}")
+        reporter.notice("TensorRT engines skipped:", trt.detail)
         notes["TensorRT"] = f"Engines not built on this machine: {trt.detail}."
 
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)

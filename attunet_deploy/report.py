@@ -44,15 +44,25 @@ def verify_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
 
 
 def verify_table(rows: list[dict[str, Any]], title: str = "Verification against PyTorch FP32") -> Any:
+    """Rows that ran as a table; unavailable ones grouped into a caption (same reason, one line)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    ran = [r for r in rows if r["status"] != "unavailable"]
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] == "unavailable":
+            grouped.setdefault((r["backend"], r.get("reason", "")), []).append(r["precision"])
+    caption = "\n".join(f"unavailable here: {b} ({', '.join(p)}): {escape(reason)}"
+                        for (b, reason), p in grouped.items()) or None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    rows = ran
     cols = verify_columns(rows)
     for header, _ in cols:
         table.add_column(header, justify="left" if header in ("backend", "precision", "status", "note")
                          else "right", overflow="fold", max_width=60 if header == "note" else None)
     for r in rows:
-        cells = [fn(r) for _, fn in cols]
+        cells = [escape(str(fn(r))) for _, fn in cols]
         cells[2] = _STATUS_STYLE.get(r["status"], r["status"])
         table.add_row(*cells)
     return table

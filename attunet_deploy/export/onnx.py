@@ -200,7 +200,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     with reporter.step(f"Loading {src.name}"):
         loaded = load_checkpoint(src, trust_pickle=trust_pickle)
     for note in loaded.notes:
-        reporter.info(f"[yellow]note:[/yellow] {note}")
+        reporter.notice("note:", note)
     config = loaded.config
     if preprocessing["normalize"]["kind"] == "mean_std":
         n_mean = len(preprocessing["normalize"]["mean"])
@@ -236,8 +236,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
                                      "attunet_deploy.spatial_divisor": str(SPATIAL_DIVISOR),
                                      "attunet_deploy.preprocessing": json.dumps(preprocessing)})
         if info["fallback_reasons"]:
-            reporter.info(f"[yellow]note:[/yellow] used the {info['exporter']} exporter "
-                          f"({'; '.join(info['fallback_reasons'])})")
+            reporter.notice("note:", f"used the {info['exporter']} exporter ({'; '.join(info['fallback_reasons'])})")
         bundle.add_artifact(ONNX_FILES["fp32"], kind="onnx", precision="fp32",
                             producer={**producer, "exporter": info["exporter"], "opset": opset})
 

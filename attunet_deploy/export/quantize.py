@@ -11,6 +11,9 @@ psi convs (whose sigmoid decides what is kept) and the final logits conv stay in
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,7 +189,7 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray], method: 
         extra["CalibNumBins"] = 2048  # histogram resolution; the default 128 clips segmentation outliers
     with reporter.progress(f"Calibrating INT8 ({method}, {len(calib_inputs)} images)", len(calib_inputs)) as advance:
         reader = _CalibrationReader(calib_inputs, "image", advance)
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst) as tmp, _quiet_calibrator():
             quantize_static(str(src), str(tmp), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=not full_range_weights,
@@ -196,6 +199,20 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray], method: 
                             use_external_data_format=False)
     return {"method": method, "calibration_images": len(calib_inputs), "float_nodes": exclude,
             "quantize_all": quantize_all, "weight_bits": 8 if full_range_weights else 7}
+
+
+@contextlib.contextmanager
+def _quiet_calibrator() -> Iterator[None]:
+    """ONNX Runtime's calibrators print to stdout and warn on the root logger; keep stdout for
+    our tables and JSON."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def _save(model: Any, dst: Path) -> None:
@@ -256,7 +273,7 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
     for precision in done:
         issues = lint_onnx(bundle.onnx_path(precision))
         if issues:
-            reporter.info(f"[yellow]TensorRT lint ({precision}):[/yellow] " + "; ".join(issues[:5]))
+            reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
         bundle.artifacts[ONNX_FILES[precision]]["trt_lint"] = issues
     bundle.save()
     if not verify:
