@@ -102,17 +102,21 @@ def main(debug: bool) -> None:
               help="Input normalisation: none | ct-window:L,W | mean-std:M,S | scale:D | minmax "
                    "(demo: ct-window:40,400).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--check-rel-l2", type=float, default=1e-5, show_default=True,
+              help="Tolerance of the ONNX Runtime vs PyTorch check run after export (exit 1 above it).")
 def export(model: str | None, out: str, opset: int, trust_pickle: bool, force: bool, normalize: str | None,
-           exporter: str) -> None:
+           exporter: str, check_rel_l2: float) -> None:
     """Export MODEL (default: the bundled demo) to a bundle: weights, ONNX, golden set, manifest."""
     from .export.onnx import export_bundle
     from .report import verify_table
 
     _require_torch("export")
     bundle, row = export_bundle(model, out, opset=opset, trust_pickle=trust_pickle, force=force,
-                                normalize=normalize, exporter=exporter, reporter=_reporter())
+                                normalize=normalize, exporter=exporter, check_rel_l2=check_rel_l2,
+                                reporter=_reporter())
     _print_bundle_summary(bundle)
-    _stdout().print(verify_table([row], title="ONNX Runtime CPU vs PyTorch FP32 (export check, rel L2 <= 1e-5)"))
+    _stdout().print(verify_table([row], title=f"ONNX Runtime CPU vs PyTorch FP32 (export check, rel L2 <= "
+                                              f"{check_rel_l2:g})"))
 
 
 def _require_torch(command: str) -> None:
@@ -430,14 +434,17 @@ def doctor(json_path: str | None) -> None:
 @click.option("--normalize", default=None, metavar="SPEC", help="Input normalisation (see export).")
 @click.option("--bench-iterations", type=int, default=20, show_default=True, help="Timed iterations per backend.")
 @click.option("--shape", default=None, metavar="NxCxHxW", help="Benchmark shape (default: 1xCx256x256).")
+@click.option("--check-rel-l2", type=float, default=1e-5, show_default=True,
+              help="Tolerance of the ONNX Runtime vs PyTorch check right after export.")
 def pipeline(model: str | None, out: str, calib: str | None, trust_pickle: bool, force: bool,
-             normalize: str | None, bench_iterations: int, shape: str | None) -> None:
+             normalize: str | None, bench_iterations: int, shape: str | None, check_rel_l2: float) -> None:
     """export -> quantize -> build (if GPU) -> verify all -> bench all -> report."""
     from .pipeline import run_pipeline
 
     _require_torch("pipeline")
     rc = run_pipeline(model, out, calib=calib, trust_pickle=trust_pickle, force=force, normalize=normalize,
-                      bench_iterations=bench_iterations, shape=shape, reporter=_reporter(), console=_stdout())
+                      bench_iterations=bench_iterations, shape=shape, check_rel_l2=check_rel_l2,
+                      reporter=_reporter(), console=_stdout())
     if rc:
         from .errors import VerificationFailed
 

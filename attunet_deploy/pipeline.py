@@ -10,8 +10,8 @@ from .console import Reporter
 
 def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, calib: str | None = None,
                  trust_pickle: bool = False, force: bool = False, normalize: str | None = None,
-                 bench_iterations: int = 20, shape: str | None = None, reporter: Reporter | None = None,
-                 console: Any = None) -> int:
+                 bench_iterations: int = 20, shape: str | None = None, check_rel_l2: float = 1e-5,
+                 reporter: Reporter | None = None, console: Any = None) -> int:
     """Run every step; returns 1 if any backend failed verification, else 0."""
     from .bench import BenchSettings, bench_many, parse_shape
     from .environment import tensorrt_probe
@@ -22,7 +22,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
 
     reporter = reporter or Reporter()
     bundle, _ = export_bundle(model, out, trust_pickle=trust_pickle, force=force, normalize=normalize,
-                              reporter=reporter)
+                              check_rel_l2=check_rel_l2, reporter=reporter)
     demo = bool(bundle.manifest["model"]["source"].get("demo"))
     precisions = ["fp16"]
     if demo or calib:

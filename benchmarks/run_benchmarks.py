@@ -117,7 +117,8 @@ def main() -> None:
             ckpt = Path(tmp) / "full.pt"
             with reporter.step("Making the full-size checkpoint (BatchNorm statistics from phantoms)"):
                 realistic_checkpoint(ckpt)
-            export_bundle(ckpt, bundle_dir, reporter=reporter)
+            # design.md's FP32 tolerance: BatchNorm folded by the exporter reorders float32 sums.
+            export_bundle(ckpt, bundle_dir, check_rel_l2=1e-4, reporter=reporter)
             from attunet_deploy.demo import make_phantoms, window
 
             calib = Path(tmp) / "calib.npy"
