@@ -52,7 +52,7 @@ def test_engine_cache_reused_and_profile_bounds_enforced(gpu_demo: Path) -> None
     (again,) = build_engines(Bundle.load(gpu_demo), ["fp16"])
     assert again["status"] == "cached"
     narrow = parse_profiles(["1x1x128x128"], [], ["2x1x128x128"], channels=1)
-    (built,) = build_engines(Bundle.load(gpu_demo), ["fp32"], narrow, force=True)
+    build_engines(Bundle.load(gpu_demo), ["fp32"], narrow, force=True)
     with load_runner(gpu_demo, backend="trt", precision="fp32") as runner:
         assert runner.infer(np.zeros((5, 1, 120, 100), np.float32)).shape == (5, 1, 120, 100)  # chunked batch
         with pytest.raises(InputError, match="fits no engine profile"):
