@@ -356,6 +356,8 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
 def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, precision: str,
             no_overlay: bool) -> None:
     """Segment images (.npy/.npz, PNG/TIFF, DICOM, NIfTI): masks plus an overlay PNG per image."""
+    from rich.markup import escape
+
     from .predict import predict_files
 
     bundle = _load_bundle(bundle_dir)
@@ -367,7 +369,8 @@ def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, pr
     for col in ("input", "shape", "foreground px", "mask", "backend"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["input"], "x".join(map(str, r["shape"])), str(r["foreground"]), r["mask"], r["backend"])
+        table.add_row(escape(r["input"]), "x".join(map(str, r["shape"])), str(r["foreground"]), escape(r["mask"]),
+                      r["backend"])
     _stdout().print(table)
 
 
@@ -402,6 +405,7 @@ def info(bundle_dir: str, json_path: str | None) -> None:
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write the report as JSON ('-': stdout).")
 def doctor(json_path: str | None) -> None:
     """Versions and availability of python, numpy, torch, onnx, onnxruntime, TensorRT, CUDA, GPU."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .environment import doctor_report
@@ -420,7 +424,7 @@ def doctor(json_path: str | None) -> None:
             detail += "; " + "; ".join(f"{g['name']} (sm {g['compute_capability']}, {g['memory_mb']} MB)"
                                        for g in p.extra["gpus"])
         table.add_row(p.name, "[green]available[/green]" if p.available else "[yellow]missing[/yellow]",
-                      p.version, detail)
+                      escape(p.version), escape(detail))
     _stdout().print(table)
 
 

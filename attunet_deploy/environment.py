@@ -190,6 +190,27 @@ def versions(include_torch: bool = False) -> dict[str, str]:
     return out
 
 
+def nvidia_smi_gpus() -> Probe:
+    """GPUs as the NVIDIA driver lists them (works without cuda-python or torch)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return Probe("gpu", False, detail="no NVIDIA driver found (nvidia-smi missing)")
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Probe("gpu", False, detail=f"nvidia-smi failed: {exc}")
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    if out.returncode != 0 or not lines:
+        return Probe("gpu", False, detail=(out.stderr or out.stdout).strip()[:200] or "no GPU listed")
+    driver = lines[0].split(",")[-1].strip()
+    return Probe("gpu", True, version=f"driver {driver}",
+                 detail="; ".join(", ".join(p.strip() for p in ln.split(",")[:3]) for ln in lines))
+
+
 def doctor_report() -> list[Probe]:
     """Everything ``attdeploy doctor`` prints, in order."""
     probes = [Probe("python", True, platform.python_version(), f"{platform.system()} {platform.machine()}")]
@@ -200,4 +221,5 @@ def doctor_report() -> list[Probe]:
     probes.append(onnxruntime_probe())
     probes.append(tensorrt_probe())
     probes.append(cuda_devices())
+    probes.append(nvidia_smi_gpus())
     return probes

@@ -189,7 +189,7 @@ def test_info_and_doctor(small_bundle: Path) -> None:
     code, out, _ = run("doctor", "--json", "-")
     assert code == 0
     names = {p["name"]: p for p in json.loads(out)}
-    assert {"python", "numpy", "torch", "onnx", "onnxruntime", "tensorrt", "cuda"} <= set(names)
+    assert {"python", "numpy", "torch", "onnx", "onnxruntime", "tensorrt", "cuda", "gpu"} <= set(names)
     assert names["onnxruntime"]["available"] and "CPUExecutionProvider" in names["onnxruntime"]["providers"]
 
 
@@ -256,3 +256,26 @@ def test_repeated_infer_does_not_grow_rss(small_bundle: Path) -> None:
             runner.infer(x)
         after = proc.memory_info().rss
     assert after < before * 1.05, (before, after)
+
+
+def test_predict_nifti_keeps_affine_and_reads_dicom_png(small_bundle: Path, tmp_path: Path) -> None:
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("pydicom")
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    affine = np.array([[0.8, 0, 0, -100], [0, 0.8, 0, -120], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    vol = np.random.default_rng(0).random((40, 36, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "ct.nii.gz"))
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 44), dtype=np.uint8)).save(tmp_path / "s.png")
+    dcm = get_testdata_file("CT_small.dcm")
+    code, _, err = run("predict", "-b", str(small_bundle), str(tmp_path / "ct.nii.gz"), str(tmp_path / "s.png"), dcm,
+                       "-o", str(tmp_path / "out"), "--backend", "ort")
+    assert code == 0, err
+    mask = nib.load(str(tmp_path / "out" / "ct_mask.nii.gz"))
+    assert mask.shape == (40, 36, 3) and np.allclose(mask.affine, affine)
+    assert np.load(tmp_path / "out" / "s_mask.npy").shape == (30, 44)
+    assert np.load(tmp_path / "out" / "CT_small_mask.npy").shape == (128, 128)
+    overlays = sorted(p.name for p in (tmp_path / "out").glob("*_overlay.png"))
+    assert overlays == ["CT_small_overlay.png", "ct_0_overlay.png", "ct_1_overlay.png", "ct_2_overlay.png",
+                        "s_overlay.png"]
