@@ -233,13 +233,13 @@ def build(bundle_dir: str, precisions: tuple[str, ...], min_shapes: tuple[str, .
 # ------------------------------------------------------------------------------------ verify
 def _tolerance_options(f: Any) -> Any:
     for name, help_text in (
-        ("rel-l2", "Relative L2 tolerance on logits"),
-        ("pixel-agreement", "Minimum fraction of mask pixels that agree"),
-        ("mean-dice", "Minimum mean Dice"),
-        ("worst-dice", "Minimum worst-image Dice"),
+        ("worst-dice", "Minimum worst-image Dice, e.g. int8=0.9"),
+        ("mean-dice", "Minimum mean Dice, e.g. 0.99"),
+        ("pixel-agreement", "Minimum fraction of mask pixels that agree, e.g. fp32=0.999"),
+        ("rel-l2", "Maximum relative L2 error of the logits, e.g. fp16=2e-2"),
     ):
         f = click.option(f"--{name}", "tol_" + name.replace("-", "_"), multiple=True, metavar="[PREC=]VALUE",
-                         help=f"{help_text} (e.g. 1e-3 for every precision, or fp16=1e-3; 'none' disables).")(f)
+                         help=f"{help_text}. Without PREC= it applies to every precision; 'none' disables.")(f)
     return f
 
 

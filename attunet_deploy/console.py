@@ -36,9 +36,12 @@ class RichReporter(Reporter):
     """Spinners, progress bars and notices on stderr (stdout stays clean for JSON)."""
 
     def __init__(self, quiet: bool = False) -> None:
+        import sys
+
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        # Logs and CI get wide tables rather than rich's 80-column default.
+        self.console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         self.quiet = quiet
 
     def info(self, message: str) -> None:

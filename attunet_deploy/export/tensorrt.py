@@ -277,8 +277,10 @@ def _build_with_polygraphy(bundle: Bundle, graph_path: Any, plan: BuildPlan, set
     timing_cache = cache_dir / f"timing-trt{trt_version}.cache"
     network = NetworkFromOnnxPath(str(graph_path), strongly_typed=plan.strongly_typed or None)
     poly_profiles = [PolyProfile().add("image", min=p.min, opt=p.opt, max=p.max) for p in settings.profiles]
+    # None, not False, for flags we do not set: TensorRT 11 has no FP16/INT8 flags to touch at all.
     config = CreateConfig(
-        fp16="FP16" in plan.flags, int8="INT8" in plan.flags, profiles=poly_profiles,
+        fp16=True if "FP16" in plan.flags else None, int8=True if "INT8" in plan.flags else None,
+        profiles=poly_profiles,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
         load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
         builder_optimization_level=settings.builder_optimization_level,
