@@ -28,7 +28,7 @@ def verify_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         ("precision", lambda r: r["precision"]),
         ("status", lambda r: r["status"]),
         ("rel L2", lambda r: _fmt(r.get("rel_l2"), ".2e")),
-        ("max |Δ|", lambda r: _fmt(r.get("max_abs"), ".2e")),
+        ("max abs err", lambda r: _fmt(r.get("max_abs"), ".2e")),
         ("pixels agree %", lambda r: _pct(r.get("pixel_agreement"))),
         ("mean Dice", lambda r: _fmt(r.get("mean_dice"), ".4f")),
         ("worst Dice", lambda r: _fmt(r.get("worst_dice"), ".4f")),
@@ -99,7 +99,8 @@ def bench_table(results: list[dict[str, Any]], title: str = "Latency") -> Any:
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = ["| " + " | ".join(h.replace("|", "/") for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
