@@ -379,7 +379,8 @@ def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, pr
 @bundle_option
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write the manifest as JSON ('-': stdout).")
 def info(bundle_dir: str, json_path: str | None) -> None:
-    """What a bundle holds: model, artifacts, engines, verification state."""
+    """What a bundle holds: model, artifacts, engines, TensorRT lint, verification state."""
+    from rich.markup import escape
     from rich.table import Table
 
     bundle = _load_bundle(bundle_dir)
@@ -388,6 +389,14 @@ def info(bundle_dir: str, json_path: str | None) -> None:
         if json_path == "-":
             return
     _print_bundle_summary(bundle)
+    from .bundle import ONNX_FILES
+
+    out = _stdout()
+    for precision, name in ONNX_FILES.items():
+        if name in bundle.artifacts:
+            issues = bundle.artifacts[name].get("trt_lint")
+            state = "not checked" if issues is None else "ok" if not issues else "; ".join(issues[:3])
+            out.print(f"TensorRT lint {precision}: {escape(state)}", highlight=False)
     ver = bundle.manifest.get("verification", {})
     if ver:
         table = Table(title="Last verification", title_justify="left")

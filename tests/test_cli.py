@@ -186,6 +186,7 @@ def test_predict_writes_masks_and_overlays(small_bundle: Path, tmp_path: Path) -
 def test_info_and_doctor(small_bundle: Path) -> None:
     code, out, _ = run("info", "-b", str(small_bundle))
     assert code == 0 and "model.onnx" in out and "ort/fp32" in out
+    assert "TensorRT lint fp32: ok" in out
     code, out, _ = run("doctor", "--json", "-")
     assert code == 0
     names = {p["name"]: p for p in json.loads(out)}

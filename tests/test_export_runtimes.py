@@ -33,6 +33,7 @@ def test_bundle_layout_and_manifest(small_bundle: Path) -> None:
     assert m["artifacts"]["model.onnx"]["producer"]["opset"] == 18
     assert "torch" in m["artifacts"]["model.onnx"]["producer"]
     assert m["verification"]["ort/fp32"]["status"] == "pass"
+    assert m["artifacts"]["model.onnx"]["trt_lint"] == []  # export lints its graph for TensorRT
     assert not list(small_bundle.glob("*.data"))  # self-contained: no external-data side file
 
 

@@ -237,8 +237,13 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
                                      "attunet_deploy.preprocessing": json.dumps(preprocessing)})
         if info["fallback_reasons"]:
             reporter.notice("note:", f"used the {info['exporter']} exporter ({'; '.join(info['fallback_reasons'])})")
+        from .trt_lint import lint_onnx
+
+        lint = lint_onnx(onnx_path)
+        if lint:
+            reporter.notice("TensorRT lint (fp32):", "; ".join(lint[:5]))
         bundle.add_artifact(ONNX_FILES["fp32"], kind="onnx", precision="fp32",
-                            producer={**producer, "exporter": info["exporter"], "opset": opset})
+                            producer={**producer, "exporter": info["exporter"], "opset": opset}, trt_lint=lint)
 
         cases = golden_inputs(config.in_channels, preprocessing, demo)
         with reporter.progress("Computing PyTorch FP32 golden outputs", len(cases)) as advance:
