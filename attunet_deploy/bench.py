@@ -21,7 +21,7 @@ from .console import Reporter
 from .environment import versions
 from .errors import BackendUnavailable, InputError
 from .preprocess import pad_to_divisor
-from .runtimes.base import AUTO_ORDER, Runner, runner_class
+from .runtimes.base import Runner, resolve_auto, runner_class
 
 DEFAULT_ITERATIONS = 30
 COV_WARNING = 0.05
@@ -202,7 +202,7 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
                 name = backend
                 try:
                     if backend == "auto":
-                        name = _auto_backend(bundle, precision)
+                        name = resolve_auto(bundle, precision)
                     cls = runner_class(name)
                     if precision not in cls.precisions:
                         if len(precisions) > 1:
@@ -227,14 +227,3 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
         for r in results:
             r["ratio_vs_first"] = r["latency_ms"]["p50"] / first if first > 0 else None
     return results, skipped
-
-
-def _auto_backend(bundle: Bundle, precision: str) -> str:
-    for candidate in AUTO_ORDER:
-        try:
-            cls = runner_class(candidate)
-        except BackendUnavailable:
-            continue
-        if precision in cls.precisions and cls.availability(bundle, precision) is None:
-            return candidate
-    raise BackendUnavailable(f"no backend can run {precision} here")

@@ -179,8 +179,11 @@ def _size(n: int) -> str:
 @click.option("--full-range-weights", is_flag=True,
               help="8-bit instead of 7-bit INT8 weights: for GPU-only targets (x86 CPUs without VNNI then run "
                    "ONNX Runtime's slower exact int8 path).")
+@click.option("--fp16-keep-fp32", "keep_fp32", multiple=True, metavar="NODE",
+              help="Run this ONNX node in FP32 inside the FP16 graph (repeatable), e.g. where activations "
+                   "overflow FP16.")
 def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
-             precisions: tuple[str, ...], full_range_weights: bool) -> None:
+             precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...]) -> None:
     """Write model.fp16.onnx and model.int8.onnx (Q/DQ) and verify them on ONNX Runtime CPU."""
     from .export.quantize import quantize_bundle
     from .report import verify_table
@@ -188,7 +191,8 @@ def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, 
     bundle = _load_bundle(bundle_dir)
     rows = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
                            quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
-                           full_range_weights=full_range_weights, reporter=_reporter())
+                           full_range_weights=full_range_weights, fp16_keep_fp32=list(keep_fp32),
+                           reporter=_reporter())
     _stdout().print(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
     if any(r["status"] == "fail" for r in rows):
         from .errors import VerificationFailed

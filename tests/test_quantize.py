@@ -139,3 +139,23 @@ def test_full_range_weights_stay_correct_on_this_cpu(demo_bundle: Path, tmp_path
     assert OrtCpuRunner(bundle, "int8")._needs_exact_int8() is (not cpu_has_int8_dot())
     (row,) = verify(bundle, ["ort"], ["int8"], record=False)
     assert row["status"] == "pass" and row["mean_dice"] >= 0.98, row
+
+
+def test_fp16_keep_fp32_nodes(bundle_copy: Path) -> None:
+    """A node kept in FP32 runs between casts, and the graph still matches the reference."""
+    from attunet_deploy.errors import InputError
+
+    src = onnx.load(str(bundle_copy / "model.onnx"))
+    first_conv = next(n.name for n in src.graph.node if n.op_type == "Conv")
+    quantize_bundle(Bundle.load(bundle_copy), precisions=["fp16"], fp16_keep_fp32=[first_conv], verify=False)
+    model = onnx.load(str(bundle_copy / "model.fp16.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == first_conv)
+    assert inits[node.input[1]].data_type == TensorProto.FLOAT  # its weights stayed float32
+    prod = _producers(model)
+    assert prod[node.input[0]].op_type == "Cast"  # activation cast up to float32
+    assert Bundle.load(bundle_copy).artifacts["model.fp16.onnx"]["producer"]["kept_fp32_nodes"] == [first_conv]
+    (row,) = verify(Bundle.load(bundle_copy), ["ort"], ["fp16"], record=False)
+    assert row["status"] == "pass", row
+    with pytest.raises(InputError, match="no node named nope"):
+        quantize_bundle(Bundle.load(bundle_copy), precisions=["fp16"], fp16_keep_fp32=["nope"], verify=False)

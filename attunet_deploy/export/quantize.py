@@ -46,6 +46,10 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: set[str] | None = None) 
     model = onnx.load(str(src))
     graph = model.graph
     keep = set(keep_fp32_nodes or ())
+    unknown = keep - {n.name for n in graph.node}
+    if unknown:
+        raise InputError(f"--fp16-keep-fp32: no node named {', '.join(sorted(unknown))} in {src.name} "
+                         "(node names are listed by Netron or onnx.load(...).graph.node)")
     keep_float: set[str] = set()
     for node in graph.node:
         for i in _KEEP_FLOAT_INPUTS.get(node.op_type, ()):
@@ -244,7 +248,8 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int) -> t
 def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "percentile", max_samples: int = 64,
                     quantize_all: bool = False, precisions: list[str] | None = None,
                     reporter: Reporter | None = None, verify: bool = True,
-                    full_range_weights: bool = False) -> list[dict[str, Any]]:
+                    full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None
+                    ) -> list[dict[str, Any]]:
     """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
     ONNX Runtime CPU. Returns the verification rows (also recorded in the manifest)."""
     from .trt_lint import lint_onnx
@@ -259,7 +264,7 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
     if "fp16" in precisions:
         name = ONNX_FILES["fp16"]
         with reporter.step("Converting to FP16 (float32 I/O)"), bundle.writing(name) as tmp:
-            info = convert_fp16(src, tmp)
+            info = convert_fp16(src, tmp, set(fp16_keep_fp32 or ()))
         bundle.add_artifact(name, kind="onnx", precision="fp16", producer={**producer, **info})
         done.append("fp16")
     if "int8" in precisions:

@@ -192,6 +192,22 @@ def available_backends(bundle: Bundle, precision: str = "fp32") -> dict[str, str
     return out
 
 
+def resolve_auto(bundle: Bundle, precision: str) -> str:
+    """The backend ``auto`` means here: the first of AUTO_ORDER that can run ``precision``."""
+    reasons = []
+    for candidate in AUTO_ORDER:
+        try:
+            cls = runner_class(candidate)
+        except BackendUnavailable as exc:
+            reasons.append(f"{candidate}: {exc}")
+            continue
+        reason = cls.availability(bundle, precision) if precision in cls.precisions else f"no {precision}"
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    raise BackendUnavailable(f"no backend can run {precision} here: " + "; ".join(reasons))
+
+
 def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
                 precision: str = "fp32", **options: Any) -> Runner:
     """The one entry point: a runner for ``bundle`` on ``backend`` at ``precision``.
@@ -204,18 +220,7 @@ def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     if backend == "auto":
-        reasons = []
-        for candidate in AUTO_ORDER:
-            try:
-                cls = runner_class(candidate)
-            except BackendUnavailable as exc:
-                reasons.append(f"{candidate}: {exc}")
-                continue
-            reason = cls.availability(bundle, precision) if precision in cls.precisions else "precision"
-            if reason is None:
-                return cls(bundle, precision, **options)
-            reasons.append(f"{candidate}: {reason}")
-        raise BackendUnavailable("no backend can run this bundle here: " + "; ".join(reasons))
+        backend = resolve_auto(bundle, precision)
     cls = runner_class(backend)
     reason = cls.availability(bundle, precision) if precision in cls.precisions else None
     if reason is not None:
