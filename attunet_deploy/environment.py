@@ -153,12 +153,29 @@ def tensorrt_major(version: str) -> int:
         return 0
 
 
+def onnxruntime_distributions() -> list[str]:
+    """Installed ONNX Runtime distributions; they all provide the one ``onnxruntime`` module."""
+    from importlib.metadata import distributions
+
+    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
+    return sorted(n for n in names if n == "onnxruntime" or n.startswith("onnxruntime-"))
+
+
+ORT_CLASH_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+                 "(the two packages overwrite one module)")
+
+
 def onnxruntime_probe() -> Probe:
     if not has_module("onnxruntime"):
         return Probe("onnxruntime", False, detail="not installed (pip install onnxruntime)")
     import onnxruntime as ort
 
     providers = list(ort.get_available_providers())
+    dists = [d for d in onnxruntime_distributions() if d in ("onnxruntime", "onnxruntime-gpu")]
+    if len(dists) > 1:
+        return Probe("onnxruntime", False, version=ort.__version__,
+                     detail=f"both {' and '.join(dists)} are installed: {ORT_CLASH_FIX}",
+                     extra={"providers": providers, "device": ort.get_device()})
     return Probe("onnxruntime", True, version=ort.__version__, detail=", ".join(providers),
                  extra={"providers": providers, "device": ort.get_device()})
 

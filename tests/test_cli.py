@@ -295,3 +295,13 @@ def test_pipeline_report_is_valid_markdown_and_json(tmp_path: Path, small_ckpt: 
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     widths = {ln.count("|") for ln in table[:6]}
     assert len(widths) == 1, table[:6]  # every row of the verification table has the header's columns
+
+
+def test_doctor_flags_two_onnxruntime_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attunet_deploy import environment
+
+    monkeypatch.setattr(environment, "onnxruntime_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    probe = environment.onnxruntime_probe()
+    assert not probe.available and "pip uninstall -y onnxruntime onnxruntime-gpu" in probe.detail
+    monkeypatch.setattr(environment, "onnxruntime_distributions", lambda: ["onnxruntime"])
+    assert environment.onnxruntime_probe().available
