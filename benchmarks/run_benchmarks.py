@@ -25,11 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attunet_deploy.bench import BenchSettings, bench_runners, parse_shape  # noqa: E402
+from attunet_deploy.bench import BenchSettings, bench_many, parse_shape  # noqa: E402
 from attunet_deploy.bundle import Bundle  # noqa: E402
 from attunet_deploy.console import RichReporter  # noqa: E402
 from attunet_deploy.environment import cuda_devices, versions  # noqa: E402
-from attunet_deploy.runtimes.base import BACKEND_MODULES, runner_class  # noqa: E402
 
 DEFAULT_SHAPES = ("1x3x256x256", "1x3x512x512", "4x3x256x256")
 
@@ -137,24 +136,10 @@ def main() -> None:
         records = []
         for text in args.shapes:
             shape = parse_shape(text, bundle.in_channels)
-            runners = []
-            for backend in BACKEND_MODULES:
-                cls = runner_class(backend)
-                for precision in cls.precisions:
-                    if cls.availability(bundle, precision) is None:
-                        if backend == "torch":
-                            import torch
-
-                            torch.set_num_threads(threads)
-                        runners.append(cls(bundle, precision, threads=threads).activate())
-            results = bench_runners(runners, BenchSettings(shape=shape, warmup=args.warmup,
-                                                           iterations=args.iterations, threads=threads), reporter)
-            for r in runners:
-                r.deactivate()
+            settings = BenchSettings(shape=shape, warmup=args.warmup, iterations=args.iterations, threads=threads)
+            results, _ = bench_many(bundle, ["all"], ["all"], settings, reporter)
             flops = conv_flops(shape)
-            first = results[0]["latency_ms"]["p50"]
             for r in results:
-                r["ratio_vs_first"] = r["latency_ms"]["p50"] / first
                 r["gflop"] = flops / 1e9
                 r["achieved_gflops"] = flops / (r["latency_ms"]["p50"] / 1000.0) / 1e9
                 r["efficiency_vs_fp32_gemm_roof"] = r["achieved_gflops"] / roof
