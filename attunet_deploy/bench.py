@@ -18,12 +18,13 @@ import numpy as np
 
 from .bundle import Bundle
 from .console import Reporter
-from .environment import versions
+from .environment import machine_info, versions
 from .errors import BackendUnavailable, InputError
 from .preprocess import pad_to_divisor
 from .runtimes.base import Runner, resolve_auto, runner_class
 
 DEFAULT_ITERATIONS = 30
+MAX_DURATION_S = 86_400.0
 COV_WARNING = 0.05
 
 
@@ -35,18 +36,29 @@ class BenchSettings:
     duration: float | None = None
     end_to_end: bool = False
     threads: int | None = None
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
-        if self.warmup < 0:
-            raise InputError("--warmup must be >= 0")
-        if self.iterations is not None and self.iterations < 1:
-            raise InputError("--iterations must be >= 1")
-        if self.duration is not None and self.duration <= 0:
-            raise InputError("--duration must be > 0")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= 100_000:
+            raise InputError("--warmup must be an integer in 0..100000")
+        it = self.iterations
+        if it is not None and (isinstance(it, bool) or not isinstance(it, int) or not 1 <= it <= 10_000_000):
+            raise InputError("--iterations must be an integer in 1..10000000")
+        d = self.duration
+        if d is not None and (not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 < d <= MAX_DURATION_S):
+            raise InputError(f"--duration must be a number of seconds in (0, {MAX_DURATION_S}]")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= 1024):
+            raise InputError("--threads must be an integer in 1..1024")
+        c = self.concurrency
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1024:
+            raise InputError("--concurrency must be an integer in 1..1024")
 
 
 def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, int]:
-    """'1x3x256x256' -> (1, 3, 256, 256); checks four positive ints and the channel count."""
+    """'1x3x256x256' -> (1, 3, 256, 256); checks four positive ints, the channel count and size limits."""
+    from .limits import check_pixels
+
     parts = text.lower().replace("*", "x").replace(",", "x").split("x")
     try:
         dims = tuple(int(p) for p in parts)
@@ -57,6 +69,9 @@ def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, 
     if channels is not None and dims[1] != channels:
         raise InputError(f"shape {text} has {dims[1]} channels, the model takes {channels}: use "
                          f"{dims[0]}x{channels}x{dims[2]}x{dims[3]}")
+    if dims[0] > 4096:
+        raise InputError(f"shape {text}: batch {dims[0]} is above 4096")
+    check_pixels(dims[2], dims[3], f"shape {text}")
     return dims  # type: ignore[return-value]
 
 
@@ -113,6 +128,8 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
     rng = np.random.default_rng(seed)
     raw = rng.standard_normal((n, c, h, w)).astype(np.float32)
     padded, _ = pad_to_divisor(raw, runners[0].divisor)
+    for runner in runners:
+        runner.check_memory(padded.shape)
 
     def once(runner: Runner) -> float | None:
         if settings.end_to_end:
@@ -150,7 +167,14 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
                     last_whole = int(elapsed)
                 if elapsed >= budget and len(host[0]) >= 5:
                     break
+    for i, runner in enumerate(runners):
+        # GPU compute alone (CUDA events around the enqueue), after the host-timed loop so that
+        # it never inflates the host latency: what trtexec reports as "GPU Compute Time".
+        compute = getattr(runner, "device_compute_times", None)
+        if compute is not None and not settings.end_to_end and not device[i]:
+            device[i] = compute(padded, len(host[i])) or []
     rss = peak_rss_mb()
+    machine = machine_info()
     results = []
     for runner, times, dev_times in zip(runners, host, device):
         stats = latency_stats(times)
@@ -169,17 +193,19 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
             "threads": settings.threads or os.cpu_count(),
             "timing": "host perf_counter, interleaved" if len(runners) > 1 else "host perf_counter",
             "versions": versions(),
+            "machine": machine,
         }
         if dev_times:
             result["device_latency_ms"] = latency_stats(dev_times)
-            result["timing"] += " + CUDA events"
+            result["timing"] += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
         result.update(runner.bench_extras())
         results.append(result)
     return results
 
 
 def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,
-               reporter: Reporter | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+               reporter: Reporter | None = None, **runner_options: Any
+               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Time every (backend, precision) that can run here, in one process, one after another.
 
     Returns (results, skipped); each result gets ``ratio_vs_first`` (its p50 over the first's).
@@ -189,7 +215,7 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
 
     reporter = reporter or Reporter()
     if "all" in backends:
-        backends = list(BACKEND_MODULES)
+        backends = [b for b in BACKEND_MODULES if b != "triton"]  # a served model needs its URL: ask for it
     if "all" in precisions:
         precisions = list(PRECISIONS)
     threads = settings.threads or os.cpu_count() or 1
@@ -215,7 +241,7 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
                         import torch
 
                         torch.set_num_threads(threads)  # same thread count as ONNX Runtime
-                    runners.append(cls(bundle, precision, threads=threads).activate())
+                    runners.append(cls(bundle, precision, threads=threads, **runner_options).activate())
                 except BackendUnavailable as exc:
                     skipped.append({"backend": name, "precision": precision, "reason": str(exc)})
         results = bench_runners(runners, settings, reporter) if runners else []

@@ -1,13 +1,21 @@
-"""Read calibration and prediction images: .npy/.npz, PNG/TIFF/JPEG, DICOM, NIfTI.
+"""Read images and label masks (.npy/.npz, PNG/TIFF/JPEG, DICOM, NIfTI) and split a user's image
+set into held-out golden images and calibration images.
 
 Readers return raw intensities (DICOM with rescale slope/intercept applied, so HU for CT);
 the bundle's normalisation is applied afterwards exactly as at run time
 (:func:`attunet_deploy.preprocess.normalize`). Images of different sizes are fine.
+
+Every reader checks sizes before decoding (see :mod:`attunet_deploy.limits`): a file that is
+not a regular file, too large, or declares more pixels than the limit is refused with a
+message naming the limit and how to raise it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import limits
 from .errors import InputError
 from .preprocess import check_batch, normalize, pad_to_divisor
 
@@ -23,6 +32,13 @@ RASTER_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 DICOM_EXT = (".dcm", ".dicom", ".ima")
 NIFTI_EXT = (".nii", ".nii.gz")
 SUPPORTED = ", ".join(ARRAY_EXT + RASTER_EXT + DICOM_EXT + NIFTI_EXT)
+LABEL_EXT = (".npy", ".npz", ".png", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")
+#: Held-out golden images: a quarter of the files, at least 1 and at most 32 files ...
+GOLDEN_FRACTION = 0.25
+GOLDEN_MAX_FILES = 32
+#: ... and at most this many 2D images in all (volumes contribute evenly spaced slices).
+GOLDEN_MAX_IMAGES = 64
+GOLDEN_MAX_PER_FILE = 16
 
 
 @dataclass
@@ -33,49 +49,78 @@ class ImageRecord:
     source: Path
     index: int = 0  # slice/frame/array index inside the source file
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. NIfTI affine, for writing masks back
+    rel: str = ""  # path relative to the folder the user named (for reports and label matching)
 
     @property
     def label(self) -> str:
-        return f"{self.source.name}[{self.index}]" if self.meta.get("multi") else self.source.name
+        base = self.rel or self.source.name
+        return f"{base}[{self.index}]" if self.meta.get("multi") else base
 
 
-def _suffix(path: Path) -> str:
+def suffix_of(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def stem_key(rel: str) -> str:
+    """Relative path without its extension: ``a/b/slice_012.dcm`` -> ``a/b/slice_012`` (label matching)."""
+    p = Path(rel)
+    suffix = suffix_of(p)
+    name = p.name[: -len(suffix)] if suffix and p.name.lower().endswith(suffix) else p.name
+    return (p.parent / name).as_posix() if str(p.parent) != "." else name
+
+
 def _is_dicom(path: Path) -> bool:
-    if _suffix(path) in DICOM_EXT:
+    if suffix_of(path) in DICOM_EXT:
         return True
     if path.suffix:  # DICOM files often have no extension; anything else with one is not DICOM
         return False
     try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+        if not path.is_file():
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.pread(fd, 4, 128) == b"DICM"
+        finally:
+            os.close(fd)
     except OSError:
         return False
 
 
-def list_image_files(path: str | os.PathLike[str]) -> list[Path]:
+def list_image_files(path: str | os.PathLike[str], exts: tuple[str, ...] | None = None) -> list[Path]:
     """Supported files at ``path`` (a file, or a directory searched recursively), sorted."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"image path not found: {p}")
     if p.is_file():
         return [p]
-    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")
-             and (_suffix(f) in ARRAY_EXT + RASTER_EXT + NIFTI_EXT or _is_dicom(f))]
+    if not p.is_dir():
+        raise InputError(f"{p} is not a regular file or folder (device, FIFO or socket)")
+    allowed = exts or (ARRAY_EXT + RASTER_EXT + NIFTI_EXT)
+    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in
+                                                                           f.relative_to(p).parts)
+             and (suffix_of(f) in allowed or (exts is None and _is_dicom(f)))]
     if not files:
-        raise InputError(f"no images in {p} (supported: {SUPPORTED}, or DICOM without extension)")
+        what = "label masks" if exts else "images"
+        raise InputError(f"no {what} in {p} (supported: {', '.join(exts) if exts else SUPPORTED}"
+                         f"{'' if exts else ', or DICOM without extension'})")
     return files
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to the folder the user named (its own name when ``root`` is the file)."""
+    if root.is_file() or root == path:
+        return path.name
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _to_chw_list(arr: np.ndarray, channels: int, source: Path) -> list[np.ndarray]:
     """Split an array into [C, H, W] images: accepts [N,C,H,W], [C,H,W], [N,H,W] (C=1), [H,W]."""
     arr = np.asarray(arr)
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{source}: array dtype {arr.dtype} is not numeric")
+    _check_numeric(arr.dtype, source)
     if arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim == 3:
@@ -86,6 +131,70 @@ def _to_chw_list(arr: np.ndarray, channels: int, source: Path) -> list[np.ndarra
         raise InputError(f"{source}: array of shape {np.shape(arr)} is not [N, {channels}, H, W], "
                          f"[{channels}, H, W] or [H, W]")
     return [a.astype(np.float32) for a in arr]
+
+
+def _check_numeric(dtype: np.dtype, source: object) -> None:
+    if dtype.kind == "c":
+        raise InputError(f"{source}: complex-valued data ({dtype}); save the magnitude or real part instead")
+    if dtype.kind not in "biuf":
+        raise InputError(f"{source}: array dtype {dtype} is not numeric")
+
+
+def _check_array_shape(shape: tuple[int, ...], dtype: np.dtype, source: object) -> None:
+    _check_numeric(dtype, source)
+    if len(shape) < 2 or len(shape) > 4:
+        raise InputError(f"{source}: array of shape {shape} is not an image or a stack of images")
+    limits.check_pixels(int(shape[-2]), int(shape[-1]), source)
+    total = int(np.prod(shape, dtype=np.float64)) * 4
+    if total > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(source, total, limits.IMAGE_FILE)
+
+
+def _npy_header(fh: Any, source: object) -> tuple[tuple[int, ...], np.dtype]:
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = npformat.read_array_header_2_0(fh)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{source}: not a valid .npy array ({str(exc)[:100]})") from None
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    size = limits.check_regular_file(path, "image")
+    if size > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, size, limits.IMAGE_FILE)
+    with open(path, "rb") as fh:
+        shape, dtype = _npy_header(fh, path)
+    _check_array_shape(shape, dtype, path)
+    return np.load(path, allow_pickle=False)
+
+
+def _load_npz(path: Path) -> np.ndarray:
+    size = limits.check_regular_file(path, "image")
+    if size > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, size, limits.IMAGE_FILE)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path}: not a valid .npz archive ({str(exc)[:100]})") from None
+    with zf:
+        members = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+        if not members:
+            raise InputError(f"{path}: empty .npz")
+        names = [m.filename[:-4] for m in members]
+        info = members[names.index("images")] if "images" in names else members[0]
+        if info.file_size > limits.IMAGE_FILE.bytes():
+            raise limits.too_large(f"{path}:{info.filename}", info.file_size, limits.IMAGE_FILE)
+        with zf.open(info) as fh:
+            shape, dtype = _npy_header(fh, path)
+        _check_array_shape(shape, dtype, path)
+        with zf.open(info) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def _match_channels(img: np.ndarray, channels: int, source: Path) -> np.ndarray:
@@ -106,51 +215,89 @@ def _match_channels(img: np.ndarray, channels: int, source: Path) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(out, (2, 0, 1)), dtype=np.float32)
 
 
-def read_file(path: Path, channels: int) -> list[ImageRecord]:
+def read_file(path: Path, channels: int, rel: str = "") -> list[ImageRecord]:
     """All 2D images in one file, as raw intensities."""
-    suffix = _suffix(path)
+    suffix = suffix_of(path)
+    rel = rel or path.name
     try:
-        if suffix == ".npy":
-            return [ImageRecord(a, path, i, {"multi": True}) for i, a in
-                    enumerate(_to_chw_list(np.load(path, allow_pickle=False), channels, path))]
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                key = "images" if "images" in data else data.files[0] if data.files else None
-                if key is None:
-                    raise InputError(f"{path}: empty .npz")
-                arrays = _to_chw_list(data[key], channels, path)
-            return [ImageRecord(a, path, i, {"multi": True}) for i, a in enumerate(arrays)]
-        if suffix in RASTER_EXT:
-            return [_read_raster(path, channels)]
-        if suffix in NIFTI_EXT:
-            return _read_nifti(path, channels)
-        if _is_dicom(path):
-            return _read_dicom(path, channels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library warnings are not the user's business; errors are
+            if suffix == ".npy":
+                return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in
+                        enumerate(_to_chw_list(_load_npy(path), channels, path))]
+            if suffix == ".npz":
+                arrays = _to_chw_list(_load_npz(path), channels, path)
+                return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in enumerate(arrays)]
+            if suffix in RASTER_EXT:
+                return [_read_raster(path, channels, rel)]
+            if suffix in NIFTI_EXT:
+                return _read_nifti(path, channels, rel)
+            if _is_dicom(path):
+                return _read_dicom(path, channels, rel)
     except InputError:
         raise
     except ImportError as exc:
         raise InputError(f"{path}: reading {suffix or 'DICOM'} needs {exc.name}: "
                          "pip install 'attunet-deploy[medical]'") from exc
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read it; lower its size or "
+                         f"{limits.IMAGE_FILE.env}") from None
     except Exception as exc:
         raise InputError(f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
                          ) from exc
     raise InputError(f"{path}: unsupported file type (supported: {SUPPORTED})")
 
 
-def _read_raster(path: Path, channels: int) -> ImageRecord:
+def _open_raster(path: Path) -> Any:
     from PIL import Image
 
-    with Image.open(path) as im:
+    size = limits.check_regular_file(path, "image")
+    if size > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, size, limits.IMAGE_FILE)
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a message that says how to raise it
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    limits.check_pixels(h, w, path)
+    return im
+
+
+def _read_raster(path: Path, channels: int, rel: str) -> ImageRecord:
+    with _open_raster(path) as im:
         if im.mode in ("P", "LA", "PA", "1"):
             im = im.convert("RGBA" if "A" in im.mode else "L")
         arr = np.asarray(im, dtype=np.float32)
-    return ImageRecord(_match_channels(arr, channels, path), path)
+    return ImageRecord(_match_channels(arr, channels, path), path, 0, {}, rel)
 
 
-def _read_dicom(path: Path, channels: int) -> list[ImageRecord]:
+def dicom_header(path: Path) -> Any:
+    """A DICOM dataset without pixel data, after size checks (raises InputError)."""
     import pydicom
 
+    size = limits.check_regular_file(path, "DICOM file")
+    if size > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, size, limits.IMAGE_FILE)
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable DICOM file ({str(exc)[:120]})") from None
+
+
+def _read_dicom(path: Path, channels: int, rel: str) -> list[ImageRecord]:
+    import pydicom
+
+    head = dicom_header(path)
+    rows, cols = int(getattr(head, "Rows", 0) or 0), int(getattr(head, "Columns", 0) or 0)
+    frames_n = int(getattr(head, "NumberOfFrames", 1) or 1)
+    limits.check_pixels(rows, cols, path)
+    if rows * cols * frames_n * 4 > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, rows * cols * frames_n * 4, limits.IMAGE_FILE)
     ds = pydicom.dcmread(str(path))
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputError(f"{path}: DICOM file has no pixel data")
     pixels = ds.pixel_array.astype(np.float32)
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
@@ -158,38 +305,66 @@ def _read_dicom(path: Path, channels: int) -> list[ImageRecord]:
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     frames = pixels if (pixels.ndim == 3 and samples == 1) or pixels.ndim == 4 else pixels[None]
     meta = {"multi": len(frames) > 1, "rescale": [slope, intercept]}
-    return [ImageRecord(_match_channels(f, channels, path), path, i, meta) for i, f in enumerate(frames)]
+    return [ImageRecord(_match_channels(f, channels, path), path, i, meta, rel) for i, f in enumerate(frames)]
 
 
-def _read_nifti(path: Path, channels: int) -> list[ImageRecord]:
+def _nifti(path: Path) -> Any:
     import nibabel as nib
 
+    size = limits.check_regular_file(path, "NIfTI file")
+    if size > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, size, limits.IMAGE_FILE)
     img = nib.load(str(path))
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    _check_numeric(np.dtype(img.header.get_data_dtype()), path)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) not in (2, 3):
+        raise InputError(f"{path}: NIfTI with {len(shape)} dimensions; 2D images or 3D volumes only")
+    limits.check_pixels(shape[0], shape[1], path)
+    total = int(np.prod(shape, dtype=np.float64)) * 4
+    if total > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, total, limits.IMAGE_FILE)
+    return img
+
+
+def _nifti_data(img: Any) -> np.ndarray:
     data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
     if data.ndim == 2:
         data = data[:, :, None]
-    if data.ndim != 3:
-        raise InputError(f"{path}: NIfTI with {data.ndim} dimensions; 2D images or 3D volumes only")
+    return data
+
+
+def _read_nifti(path: Path, channels: int, rel: str) -> list[ImageRecord]:
+    img = _nifti(path)
+    data = _nifti_data(img)
     meta = {"multi": data.shape[2] > 1, "affine": np.asarray(img.affine), "nifti_shape": data.shape}
-    return [ImageRecord(_match_channels(data[:, :, k], channels, path), path, k, meta) for k in range(data.shape[2])]
+    return [ImageRecord(_match_channels(data[:, :, k], channels, path), path, k, meta, rel)
+            for k in range(data.shape[2])]
 
 
 def iter_images(path: str | os.PathLike[str], channels: int) -> Iterator[ImageRecord]:
-    for f in list_image_files(path):
-        yield from read_file(f, channels)
+    root = Path(path)
+    for f in list_image_files(root):
+        yield from read_file(f, channels, relative_name(f, root))
 
 
 def load_images(path: str | os.PathLike[str], channels: int, max_samples: int | None = None) -> list[ImageRecord]:
     """Every image at ``path``; with ``max_samples``, an evenly spaced deterministic subset."""
+    if max_samples is not None and max_samples < 1:
+        raise InputError("--max-samples must be >= 1")
     records = list(iter_images(path, channels))
     if not records:
         raise InputError(f"no images found in {path}")
-    if max_samples is not None:
-        if max_samples < 1:
-            raise InputError("--max-samples must be >= 1")
-        if len(records) > max_samples:
-            idx = np.unique(np.linspace(0, len(records) - 1, max_samples).round().astype(int))
-            records = [records[i] for i in idx]
+    return subsample(records, max_samples)
+
+
+def subsample(records: list[ImageRecord], max_samples: int | None) -> list[ImageRecord]:
+    if max_samples is not None and len(records) > max_samples:
+        idx = np.unique(np.linspace(0, len(records) - 1, max_samples).round().astype(int))
+        records = [records[i] for i in idx]
     return records
 
 
@@ -200,4 +375,141 @@ def model_inputs(records: list[ImageRecord], preprocessing: dict[str, Any], divi
         x = check_batch(rec.pixels[None], rec.pixels.shape[0], name=rec.label)
         x = normalize(x, preprocessing)
         out.append(pad_to_divisor(x, divisor)[0])
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    limits.check_regular_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ===================================================================================== golden split
+def split_holdout(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]:
+    """(golden, calibration) files: a deterministic quarter (1..32 files) held out for verification.
+
+    A file's rank is the sha256 of its path relative to ``root`` (so the split does not depend
+    on where the folder lives or on file order); the lowest-ranked quarter is held out.
+    """
+    if not files:
+        raise InputError(f"no images in {root}")
+    ranked = sorted(files, key=lambda f: hashlib.sha256(relative_name(f, root).encode()).hexdigest())
+    k = min(GOLDEN_MAX_FILES, max(1, round(len(files) * GOLDEN_FRACTION)))
+    held = set(ranked[:k])
+    return [f for f in files if f in held], [f for f in files if f not in held]
+
+
+def split_images(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(golden, calibration) images of a single multi-image file (a volume or a stack): a
+    deterministic quarter of its images, ranked by the sha256 of ``path[index]``."""
+    ranked = sorted(records, key=lambda r: hashlib.sha256(f"{r.rel}[{r.index}]".encode()).hexdigest())
+    k = min(GOLDEN_MAX_IMAGES, max(1, round(len(records) * GOLDEN_FRACTION)))
+    held = {id(r) for r in ranked[:k]}
+    return [r for r in records if id(r) in held], [r for r in records if id(r) not in held]
+
+
+def golden_records(files: list[Path], root: Path, channels: int) -> list[ImageRecord]:
+    """The held-out images, at most GOLDEN_MAX_PER_FILE slices of a volume and GOLDEN_MAX_IMAGES in all."""
+    out: list[ImageRecord] = []
+    for f in files:
+        recs = read_file(f, channels, relative_name(f, root))
+        out += subsample(recs, GOLDEN_MAX_PER_FILE)
+    return subsample(out, GOLDEN_MAX_IMAGES)
+
+
+# ===================================================================================== labels
+def label_index(labels: str | os.PathLike[str]) -> dict[str, Path]:
+    """Label files under ``labels`` keyed by relative path without extension."""
+    root = Path(labels)
+    files = list_image_files(root, exts=LABEL_EXT)
+    index: dict[str, Path] = {}
+    for f in files:
+        key = stem_key(relative_name(f, root))
+        if key in index:
+            raise InputError(f"two label files for the same image: {index[key]} and {f}")
+        index[key] = f
+    return index
+
+
+def match_labels(image_files: list[Path], image_root: Path, labels: str | os.PathLike[str]) -> dict[Path, Path]:
+    """image file -> label file by relative path without extension; InputError naming the first
+    image without a label or label without an image."""
+    index = label_index(labels)
+    keys = {stem_key(relative_name(f, image_root)): f for f in image_files}
+    for key, f in keys.items():
+        if key not in index:
+            raise InputError(f"no label for image {f}: expected {key}.png (or .npy/.tif/.nii.gz) under {labels}")
+    for key, lf in index.items():
+        if key not in keys:
+            raise InputError(f"label {lf} has no image: expected an image named {key}.* under {image_root}")
+    return {f: index[key] for key, f in keys.items()}
+
+
+def read_label_file(path: Path, num_classes: int) -> list[np.ndarray]:
+    """Label masks in ``path`` as uint8 [H, W] per slice: binary (> 0) for one output channel (or
+    two with argmax), class indices 0..K-1 otherwise."""
+    suffix = suffix_of(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if suffix == ".npy":
+                arr = _load_npy(path)
+            elif suffix == ".npz":
+                arr = _load_npz(path)
+            elif suffix in RASTER_EXT:
+                with _open_raster(path) as im:
+                    if im.mode == "P":
+                        arr = np.asarray(im)  # palette index = class
+                    else:
+                        arr = np.asarray(im.convert("I") if im.mode in ("I;16", "I;16B", "I") else im)
+                if arr.ndim == 3:
+                    if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):
+                        raise InputError(f"label {path} is a colour image: save masks as greyscale class indices")
+                    arr = arr[..., 0]
+            elif suffix in NIFTI_EXT:
+                arr = np.moveaxis(_nifti_data(_nifti(path)), 2, 0)
+            else:
+                raise InputError(f"label {path}: unsupported type (use {', '.join(LABEL_EXT)})")
+    except InputError:
+        raise
+    except ImportError as exc:
+        raise InputError(f"label {path} needs {exc.name}: pip install 'attunet-deploy[medical]'") from exc
+    except Exception as exc:
+        raise InputError(f"cannot read label {path}: {str(exc)[:160]}") from exc
+    arr = np.asarray(arr)
+    _check_numeric(arr.dtype, path)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InputError(f"label {path} has shape {arr.shape}: expected [H, W] or [N, H, W]")
+    if not np.isfinite(arr).all():
+        raise InputError(f"label {path} contains NaN/Inf")
+    if num_classes <= 2:
+        return [(a > 0).astype(np.uint8) for a in arr]
+    if np.any(arr < 0) or np.any(arr >= num_classes) or np.any(arr != np.round(arr)):
+        raise InputError(f"label {path} holds values outside the class indices 0..{num_classes - 1}")
+    return [a.astype(np.uint8) for a in arr]
+
+
+def attach_labels(records: list[ImageRecord], label_files: dict[Path, Path], num_classes: int) -> list[np.ndarray]:
+    """Label mask for each record (same order), checking slice counts and shapes."""
+    cache: dict[Path, list[np.ndarray]] = {}
+    out = []
+    for rec in records:
+        lf = label_files[rec.source]
+        if lf not in cache:
+            cache[lf] = read_label_file(lf, num_classes)
+        masks = cache[lf]
+        if rec.index >= len(masks):
+            raise InputError(f"label {lf} has {len(masks)} slice(s), image {rec.source} has more")
+        m = masks[rec.index]
+        if m.shape != rec.pixels.shape[1:]:
+            raise InputError(f"label {lf} is {m.shape[0]}x{m.shape[1]}, image {rec.source} is "
+                             f"{rec.pixels.shape[1]}x{rec.pixels.shape[2]}: shapes must match")
+        out.append(m)
     return out

@@ -78,6 +78,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+    _check_bounded(path)
 
     if _is_torchscript(path):
         return _load_torchscript(path)
@@ -99,6 +100,39 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
         return _from_object(obj, source="pickle")
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
+    return _from_object(obj, source="state_dict")
+
+
+def _check_bounded(path: Path) -> None:
+    """Refuse special files and checkpoints (or zip members) above the size limit before torch.load."""
+    from . import limits
+    from .errors import InputError
+
+    try:
+        size = limits.check_regular_file(path, "checkpoint")
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
+    cap = limits.CHECKPOINT.bytes()
+    if size > cap:
+        raise CheckpointError(str(limits.too_large(path, size, limits.CHECKPOINT)))
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                unpacked = sum(i.file_size for i in zf.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
+        if unpacked > cap:
+            raise CheckpointError(str(limits.too_large(f"{path} (unpacked)", unpacked, limits.CHECKPOINT)))
+
+
+def load_checkpoint_bytes(data: bytes, name: str) -> LoadedCheckpoint:
+    """This project's own checkpoint from bytes already hash-checked (the bundle's weights.pt)."""
+    import io
+
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {name} as a PyTorch checkpoint ({_first_line(exc)})") from exc
     return _from_object(obj, source="state_dict")
 
 

@@ -1,48 +1,104 @@
-"""``attdeploy``: a thin click layer over the library. Exit 0 ok, 1 verification failed, 2 bad input.
+"""``attdeploy``: a thin click layer over the library.
 
-Modules are imported inside commands so that ``attdeploy verify`` on a device without torch
-never imports it, and ``--help`` stays fast.
+Exit 0 ok, 1 verification failed, 2 bad usage or input (one line on stderr), 3 an unexpected
+internal error (a bug), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Modules are
+imported inside commands so that ``attdeploy verify`` on a device without torch never imports
+it, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import AttDeployError, InputError
+from .errors import AttDeployError, InputError, Interrupted
 
-BACKENDS = ("all", "auto", "torch", "ort", "ort-cuda", "ort-trt", "trt")
+BACKENDS = ("all", "auto", "torch", "ort", "ort-cuda", "ort-trt", "trt", "ov", "triton")
 PRECISION_CHOICES = ("all", "fp32", "fp16", "int8")
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted()
+
+
 class _Group(click.Group):
-    """Turns AttDeployError into one stderr line and its exit code; tracebacks only with --debug."""
+    """Every error is one stderr line with its exit code; tracebacks only with --debug."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or os.environ.get("ATTDEPLOY_DEBUG") == "1"
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            if debug:
+                raise
+            hint = f" (see '{exc.ctx.command_path} -h')" if getattr(exc, "ctx", None) is not None else ""
+            click.echo(f"error: {_one_line_text(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("ATTDEPLOY_DEBUG") == "1"
         try:
-            return super().invoke(ctx)
-        except AttDeployError as exc:
-            if debug:
+            if threading_main():
+                signal.signal(signal.SIGTERM, _on_sigterm)  # roll transactions back, then exit 143
+        except (ValueError, OSError):
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            # Library warnings (torch, numpy, nibabel, onnx) are not the user's business unless
+            # they debug: errors that matter are raised as one-line errors by our own checks.
+            warnings.simplefilter("always" if debug else "ignore")
+            try:
+                return super().invoke(ctx)
+            except AttDeployError as exc:
+                if debug:
+                    raise
+                click.echo(f"error: {_one_line(exc)}", err=True)
+                ctx.exit(exc.exit_code)
+            except (click.exceptions.Exit, click.ClickException, click.Abort):
                 raise
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-        except Exception as exc:
-            if debug:
-                raise
-            click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
-                       "(rerun with --debug for the traceback)", err=True)
-            ctx.exit(3)
+            except KeyboardInterrupt:
+                click.echo("interrupted: nothing was changed by the unfinished step", err=True)
+                ctx.exit(130)
+            except Interrupted:
+                click.echo("terminated: nothing was changed by the unfinished step", err=True)
+                ctx.exit(143)
+            except MemoryError:
+                click.echo("error: out of memory: use smaller images or batches", err=True)
+                ctx.exit(2)
+            except Exception as exc:
+                if debug:
+                    raise
+                click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+                           "(rerun with --debug for the traceback)", err=True)
+                ctx.exit(3)
+            finally:
+                if debug:
+                    for w in caught:
+                        click.echo(f"warning: {w.category.__name__}: {_one_line_text(str(w.message))}", err=True)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line_text(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:600]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -63,13 +119,29 @@ def _stdout() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
+def _check_json_path(path: str | None) -> None:
+    """Validate --json PATH before any work: a writable file path, not a folder."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--json {path} is a directory: give a file path (or '-' for stdout)")
+    if os.path.lexists(p) and not p.is_file():
+        raise InputError(f"--json {path} exists and is not a regular file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--json {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--json {path}: folder {parent} is not writable")
+
+
 def _write_json(path: str | None, data: Any) -> None:
     if path is None:
         return
-    from .fileio import write_json_atomic
+    from .fileio import dumps, write_json_atomic
 
     if path == "-":
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(dumps(data))
     else:
         write_json_atomic(path, data)
 
@@ -92,28 +164,49 @@ def main(debug: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ export
+def _image_options(f: Any) -> Any:
+    f = click.option("--labels", default=None, metavar="PATH",
+                     help="Ground-truth masks matched to --images by relative path without extension "
+                          "(a/b/slice_012.dcm <-> a/b/slice_012.png): npy/PNG/TIFF/NIfTI, binary or class index.")(f)
+    f = click.option("--images", default=None, metavar="PATH",
+                     help="Your images (file or folder; npy/PNG/TIFF/DICOM/NIfTI): a deterministic quarter (1..32 "
+                          "files) becomes the golden set every backend is judged on; the rest calibrates INT8.")(f)
+    return f
+
+
+def _finite(name: str, value: float | None, lo: float = 0.0) -> None:
+    import math
+
+    if value is not None and (not math.isfinite(value) or value < lo):
+        raise InputError(f"{name} {value}: must be a finite number >= {lo:g}")
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", default="deploy", show_default=True, metavar="DIR", help="Bundle directory.")
+@_image_options
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints holding pickled modules (runs their code).")
-@click.option("--force", is_flag=True, help="Write into a non-empty directory that is not a bundle.")
+@click.option("--force", is_flag=True, help="Add the bundle to a non-empty folder that is not a bundle (overwrites "
+              "nothing).")
 @click.option("--normalize", default=None, metavar="SPEC",
               help="Input normalisation: none | ct-window:L,W | mean-std:M,S | scale:D | minmax "
                    "(demo: ct-window:40,400).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
 @click.option("--check-rel-l2", type=float, default=1e-5, show_default=True,
-              help="Tolerance of the ONNX Runtime vs PyTorch check run after export (exit 1 above it).")
-def export(model: str | None, out: str, opset: int, trust_pickle: bool, force: bool, normalize: str | None,
-           exporter: str, check_rel_l2: float) -> None:
+              help="Tolerance of the ONNX Runtime vs PyTorch check run after export (exit 1 above it, nothing "
+                   "written).")
+def export(model: str | None, out: str, images: str | None, labels: str | None, opset: int, trust_pickle: bool,
+           force: bool, normalize: str | None, exporter: str, check_rel_l2: float) -> None:
     """Export MODEL (default: the bundled demo) to a bundle: weights, ONNX, golden set, manifest."""
-    from .export.onnx import export_bundle
+    from .export.onnx import check_export_options, export_bundle
     from .report import verify_table
 
+    check_export_options(opset, check_rel_l2)
     _require_torch("export")
     bundle, row = export_bundle(model, out, opset=opset, trust_pickle=trust_pickle, force=force,
                                 normalize=normalize, exporter=exporter, check_rel_l2=check_rel_l2,
-                                reporter=_reporter())
+                                images=images, labels=labels, reporter=_reporter())
     _print_bundle_summary(bundle)
     _stdout().print(verify_table([row], title=f"ONNX Runtime CPU vs PyTorch FP32 (export check, rel L2 <= "
                                               f"{check_rel_l2:g})"))
@@ -128,13 +221,15 @@ def _require_torch(command: str) -> None:
 
 
 def _print_bundle_summary(bundle: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    from .golden import describe
     from .preprocess import describe_normalization
 
     m = bundle.manifest
     cfg = m["model"]["config"]
-    table = Table(title=f"Bundle {bundle.root}", title_justify="left", show_header=True)
+    table = Table(title=f"Bundle {escape(str(bundle.root))}", title_justify="left", show_header=True)
     table.add_column("artifact")
     table.add_column("precision")
     table.add_column("size", justify="right")
@@ -144,15 +239,19 @@ def _print_bundle_summary(bundle: Any) -> None:
         prod = entry.get("producer", {})
         made = ", ".join(f"{k} {prod[k]}" for k in ("torch", "onnxruntime", "tensorrt", "exporter", "opset")
                          if k in prod)
-        present = "" if bundle.path(name).exists() else " [red](missing)[/red]"
-        table.add_row(name + present, entry.get("precision", "-"), _size(entry.get("bytes", 0)),
-                      entry.get("sha256", "")[:12], made)
+        present = "" if os.path.lexists(bundle.path(name)) else " [red](missing)[/red]"
+        table.add_row(escape(name) + present, entry.get("precision", "-"), _size(entry.get("bytes", 0)),
+                      entry.get("sha256", "")[:12], escape(made))
     out = _stdout()
     src = m["model"]["source"]
-    out.print(f"AttentionUNet in={cfg['in_channels']} out={cfg['out_channels']} base={cfg['base_channels']}"
-              f" · {src.get('parameters', '?'):,} parameters · from {src.get('layout')} "
-              f"{Path(src.get('path', '')).name} · normalisation: {describe_normalization(m['preprocessing'])}"
-              f" · post: {m['postprocessing']['kind']}", highlight=False)
+    params = src.get("parameters", "?")
+    out.print(escape(f"AttentionUNet in={cfg['in_channels']} out={cfg['out_channels']} base={cfg['base_channels']}"
+                     f" · {params:,} parameters · from {src.get('layout')} " if isinstance(params, int) else
+                     f"AttentionUNet in={cfg['in_channels']} out={cfg['out_channels']} base={cfg['base_channels']} · ")
+              + escape(f"{Path(str(src.get('path', ''))).name} · normalisation: "
+                       f"{describe_normalization(m['preprocessing'])} · post: {m['postprocessing']['kind']}"),
+              highlight=False)
+    out.print(escape(describe(m.get("golden") or {})), highlight=False)
     out.print(table)
 
 
@@ -168,8 +267,8 @@ def _size(n: int) -> str:
 @main.command()
 @bundle_option
 @click.option("--calib", type=click.Path(exists=False), default=None, metavar="PATH",
-              help="Calibration images: a directory or file (.npy/.npz, PNG/TIFF, DICOM, NIfTI). "
-                   "Default for the demo bundle: demo phantoms.")
+              help="Calibration images: a directory or file (.npy/.npz, PNG/TIFF, DICOM, NIfTI); held-out golden "
+                   "images are excluded by content. Default: the --images export held out from, or demo phantoms.")
 @click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="percentile",
               show_default=True, help="Activation calibration method.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration images used at most.")
@@ -182,23 +281,22 @@ def _size(n: int) -> str:
 @click.option("--fp16-keep-fp32", "keep_fp32", multiple=True, metavar="NODE",
               help="Run this ONNX node in FP32 inside the FP16 graph (repeatable), e.g. where activations "
                    "overflow FP16.")
+@click.option("--no-verify", is_flag=True, help="Write the graphs without checking them on ONNX Runtime first.")
 def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
-             precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...]) -> None:
-    """Write model.fp16.onnx and model.int8.onnx (Q/DQ) and verify them on ONNX Runtime CPU."""
-    from .export.quantize import quantize_bundle
+             precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...],
+             no_verify: bool) -> None:
+    """Write model.fp16.onnx and model.int8.onnx (Q/DQ), verified on ONNX Runtime CPU, in one commit."""
+    from .export.quantize import check_quantize_options, quantize_bundle
     from .report import verify_table
 
+    check_quantize_options(method, max_samples, list(precisions) or ["fp16", "int8"])
     bundle = _load_bundle(bundle_dir)
     rows = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
                            quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
                            full_range_weights=full_range_weights, fp16_keep_fp32=list(keep_fp32),
-                           reporter=_reporter())
-    _stdout().print(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
-    if any(r["status"] == "fail" for r in rows):
-        from .errors import VerificationFailed
-
-        raise VerificationFailed("a quantised graph missed its tolerance (see the table); try another --method "
-                                 "or a more representative --calib set")
+                           verify=not no_verify, reporter=_reporter())
+    if rows:
+        _stdout().print(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
 
 
 # ------------------------------------------------------------------------------------ build
@@ -217,6 +315,8 @@ def build(bundle_dir: str, precisions: tuple[str, ...], min_shapes: tuple[str, .
     """Build TensorRT engines on this device from the bundle's ONNX graphs."""
     from .export.tensorrt import build_engines, parse_profiles
 
+    if workspace_mb is not None and not 1 <= workspace_mb <= 1 << 20:
+        raise InputError("--workspace-mb must be an integer in 1..1048576")
     bundle = _load_bundle(bundle_dir)
     profiles = parse_profiles(min_shapes, opt_shapes, max_shapes, channels=bundle.in_channels,
                               divisor=bundle.divisor)
@@ -265,8 +365,26 @@ def _parse_tolerances(**opts: tuple[str, ...]) -> dict[str, Any]:
                     v = None if value.lower() == "none" else float(value)
                 except ValueError as exc:
                     raise InputError(f"--{field.replace('_', '-')} {spec}: not a number") from exc
-                tols[p] = replace(tols[p], **{field: v})
+                tols[p] = replace(tols[p], **{field: v})  # Tolerance checks finite and in range
     return tols
+
+
+def _triton_options(f: Any) -> Any:
+    f = click.option("--triton-model", default=None, metavar="NAME",
+                     help="Served model for --backend triton (default attunet_<precision>).")(f)
+    f = click.option("--triton-url", default=None, metavar="HOST:PORT",
+                     help="Triton server for --backend triton (http://host:8000 or grpc://host:8001; "
+                          "default $ATTDEPLOY_TRITON_URL).")(f)
+    return f
+
+
+def _runner_options(triton_url: str | None, triton_model: str | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if triton_url is not None:
+        opts["triton_url"] = triton_url
+    if triton_model is not None:
+        opts["triton_model"] = triton_model
+    return opts
 
 
 @main.command()
@@ -275,31 +393,74 @@ def _parse_tolerances(**opts: tuple[str, ...]) -> dict[str, Any]:
               default=("all",), show_default=True, help="Backend(s) to verify (repeatable).")
 @click.option("--precision", "precisions", type=click.Choice(PRECISION_CHOICES), multiple=True,
               default=("all",), show_default=True, help="Precision(s) to verify (repeatable).")
+@_image_options
+@click.option("--max-dice-drop", type=float, default=None, metavar="X",
+              help="Fail a row whose Dice against the ground truth is more than X below the reference's.")
+@click.option("--save-diff", default=None, metavar="DIR",
+              help="Write a PNG per worst image of each row: agreement, reference-only and backend-only pixels.")
+@_triton_options
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
 @_tolerance_options
-def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], json_path: str | None,
-           **tols: tuple[str, ...]) -> None:
-    """Run backends on the golden set and compare with PyTorch FP32 (exit 1 on a miss)."""
+def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], images: str | None,
+           labels: str | None, max_dice_drop: float | None, save_diff: str | None, triton_url: str | None,
+           triton_model: str | None, json_path: str | None, **tols: tuple[str, ...]) -> None:
+    """Judge backends against the reference: the bundle's golden set, or --images (exit 1 on a miss).
+
+    Passing runs on the golden set are recorded in the manifest; --images runs change nothing.
+    """
     from .errors import VerificationFailed
     from .report import verify_table
-    from .verify import summary_counts
+    from .verify import check_dice_drop, summary_counts, verify_images
     from .verify import verify as run_verify
 
     tolerances = _parse_tolerances(**tols)
+    check_dice_drop(max_dice_drop)
+    _check_json_path(json_path)
+    if labels is not None and images is None:
+        raise InputError("--labels needs --images (the images the labels belong to)")
+    if save_diff is not None:
+        from .diffimages import check_diff_dir
+
+        check_diff_dir(save_diff)
     bundle = _load_bundle(bundle_dir)
     backend_list = ["all"] if "all" in backends else list(backends)
     precision_list = ["all"] if "all" in precisions else list(precisions)
-    rows = run_verify(bundle, backend_list, precision_list, tolerances, reporter=_reporter())
+    opts = _runner_options(triton_url, triton_model)
+    if images is not None:
+        rows = verify_images(bundle, images, labels, backend_list, precision_list, tolerances, reporter=_reporter(),
+                             max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
+    else:
+        rows = run_verify(bundle, backend_list, precision_list, tolerances, reporter=_reporter(),
+                          max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
     if json_path != "-":
-        _stdout().print(verify_table(rows))
-    _write_json(json_path, {"bundle": str(bundle.root), "results": rows})
+        ref = rows[0]["reference"] if rows else "reference"
+        _stdout().print(verify_table(rows, title=f"Verification against {ref}"))
+        if save_diff is not None:
+            from .diffimages import LEGEND
+
+            _stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
+    _write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": rows})
     counts = summary_counts(rows)
     if counts["pass"] + counts["fail"] == 0:
         raise InputError("no requested backend can run here: " + "; ".join(
             f"{r['backend']}/{r['precision']}: {r['reason']}" for r in rows)[:500])
     if counts["fail"]:
         failed = ", ".join(f"{r['backend']}/{r['precision']}" for r in rows if r["status"] == "fail")
-        raise VerificationFailed(f"{counts['fail']} backend(s) missed tolerance: {failed}")
+        raise VerificationFailed(f"{counts['fail']} backend(s) missed tolerance: {failed} (bundle not changed)")
+    if images is None:
+        _record_verification(bundle, rows)
+
+
+def _record_verification(bundle: Any, rows: list[dict[str, Any]]) -> None:
+    """Record a passing run in the manifest; a busy or read-only bundle is only a notice."""
+    from .errors import BundleError
+
+    try:
+        with bundle.transaction() as txn:
+            txn.record_verification(rows)
+            txn.commit()
+    except BundleError as exc:
+        _reporter().notice("not recorded in the manifest:", str(exc))
 
 
 # ------------------------------------------------------------------------------------ bench
@@ -314,39 +475,52 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
 @click.option("--iterations", type=int, default=None, help="Timed iterations (default 30).")
 @click.option("--duration", type=float, default=None, help="Time for this many seconds instead.")
 @click.option("--end-to-end", is_flag=True, help="Include normalisation, padding and copies.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all cores).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch, ONNX Runtime and OpenVINO "
+              "(default: all cores).")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="Requests in flight at once (served models: throughput under load).")
+@_triton_options
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
 def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], shape: str | None, warmup: int,
-          iterations: int | None, duration: float | None, end_to_end: bool, threads: int | None,
-          json_path: str | None) -> None:
+          iterations: int | None, duration: float | None, end_to_end: bool, threads: int | None, concurrency: int,
+          triton_url: str | None, triton_model: str | None, json_path: str | None) -> None:
     """Measure latency and throughput with one method for every backend."""
     from .bench import BenchSettings, bench_many, parse_shape
     from .report import bench_table
 
     if iterations is not None and duration is not None:
         raise InputError("give --iterations or --duration, not both")
+    BenchSettings(shape=(1, 1, 16, 16), warmup=warmup, iterations=iterations, duration=duration,
+                  threads=threads, concurrency=concurrency)  # validates every option before any work
+    _check_json_path(json_path)
     bundle = _load_bundle(bundle_dir)
     shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
     settings = BenchSettings(shape=shp, warmup=warmup, iterations=iterations, duration=duration,
-                             end_to_end=end_to_end, threads=threads)
-    results, skipped = bench_many(bundle, list(backends), list(precisions), settings, reporter=_reporter())
+                             end_to_end=end_to_end, threads=threads, concurrency=concurrency)
+    results, skipped = bench_many(bundle, list(backends), list(precisions), settings, reporter=_reporter(),
+                                  **_runner_options(triton_url, triton_model))
     out = _stdout()
     if json_path != "-":
         if results:
+            m = results[0].get("machine", {})
             out.print(bench_table(results, title=f"Latency at {'x'.join(map(str, shp))}"
-                                  + (" (end-to-end)" if end_to_end else "")))
+                                  + (" (end-to-end)" if end_to_end else "")
+                                  + (f", concurrency {concurrency}" if concurrency > 1 else "")
+                                  + f" · {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores; "
+                                  + f"{' '.join(m.get('isa', [])) or 'no AVX2'})"))
         for r in results:
             if r["cov"] > 0.05:
                 out.print(f"[yellow]warning:[/yellow] {r['backend']}/{r['precision']} timing unstable "
                           f"(CoV {100 * r['cov']:.1f}% > 5%): close other programs or use --duration")
         from rich.markup import escape
 
-        for s in skipped:
-            out.print(f"[dim]skipped {s['backend']}/{s['precision']}: {escape(s['reason'])}[/dim]", highlight=False)
+        for sk in skipped:
+            out.print(f"[dim]skipped {sk['backend']}/{sk['precision']}: {escape(sk['reason'])}[/dim]",
+                      highlight=False)
     _write_json(json_path, {"bundle": str(bundle.root), "results": results, "skipped": skipped})
     if not results:
-        raise InputError("nothing could be timed: " + "; ".join(f"{s['backend']}/{s['precision']}: {s['reason']}"
-                                                                 for s in skipped)[:500])
+        raise InputError("nothing could be timed: " + "; ".join(f"{sk['backend']}/{sk['precision']}: {sk['reason']}"
+                                                                 for sk in skipped)[:500])
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -357,19 +531,37 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
 @click.option("--backend", type=click.Choice([b for b in BACKENDS if b != "all"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--no-overlay", is_flag=True, help="Skip the overlay PNGs.")
+@click.option("--overwrite", is_flag=True, help="Replace output files that exist already (refused otherwise).")
+@click.option("--dicom-seg", is_flag=True, help="INPUTS are CT series: write one DICOM Segmentation per series.")
+@click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+@_triton_options
 def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, precision: str,
-            no_overlay: bool) -> None:
-    """Segment images (.npy/.npz, PNG/TIFF, DICOM, NIfTI): masks plus an overlay PNG per image."""
+            no_overlay: bool, overwrite: bool, dicom_seg: bool, segment_label: str, triton_url: str | None,
+            triton_model: str | None) -> None:
+    """Segment images (.npy/.npz, PNG/TIFF, DICOM, NIfTI): masks plus an overlay PNG per image,
+    or with --dicom-seg one DICOM SEG per CT series."""
     from rich.markup import escape
-
-    from .predict import predict_files
-
-    bundle = _load_bundle(bundle_dir)
-    results = predict_files(bundle, list(inputs), out, backend=backend, precision=precision,
-                            overlay=not no_overlay, reporter=_reporter())
     from rich.table import Table
 
-    table = Table(title=f"Masks written to {out}", title_justify="left")
+    bundle = _load_bundle(bundle_dir)
+    opts = _runner_options(triton_url, triton_model)
+    if dicom_seg:
+        from .dicom.files import predict_series_folder
+
+        rows = predict_series_folder(bundle, list(inputs), out, backend=backend, precision=precision,
+                                     overwrite=overwrite, segment_label=segment_label, reporter=_reporter(), **opts)
+        table = Table(title=f"DICOM SEG written to {escape(out)}", title_justify="left")
+        for col in ("series", "slices", "frames with mask", "SEG", "backend"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(escape(r["series"]), str(r["slices"]), str(r["frames"]), escape(r["seg"]), r["backend"])
+        _stdout().print(table)
+        return
+    from .predict import predict_files
+
+    results = predict_files(bundle, list(inputs), out, backend=backend, precision=precision,
+                            overlay=not no_overlay, overwrite=overwrite, reporter=_reporter(), **opts)
+    table = Table(title=f"Masks written to {escape(out)}", title_justify="left")
     for col in ("input", "shape", "foreground px", "mask", "backend"):
         table.add_column(col)
     for r in results:
@@ -387,6 +579,7 @@ def info(bundle_dir: str, json_path: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    _check_json_path(json_path)
     bundle = _load_bundle(bundle_dir)
     if json_path:
         _write_json(json_path, bundle.manifest)
@@ -399,16 +592,27 @@ def info(bundle_dir: str, json_path: str | None) -> None:
     for precision, name in ONNX_FILES.items():
         if name in bundle.artifacts:
             issues = bundle.artifacts[name].get("trt_lint")
-            state = "not checked" if issues is None else "ok" if not issues else "; ".join(issues[:3])
+            state = "not checked" if issues is None else "ok" if not issues else "; ".join(map(str, issues[:3]))
             out.print(f"TensorRT lint {precision}: {escape(state)}", highlight=False)
+    int8 = bundle.artifacts.get(ONNX_FILES["int8"], {}).get("producer", {})
+    if int8.get("calibration"):
+        files = int8.get("calibration_files") or []
+        out.print(escape(f"INT8 calibration: {int8['calibration']}" + (f"; files: {', '.join(map(str, files[:5]))}"
+                                                                        + (" ..." if len(files) > 5 else "")
+                                                                        if files else "")), highlight=False)
     ver = bundle.manifest.get("verification", {})
     if ver:
-        table = Table(title="Last verification", title_justify="left")
-        for col in ("backend/precision", "status", "rel L2", "mean Dice", "when"):
+        table = Table(title="Last recorded verification (passing runs)", title_justify="left")
+        for col in ("backend/precision", "status", "rel L2", "mean Dice", "Dice vs truth", "when"):
             table.add_column(col)
+
+        def num(r: dict[str, Any], key: str, fmt: str) -> str:
+            v = r.get(key)
+            return "-" if not isinstance(v, (int, float)) else format(v, fmt)
+
         for key, r in sorted(ver.items()):
-            table.add_row(key, r["status"], "-" if r.get("rel_l2") is None else f"{r['rel_l2']:.2e}",
-                          "-" if r.get("mean_dice") is None else f"{r['mean_dice']:.4f}", r.get("time", ""))
+            table.add_row(escape(str(key)), escape(str(r.get("status", "?"))), num(r, "rel_l2", ".2e"),
+                          num(r, "mean_dice", ".4f"), num(r, "gt_dice", ".4f"), escape(str(r.get("time", ""))))
         _stdout().print(table)
     else:
         _stdout().print("not verified yet: run 'attdeploy verify'")
@@ -445,23 +649,35 @@ def doctor(json_path: str | None) -> None:
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", default="deploy", show_default=True, metavar="DIR")
-@click.option("--calib", default=None, metavar="PATH", help="Calibration images (required for INT8 of a user model).")
+@click.option("--calib", default=None, metavar="PATH",
+              help="Your images: calibration set for INT8 (required for a user model's INT8) and, unless --images "
+                   "is given, also the images a held-out quarter of is judged on.")
+@_image_options
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints holding pickled modules.")
-@click.option("--force", is_flag=True, help="Write into a non-empty directory that is not a bundle.")
+@click.option("--force", is_flag=True, help="Add the bundle to a non-empty folder that is not a bundle.")
 @click.option("--normalize", default=None, metavar="SPEC", help="Input normalisation (see export).")
 @click.option("--bench-iterations", type=int, default=20, show_default=True, help="Timed iterations per backend.")
 @click.option("--shape", default=None, metavar="NxCxHxW", help="Benchmark shape (default: 1xCx256x256).")
 @click.option("--check-rel-l2", type=float, default=1e-5, show_default=True,
               help="Tolerance of the ONNX Runtime vs PyTorch check right after export.")
-def pipeline(model: str | None, out: str, calib: str | None, trust_pickle: bool, force: bool,
-             normalize: str | None, bench_iterations: int, shape: str | None, check_rel_l2: float) -> None:
+def pipeline(model: str | None, out: str, calib: str | None, images: str | None, labels: str | None,
+             trust_pickle: bool, force: bool, normalize: str | None, bench_iterations: int, shape: str | None,
+             check_rel_l2: float) -> None:
     """export -> quantize -> build (if GPU) -> verify all -> bench all -> report."""
+    from .bench import BenchSettings, parse_shape
+    from .export.onnx import check_export_options
     from .pipeline import run_pipeline
+    from .preprocess import parse_normalization
 
+    check_export_options(18, check_rel_l2)
+    BenchSettings(shape=(1, 1, 16, 16), iterations=bench_iterations)
+    if shape:
+        parse_shape(shape)
+    parse_normalization(normalize)
     _require_torch("pipeline")
-    rc = run_pipeline(model, out, calib=calib, trust_pickle=trust_pickle, force=force, normalize=normalize,
-                      bench_iterations=bench_iterations, shape=shape, check_rel_l2=check_rel_l2,
-                      reporter=_reporter(), console=_stdout())
+    rc = run_pipeline(model, out, calib=calib, images=images, labels=labels, trust_pickle=trust_pickle, force=force,
+                      normalize=normalize, bench_iterations=bench_iterations, shape=shape,
+                      check_rel_l2=check_rel_l2, reporter=_reporter(), console=_stdout())
     if rc:
         from .errors import VerificationFailed
 

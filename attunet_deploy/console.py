@@ -21,6 +21,9 @@ class Reporter:
         """A highlighted label followed by literal text."""
         self.info(f"{label} {text}")
 
+    def table(self, renderable: Any) -> None:
+        """A rich table (or other renderable) worth showing on the terminal."""
+
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
         """A slow step with no measurable progress (spinner + elapsed time)."""
@@ -47,6 +50,10 @@ class RichReporter(Reporter):
     def info(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message, highlight=False)
+
+    def table(self, renderable: Any) -> None:
+        if not self.quiet:
+            self.console.print(renderable)
 
     def notice(self, label: str, text: str) -> None:
         """A yellow label followed by literal text (no rich markup inside ``text``)."""

@@ -135,6 +135,36 @@ def cpu_has_int8_dot() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+#: x86 ISA flags that decide INT8/BF16/FP16 speed on a CPU (as /proc/cpuinfo names them).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+             "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count and the ISA flags that matter, recorded with every benchmark:
+    figures from two machines are never comparable, and this says which machine it was."""
+    import os
+
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ISA_FLAGS if f in flags]
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        isa += [f for f in ("asimddp", "i8mm", "bf16", "sve") if f in flags]
+    return {"cpu_model": model, "cores": os.cpu_count() or 1, "arch": platform.machine(), "isa": isa}
+
+
 def tensorrt_probe() -> Probe:
     version = module_version("tensorrt") if has_module("tensorrt") else None
     if version is None:

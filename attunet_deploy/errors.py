@@ -29,3 +29,13 @@ class VerificationFailed(AttDeployError):
     """At least one backend missed its tolerance. Exit status 1."""
 
     exit_code = 1
+
+
+class BuildFailed(AttDeployError):
+    """A TensorRT engine could not be built (or did not run the precision asked for). Exit status 1."""
+
+    exit_code = 1
+
+
+class Interrupted(BaseException):
+    """SIGTERM turned into an exception so that transactions are rolled back (exit 143)."""

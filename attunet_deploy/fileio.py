@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -29,10 +30,25 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make renames inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
@@ -44,17 +60,32 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Infinity replaced by None, so the JSON is valid for every consumer (CI)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(json_safe(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+
+
 def write_json_atomic(target: str | os.PathLike[str], data: Any) -> None:
-    write_text_atomic(target, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(target, dumps(data) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
     # numpy scalars and arrays end up in reports; keep json free of a numpy import here.
     if hasattr(obj, "tolist"):
         return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return str(obj)  # Paths, numpy dtypes: their text is what a report wants
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

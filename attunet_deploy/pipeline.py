@@ -1,4 +1,11 @@
-"""``attdeploy pipeline``: export -> quantize -> build (if GPU) -> verify all -> bench all -> report."""
+"""``attdeploy pipeline``: export -> quantize -> build (if GPU) -> verify all -> bench all -> report.
+
+Each step is its own transaction (export, quantize, build, then the verification record and the
+report), committed only when the step succeeded: a pipeline that fails or is interrupted in a
+step leaves the bundle as the previous step committed it. A verification that misses its
+tolerance is a *result* of the pipeline, not a failure of a step: it is recorded in the report
+and the manifest, and the pipeline exits 1.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,11 @@ from typing import Any
 
 from .console import Reporter
 
+BACKEND_ORDER = ["torch", "ort", "ort-cuda", "ort-trt", "trt", "ov"]
+
 
 def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, calib: str | None = None,
+                 images: str | None = None, labels: str | None = None,
                  trust_pickle: bool = False, force: bool = False, normalize: str | None = None,
                  bench_iterations: int = 20, shape: str | None = None, check_rel_l2: float = 1e-5,
                  reporter: Reporter | None = None, console: Any = None) -> int:
@@ -17,26 +27,36 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     from .environment import tensorrt_probe
     from .export.onnx import export_bundle
     from .export.quantize import quantize_bundle
-    from .report import bench_table, verify_table, write_report
+    from .report import bench_table, render_report, verify_table
     from .verify import summary_counts, verify
 
     reporter = reporter or Reporter()
+    images = images if images is not None else calib  # --calib serves as --images (a quarter is held out)
     bundle, _ = export_bundle(model, out, trust_pickle=trust_pickle, force=force, normalize=normalize,
-                              check_rel_l2=check_rel_l2, reporter=reporter)
+                              check_rel_l2=check_rel_l2, images=images, labels=labels, reporter=reporter)
     demo = bool(bundle.manifest["model"]["source"].get("demo"))
     precisions = ["fp16"]
+    notes: dict[str, Any] = {}
     if demo or calib:
-        precisions.append("int8")
+        if bundle.golden_info.get("kind") == "user-images" and not bundle.golden_info.get("calibration_candidates") \
+                and calib == images:
+            reporter.notice("INT8 skipped:", "every image is held out for verification; give more images")
+        else:
+            precisions.append("int8")
     else:
         reporter.notice("INT8 skipped:", "a user model needs calibration images, pass --calib PATH")
+        notes["INT8"] = "Skipped: a user model needs calibration images (--calib PATH)."
     quantize_bundle(bundle, calib=calib, precisions=precisions, reporter=reporter, verify=False)
 
-    notes: dict[str, Any] = {}
     trt = tensorrt_probe()
+    from .bundle import Bundle
+
+    bundle = Bundle.load(bundle.root)
     if trt.available:
         from .export.tensorrt import build_engines
 
         build_engines(bundle, ["fp32", *precisions], reporter=reporter)
+        bundle = Bundle.load(bundle.root)
     else:
         reporter.notice("TensorRT engines skipped:", trt.detail)
         notes["TensorRT"] = f"Engines not built on this machine: {trt.detail}."
@@ -44,10 +64,16 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)
     shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
-    runnable = sorted({r["backend"] for r in rows if r["status"] != "unavailable"},
-                      key=["torch", "ort", "ort-cuda", "ort-trt", "trt"].index)
+    runnable = sorted({r["backend"] for r in rows if r["status"] != "unavailable"}, key=BACKEND_ORDER.index)
     results, _ = bench_many(bundle, runnable, ["fp32", "fp16", "int8"], settings, reporter=reporter)
-    write_report(bundle, rows, results, extra=notes)
+    data, md = render_report(bundle, rows, results, extra=notes)
+    with bundle.transaction() as txn:
+        txn.record_verification(rows)
+        from .fileio import dumps
+
+        txn.stage("report.json").write_text(dumps(data) + "\n", encoding="utf-8")
+        txn.stage("report.md").write_text(md, encoding="utf-8")
+        txn.commit()
     if console is not None:
         console.print(verify_table(rows))
         if results:

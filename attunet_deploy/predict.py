@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
-from .calibration import ImageRecord, list_image_files, read_file
+from .calibration import ImageRecord, list_image_files, read_file, suffix_of
 from .console import Reporter
+from .errors import InputError
 from .fileio import atomic_path
+from .preprocess import pad_to_divisor
 from .runtimes.base import load_runner
 
 
@@ -60,50 +62,120 @@ def _write_nifti(path: Path, masks: np.ndarray, records: list[ImageRecord]) -> N
         os.replace(str(tmp) + ".nii.gz", tmp)
 
 
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """A distinct output stem for every input file.
+
+    The file's own stem where it is unique; where two inputs share one (``a/scan.npy`` and
+    ``b/scan.npy``) their paths relative to the inputs' common folder are kept (``a/scan``,
+    ``b/scan``); files that differ only by extension keep it (``scan_npy``, ``scan_png``).
+    """
+    def dedupe(stems: dict[Path, str], fix: Any) -> dict[Path, str]:
+        counts: dict[str, int] = {}
+        for st in stems.values():
+            counts[st] = counts.get(st, 0) + 1
+        return {f: fix(f, st) if counts[st] > 1 else st for f, st in stems.items()}
+
+    resolved = {f: f.resolve() for f in files}
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved.values()])) if files else Path(".")
+
+    def relative(f: Path, st: str) -> str:
+        rel = resolved[f].relative_to(common)
+        return (rel.parent / _stem(rel)).as_posix() if str(rel.parent) != "." else _stem(rel)
+
+    stems = dedupe({f: _stem(f) for f in files}, relative)
+    return dedupe(stems, lambda f, st: f"{st}_{suffix_of(f).lstrip('.').replace('.', '_') or 'file'}")
+
+
+def _outputs_for(stem: str, records: list[ImageRecord], overlay: bool) -> list[str]:
+    mask = f"{stem}_mask.nii.gz" if "affine" in records[0].meta else f"{stem}_mask.npy"
+    outs = [mask]
+    if overlay:
+        outs += [f"{stem}{f'_{i}' if len(records) > 1 else ''}_overlay.png" for i in range(len(records))]
+    return outs
+
+
+def plan_outputs(per_file: list[tuple[Path, list[ImageRecord]]], out: Path, overlay: bool,
+                 overwrite: bool) -> dict[Path, tuple[str, list[str]]]:
+    """file -> (stem, output names): all distinct, and (without ``overwrite``) none existing yet."""
+    stems = output_names([f for f, _ in per_file])
+    taken: set[str] = set()
+    plan: dict[Path, tuple[str, list[str]]] = {}
+    for f, recs in per_file:
+        stem, k = stems[f], 1
+        names = _outputs_for(stem, recs, overlay)
+        while any(n in taken for n in names):  # e.g. x_0.png's overlay vs x.npy's first slice
+            k += 1
+            stem = f"{stems[f]}_{k}"
+            names = _outputs_for(stem, recs, overlay)
+        taken.update(names)
+        plan[f] = (stem, names)
+    if not overwrite:
+        for _, names in plan.values():
+            for n in names:
+                if os.path.lexists(out / n):
+                    raise InputError(f"{out / n} exists: choose another -o, or pass --overwrite to replace it")
+    return plan
+
+
 def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], backend: str = "auto",
-                  precision: str = "fp32", overlay: bool = True, reporter: Reporter | None = None
-                  ) -> list[dict[str, Any]]:
+                  precision: str = "fp32", overlay: bool = True, overwrite: bool = False,
+                  reporter: Reporter | None = None, **runner_options: Any) -> list[dict[str, Any]]:
     """Segment every image in ``inputs`` (files or directories); returns one row per input file.
 
-    Every input is read and validated before anything is written.
+    Every input is read and validated, and every output name decided, before anything is written.
     """
     from .environment import has_module
+    from .preprocess import logits_to_masks
 
     reporter = reporter or Reporter()
-    files = [f for p in inputs for f in list_image_files(p)]
+    seen: set[Path] = set()
+    files = []
+    for p in inputs:
+        root = Path(p)
+        for f in list_image_files(root):
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
     per_file = [(f, read_file(f, bundle.in_channels)) for f in files]
-    runner = load_runner(bundle, backend=backend, precision=precision)
-    # Normalise (and check for NaN/Inf) everything up front so a bad file fails before any output.
-    prepared = [(f, recs, [runner.preprocess(r.pixels) for r in recs]) for f, recs in per_file]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    runner = load_runner(bundle, backend=backend, precision=precision, **runner_options)
+    # Normalise (and check for NaN/Inf and size) everything up front so a bad file fails before any output.
+    prepared = []
+    for f, recs in per_file:
+        xs = [runner.preprocess(r.pixels) for r in recs]
+        for x in xs:
+            runner.check_memory(pad_to_divisor(x, bundle.divisor)[0].shape)
+        prepared.append((f, recs, xs))
     if overlay and not has_module("PIL"):
         reporter.info("overlays skipped: Pillow is not installed (pip install 'attunet-deploy[medical]')")
         overlay = False
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out} exists and is not a directory")
+    plan = plan_outputs(per_file, out, overlay, overwrite)
     rows = []
     total = sum(len(r) for _, r, _ in prepared)
     with runner, reporter.progress(f"Segmenting on {runner.name}", total) as advance:
+        results = []
         for f, recs, xs in prepared:
             masks = []
             for x in xs:
-                masks.append(runner.infer(x))
+                masks.append(logits_to_masks(runner.infer(x), bundle.postprocessing)[0])
                 advance()
-            from .preprocess import logits_to_masks
-
-            masks = [logits_to_masks(m, bundle.postprocessing)[0] for m in masks]
-            stem = _stem(f)
-            if "affine" in recs[0].meta:
-                mask_path = out / f"{stem}_mask.nii.gz"
-                _write_nifti(mask_path, np.stack(masks), recs)
-            else:
-                mask_path = out / f"{stem}_mask.npy"
-                same = len({m.shape for m in masks}) == 1
-                _write_npy(mask_path, np.stack(masks) if len(masks) > 1 and same else masks[0])
-            if overlay:
-                for i, (rec, m) in enumerate(zip(recs, masks)):
-                    suffix = f"_{i}" if len(recs) > 1 else ""
-                    overlay_png(rec.pixels, m, out / f"{stem}{suffix}_overlay.png")
-            rows.append({"input": str(f), "shape": list(masks[0].shape) if len(masks) == 1
-                         else [len(masks), *masks[0].shape], "foreground": int(sum(int((m > 0).sum()) for m in masks)),
-                         "mask": str(mask_path), "backend": runner.name})
+            results.append((f, recs, masks))
+    out.mkdir(parents=True, exist_ok=True)
+    for f, recs, masks in results:
+        _, names = plan[f]
+        mask_path = out / names[0]
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        if "affine" in recs[0].meta:
+            _write_nifti(mask_path, np.stack(masks), recs)
+        else:
+            same = len({m.shape for m in masks}) == 1
+            _write_npy(mask_path, np.stack(masks) if len(masks) > 1 and same else masks[0])
+        if overlay:
+            for rec, m, name in zip(recs, masks, names[1:]):
+                overlay_png(rec.pixels, m, out / name)
+        rows.append({"input": str(f), "shape": list(masks[0].shape) if len(masks) == 1
+                     else [len(masks), *masks[0].shape], "foreground": int(sum(int((m > 0).sum()) for m in masks)),
+                     "mask": str(mask_path), "backend": runner.name})
     return rows

@@ -6,6 +6,7 @@ and returns logits of the caller's H and W. numpy only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,9 @@ def check_batch(images: Any, channels: int, *, name: str = "images") -> np.ndarr
         raise InputError(f"{name} has {c} channels, the model takes {channels}: shape {tuple(arr.shape)}")
     if h == 0 or w == 0:
         raise InputError(f"{name} has an empty spatial axis: shape {tuple(arr.shape)}")
+    from .limits import check_pixels
+
+    check_pixels(h, w, name)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -80,21 +84,28 @@ def parse_normalization(spec: str | None) -> dict[str, Any]:
         return {"normalize": {"kind": "none"}}
     kind, _, args = spec.strip().partition(":")
     kind = kind.lower()
+
+    def num(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError
+        return v
+
     try:
         if kind == "ct-window":
-            level, width = (float(v) for v in args.split(","))
+            level, width = (num(v) for v in args.split(","))
             if width <= 0:
                 raise ValueError
             return {"normalize": {"kind": "ct_window", "level": level, "width": width}}
         if kind == "mean-std":
             mean_s, std_s = args.split(",")
-            mean = [float(v) for v in mean_s.split("/")]
-            std = [float(v) for v in std_s.split("/")]
+            mean = [num(v) for v in mean_s.split("/")]
+            std = [num(v) for v in std_s.split("/")]
             if any(s <= 0 for s in std):
                 raise ValueError
             return {"normalize": {"kind": "mean_std", "mean": mean, "std": std}}
         if kind == "scale":
-            div = float(args)
+            div = num(args)
             if div == 0:
                 raise ValueError
             return {"normalize": {"kind": "scale", "divisor": div}}
@@ -102,8 +113,8 @@ def parse_normalization(spec: str | None) -> dict[str, Any]:
             return {"normalize": {"kind": "minmax"}}
     except ValueError:
         pass
-    raise InputError(f"bad --normalize {spec!r}: use none, ct-window:LEVEL,WIDTH, "
-                     "mean-std:MEAN,STD, scale:DIVISOR or minmax")
+    raise InputError(f"bad --normalize {spec!r}: use none, ct-window:LEVEL,WIDTH (width > 0), "
+                     "mean-std:MEAN,STD (std > 0), scale:DIVISOR (not 0) or minmax, with finite numbers")
 
 
 def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .bundle import Bundle, now_iso
-from .fileio import write_json_atomic, write_text_atomic
 
 _STATUS_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]",
                  "unavailable": "[dim]unavailable[/dim]"}
@@ -38,6 +37,7 @@ def verify_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     ]
     if any("gt_dice" in r for r in rows):
         cols.append(("Dice vs truth", lambda r: _fmt(r.get("gt_dice"), ".4f")))
+        cols.append(("drop vs ref", lambda r: _fmt(r.get("gt_dice_drop"), "+.4f")))
     if any(r.get("reason") for r in rows):
         cols.append(("note", lambda r: r.get("reason", "")))
     return cols
@@ -105,29 +105,40 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(bundle: Bundle, verify_rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
-                 extra: dict[str, Any] | None = None) -> None:
-    """Write report.md and report.json into the bundle (atomically)."""
+def render_report(bundle: Bundle, verify_rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
+                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """(report.json data, report.md text) of a pipeline run."""
+    from .golden import describe
+
     m = bundle.manifest
     data = {"bundle": str(bundle.root), "generated": now_iso(), "model": m["model"],
-            "preprocessing": m["preprocessing"], "verification": verify_rows, "benchmarks": bench_rows,
-            **(extra or {})}
-    write_json_atomic(bundle.path("report.json"), data)
+            "preprocessing": m["preprocessing"], "golden": m.get("golden", {}), "verification": verify_rows,
+            "benchmarks": bench_rows, **(extra or {})}
     cfg = m["model"]["config"]
+    ref = verify_rows[0].get("reference", "torch/fp32") if verify_rows else "torch/fp32"
     md = [f"# attunet-deploy report: {bundle.root.name}", "",
           f"Generated {data['generated']}. Model: AttentionUNet in={cfg['in_channels']} "
           f"out={cfg['out_channels']} base={cfg['base_channels']} "
           f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
-          ""]
+          "", describe(m.get("golden") or {}).capitalize() + ".", ""]
     if verify_rows:
         vcols = verify_columns(verify_rows)
-        md += ["## Verification against PyTorch FP32", "",
+        md += [f"## Verification against {ref}", "",
                markdown_table([h for h, _ in vcols], [[fn(r) for _, fn in vcols] for r in verify_rows]), ""]
+        worst = [r for r in verify_rows if r.get("worst_images")]
+        if worst:
+            md += ["Lowest Dice against the reference, per backend: "
+                   + "; ".join(f"{r['backend']}/{r['precision']}: "
+                               + ", ".join(f"{w['file']} {w['dice']:.4f}" for w in r["worst_images"])
+                               for r in worst), ""]
     if bench_rows:
+        mach = bench_rows[0].get("machine", {})
         md += ["## Latency", "",
+               f"Machine: {mach.get('cpu_model', '?')}, {mach.get('cores', '?')} cores, ISA "
+               f"{' '.join(mach.get('isa', [])) or '-'}.", "",
                markdown_table([h for h, _ in BENCH_COLUMNS], [[fn(r) for _, fn in BENCH_COLUMNS] for r in bench_rows]),
                ""]
     for key, value in (extra or {}).items():
         if isinstance(value, str):
             md += [f"## {key}", "", value, ""]
-    write_text_atomic(bundle.path("report.md"), "\n".join(md))
+    return data, "\n".join(md)

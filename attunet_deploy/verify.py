@@ -1,21 +1,32 @@
-"""Run backends on the bundle's golden inputs and judge them against the PyTorch FP32 logits.
+"""Judge backends against a reference: the bundle's golden set, or any (labelled) image set.
 
-Works without torch: the reference outputs are stored in ``golden.npz`` at export time.
+Works without torch: the golden set stores PyTorch FP32 logits made at export time, and
+``verify --images`` falls back to ONNX Runtime CPU FP32 (which export checked against PyTorch)
+as its reference. Every row says which reference it was judged against.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import GOLDEN_FILE, PRECISIONS, Bundle
+from .bundle import PRECISIONS, WEIGHTS_FILE, Bundle
 from .console import Reporter
-from .errors import BackendUnavailable, BundleError, InputError
+from .errors import AttDeployError, BackendUnavailable, InputError
+from .golden import GoldenCase, group_by_shape, load_golden, model_space, require_labels
 from .metrics import abs_errors, confident_flips, per_image_overlap, rel_l2
 from .preprocess import logits_to_masks
 from .runtimes.base import BACKEND_MODULES, available_backends, runner_class
+
+#: How many of a row's lowest-Dice images it lists.
+WORST_SHOWN = 3
+#: verify --images reads at most this many 2D images (evenly spaced beyond it).
+MAX_VERIFY_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,19 @@ class Tolerance:
     pixel_agreement: float | None = None
     mean_dice: float | None = None
     worst_dice: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            name = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"{name} {v!r}: must be a finite number (or 'none')")
+            if f.name == "rel_l2" and v < 0:
+                raise InputError(f"{name} {v}: must be >= 0")
+            if f.name != "rel_l2" and not 0.0 <= v <= 1.0:
+                raise InputError(f"{name} {v}: must be a fraction in [0, 1]")
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -39,33 +63,36 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
-@dataclass
-class GoldenCase:
-    inputs: np.ndarray  # model space, float32 [N, C, H, W]
-    logits: np.ndarray  # PyTorch FP32 reference [N, K, H, W]
-    labels: np.ndarray | None = None  # ground-truth masks [N, H, W] (demo bundle)
+def check_dice_drop(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= 1.0:
+        raise InputError(f"--max-dice-drop {value!r}: must be a fraction in [0, 1]")
+    return float(value)
 
 
-def load_golden(bundle: Bundle) -> list[GoldenCase]:
-    path = bundle.require(GOLDEN_FILE)
-    try:
-        with np.load(path) as data:
-            cases = []
-            i = 0
-            while f"case{i}_input" in data:
-                labels = data.get(f"case{i}_labels")
-                cases.append(GoldenCase(data[f"case{i}_input"], data[f"case{i}_logits"], labels))
-                i += 1
-    except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"{path} is unreadable ({exc}); re-export the bundle") from exc
+def _gt_dice(masks: list[np.ndarray], cases: list[GoldenCase], num_classes: int) -> float | None:
+    if not cases or not all(c.labels is not None for c in cases):
+        return None
+    gt: list[float] = []
+    for m, c in zip(masks, cases):
+        gt += per_image_overlap(m, c.labels, max(num_classes, 2))[0]
+    return float(np.mean(gt))
+
+
+def reference_gt_dice(cases: list[GoldenCase], postprocessing: dict[str, Any]) -> float | None:
+    """Dice of the reference's masks against the ground truth (None without labels)."""
     if not cases:
-        raise BundleError(f"{path} holds no golden cases; re-export the bundle")
-    return cases
+        return None
+    ref_masks = [logits_to_masks(c.logits, postprocessing) for c in cases]
+    return _gt_dice(ref_masks, cases, cases[0].logits.shape[1])
 
 
 def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: dict[str, Any],
-            tolerance: Tolerance) -> dict[str, Any]:
-    """Metrics of ``outputs`` (one array per golden case) against the reference, and the verdict."""
+            tolerance: Tolerance, ref_gt_dice: float | None = None,
+            max_dice_drop: float | None = None) -> dict[str, Any]:
+    """Metrics of ``outputs`` (one array per case) against the reference logits, and the verdict."""
     out = np.concatenate([o.ravel() for o in outputs])
     ref = np.concatenate([c.logits.ravel() for c in cases])
     max_abs, mean_abs = abs_errors(out, ref)
@@ -76,10 +103,13 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
     flipped = sum(int((m != r).sum()) for m, r in zip(masks, ref_masks))
     dices: list[float] = []
     ious: list[float] = []
-    for m, r in zip(masks, ref_masks):
+    names: list[str] = []
+    for m, r, c in zip(masks, ref_masks, cases):
         d, j = per_image_overlap(m, r, max(num_classes, 2))
         dices += d
         ious += j
+        names += c.image_names()
+    worst = sorted(range(len(dices)), key=lambda i: (dices[i], i))[:WORST_SHOWN]
     row: dict[str, Any] = {
         "rel_l2": rel_l2(out, ref),
         "max_abs": max_abs,
@@ -91,16 +121,22 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
         "flipped_pixels": flipped,
         "confident_flips": sum(confident_flips(m, r, c.logits) for m, r, c in zip(masks, ref_masks, cases)),
         "images": len(dices),
+        "worst_images": [{"file": names[i], "dice": dices[i]} for i in worst],
     }
-    if all(c.labels is not None for c in cases):
-        gt: list[float] = []
-        for m, c in zip(masks, cases):
-            gt += per_image_overlap(m, c.labels, max(num_classes, 2))[0]
-        row["gt_dice"] = float(np.mean(gt))
+    gt = _gt_dice(masks, cases, num_classes)
+    if gt is not None:
+        row["gt_dice"] = gt
+        if ref_gt_dice is None:
+            ref_gt_dice = reference_gt_dice(cases, postprocessing)
+        row["gt_dice_drop"] = float(ref_gt_dice - gt)
     failures = judge(row, tolerance)
+    if max_dice_drop is not None and "gt_dice_drop" in row and not row["gt_dice_drop"] <= max_dice_drop:
+        failures.append(f"Dice vs truth drops {row['gt_dice_drop']:.4f} > {max_dice_drop:g}")
     row["status"] = "fail" if failures else "pass"
     row["reason"] = "; ".join(failures)
     row["tolerance"] = tolerance.to_dict()
+    if max_dice_drop is not None:
+        row["tolerance"]["max_dice_drop"] = max_dice_drop
     return row
 
 
@@ -118,29 +154,47 @@ def judge(row: dict[str, Any], tol: Tolerance) -> list[str]:
     return failures
 
 
-def run_backend(bundle: Bundle, backend: str, precision: str, cases: list[GoldenCase],
-                tolerance: Tolerance, **runner_options: Any) -> dict[str, Any]:
-    """One verification row; BackendUnavailable becomes an 'unavailable' row, not an error."""
-    base = {"backend": backend, "precision": precision}
+def run_outputs(bundle: Bundle, backend: str, precision: str, cases: list[GoldenCase],
+                **runner_options: Any) -> tuple[list[np.ndarray], str]:
+    """Outputs of one backend for every case; raises BackendUnavailable when it cannot run here."""
+    cls = runner_class(backend)
+    if precision not in cls.precisions:
+        raise BackendUnavailable(f"{backend} runs {', '.join(cls.precisions)} only")
+    reason = cls.availability(bundle, precision)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    with cls(bundle, precision, **runner_options) as runner:
+        outputs = [runner.infer(c.inputs) for c in cases]
+        return outputs, runner.device
+
+
+def run_backend(bundle: Bundle, backend: str, precision: str, cases: list[GoldenCase], tolerance: Tolerance,
+                *, reference: str = "torch/fp32", ref_gt_dice: float | None = None,
+                max_dice_drop: float | None = None, keep: dict[str, Any] | None = None,
+                **runner_options: Any) -> dict[str, Any]:
+    """One verification row; BackendUnavailable becomes an 'unavailable' row, a backend that fails
+    at run time a 'fail' row. ``keep`` receives the outputs (for diff images)."""
+    base = {"backend": backend, "precision": precision, "reference": reference}
     try:
-        cls = runner_class(backend)
-        if precision not in cls.precisions:
-            raise BackendUnavailable(f"{backend} runs {', '.join(cls.precisions)} only")
-        reason = cls.availability(bundle, precision)
-        if reason is not None:
-            raise BackendUnavailable(reason)
-        with cls(bundle, precision, **runner_options) as runner:
-            outputs = [runner.infer(c.inputs) for c in cases]
-            device = runner.device
+        outputs, device = run_outputs(bundle, backend, precision, cases, **runner_options)
     except BackendUnavailable as exc:
         return {**base, "status": "unavailable", "reason": str(exc), "tolerance": tolerance.to_dict()}
-    return {**base, "device": device, **compare(outputs, cases, bundle.postprocessing, tolerance)}
+    except AttDeployError:
+        raise
+    except Exception as exc:  # the backend itself broke on the golden inputs: a failed verification
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return {**base, "status": "fail", "reason": f"{backend} raised {type(exc).__name__}: {text}",
+                "tolerance": tolerance.to_dict()}
+    if keep is not None:
+        keep["outputs"] = outputs
+    return {**base, "device": device, **compare(outputs, cases, bundle.postprocessing, tolerance,
+                                                ref_gt_dice=ref_gt_dice, max_dice_drop=max_dice_drop)}
 
 
 def expand(bundle: Bundle, backends: list[str], precisions: list[str]) -> list[tuple[str, str]]:
     """(backend, precision) pairs for 'all' selections, torch only at fp32."""
     if backends == ["all"]:
-        backends = list(BACKEND_MODULES)
+        backends = [b for b in BACKEND_MODULES if b != "triton"]  # triton needs a server URL: ask for it
     if precisions == ["all"]:
         precisions = list(PRECISIONS)
     for b in backends:
@@ -152,25 +206,103 @@ def expand(bundle: Bundle, backends: list[str], precisions: list[str]) -> list[t
     return [(b, p) for b in backends for p in precisions if not (b == "torch" and p != "fp32")]
 
 
+def _judge_all(bundle: Bundle, pairs: list[tuple[str, str]], cases: list[GoldenCase],
+               tolerances: dict[str, Tolerance], reference: str, max_dice_drop: float | None,
+               save_diff: Path | None, reporter: Reporter, title: str, **runner_options: Any
+               ) -> list[dict[str, Any]]:
+    ref_gt = reference_gt_dice(cases, bundle.postprocessing)
+    rows = []
+    with reporter.progress(title, len(pairs)) as advance:
+        for backend, precision in pairs:
+            keep: dict[str, Any] = {}
+            row = run_backend(bundle, backend, precision, cases, tolerances[precision], reference=reference,
+                              ref_gt_dice=ref_gt, max_dice_drop=max_dice_drop, keep=keep, **runner_options)
+            if save_diff is not None and "outputs" in keep:
+                from .diffimages import write_diff_images
+
+                row["diff_images"] = write_diff_images(save_diff, row, keep["outputs"], cases,
+                                                       bundle.postprocessing)
+            rows.append(row)
+            advance()
+    if save_diff is not None:
+        from .diffimages import write_diff_index
+
+        write_diff_index(save_diff, rows, reference)
+    return rows
+
+
 def verify(bundle: Bundle, backends: list[str], precisions: list[str],
            tolerances: dict[str, Tolerance] | None = None, reporter: Reporter | None = None,
-           record: bool = True, **runner_options: Any) -> list[dict[str, Any]]:
-    """Verify every requested (backend, precision); record results in the manifest."""
+           max_dice_drop: float | None = None, save_diff: str | os.PathLike[str] | None = None,
+           **runner_options: Any) -> list[dict[str, Any]]:
+    """Verify every requested (backend, precision) on the bundle's golden set.
+
+    Nothing is recorded here: the caller records passing runs in a transaction.
+    """
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    max_dice_drop = check_dice_drop(max_dice_drop)
     pairs = expand(bundle, backends, precisions)
     cases = load_golden(bundle)
-    rows = []
-    with reporter.progress("Verifying against PyTorch FP32 golden outputs", len(pairs)) as advance:
-        for backend, precision in pairs:
-            rows.append(run_backend(bundle, backend, precision, cases, tolerances[precision], **runner_options))
+    if max_dice_drop is not None:
+        require_labels(cases)
+    reference = str(bundle.golden_info.get("reference", "torch/fp32"))
+    return _judge_all(bundle, pairs, cases, tolerances, reference, max_dice_drop,
+                      Path(save_diff) if save_diff is not None else None, reporter,
+                      f"Verifying against {reference} golden outputs", **runner_options)
+
+
+def reference_backend(bundle: Bundle) -> str:
+    """torch when it can run this bundle here, else ONNX Runtime CPU (export checked it against torch)."""
+    from .environment import has_module
+
+    if has_module("torch") and (bundle.has(WEIGHTS_FILE) or bundle.has("model.ts")):
+        return "torch"
+    return "ort"
+
+
+def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | os.PathLike[str] | None,
+                  backends: list[str], precisions: list[str], tolerances: dict[str, Tolerance] | None = None,
+                  reporter: Reporter | None = None, max_dice_drop: float | None = None,
+                  save_diff: str | os.PathLike[str] | None = None, max_images: int = MAX_VERIFY_IMAGES,
+                  **runner_options: Any) -> list[dict[str, Any]]:
+    """Judge backends on any image set (with optional ground truth); the bundle is not changed."""
+    from .calibration import attach_labels, list_image_files, match_labels, read_file, relative_name, subsample
+
+    reporter = reporter or Reporter()
+    tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    max_dice_drop = check_dice_drop(max_dice_drop)
+    if max_dice_drop is not None and labels is None:
+        raise InputError("--max-dice-drop needs ground truth: pass --labels PATH with --images")
+    pairs = expand(bundle, backends, precisions)
+    root = Path(images)
+    files = list_image_files(root)
+    label_map = match_labels(files, root, labels) if labels is not None else None
+    records = []
+    with reporter.progress(f"Reading images from {root}", len(files)) as advance:
+        for f in files:
+            records += read_file(f, bundle.in_channels, relative_name(f, root))
             advance()
-    if record:
-        try:
-            bundle.record_verification(rows)
-        except OSError as exc:  # e.g. a bundle on a read-only mount of a device
-            reporter.notice("not recorded in the manifest:", str(exc))
-    return rows
+    if len(records) > max_images:
+        reporter.notice("note:", f"{len(records)} images; judging {max_images} evenly spaced ones")
+        records = subsample(records, max_images)
+    masks = attach_labels(records, label_map, bundle.out_channels) if label_map is not None else None
+    inputs = [model_space(r.pixels, bundle.preprocessing, r.label) for r in records]
+    groups = group_by_shape(inputs, masks, [r.label for r in records])
+    ref_backend = reference_backend(bundle)
+    cls = runner_class(ref_backend)
+    reason = cls.availability(bundle, "fp32")
+    if reason is not None:
+        raise BackendUnavailable(f"no reference can run here ({ref_backend}/fp32: {reason})")
+    cases = []
+    with cls(bundle, "fp32") as ref, reporter.progress(f"Reference outputs ({ref_backend}/fp32)",
+                                                       len(groups)) as advance:
+        for x, y, names in groups:
+            cases.append(GoldenCase(x, ref.infer(x), y, names))
+            advance()
+    return _judge_all(bundle, pairs, cases, tolerances, f"{ref_backend}/fp32", max_dice_drop,
+                      Path(save_diff) if save_diff is not None else None, reporter,
+                      f"Verifying against {ref_backend}/fp32 on {len(records)} images", **runner_options)
 
 
 def summary_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -181,4 +313,4 @@ def summary_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 __all__ = ["DEFAULT_TOLERANCES", "GoldenCase", "Tolerance", "available_backends", "compare", "expand",
-           "judge", "load_golden", "run_backend", "verify"]
+           "judge", "load_golden", "run_backend", "verify", "verify_images"]

@@ -143,11 +143,13 @@ def test_verify_json_and_exit_codes(bundle_copy: Path, tmp_path: Path) -> None:
                 "flipped_pixels", "confident_flips", "tolerance", "reason"):
         assert key in rows[("ort", "fp32")]
     assert "torch" in out and "ort" in out
-    # A tolerance nobody can meet turns the same run into exit 1.
+    assert Bundle.load(bundle_copy).manifest["verification"]["ort/fp32"]["status"] == "pass"  # recorded
+    # A tolerance nobody can meet turns the same run into exit 1, and the bundle is not changed.
+    before = (bundle_copy / "manifest.json").read_bytes()
     code, _, err = run("verify", "-b", str(bundle_copy), "--backend", "ort", "--precision", "fp32",
-                       "--rel-l2", "0", "--pixel-agreement", "1.1")
-    assert code == 1 and "missed tolerance" in err
-    assert Bundle.load(bundle_copy).manifest["verification"]["ort/fp32"]["status"] == "fail"
+                       "--rel-l2", "0", "--pixel-agreement", "1")
+    assert code == 1 and "missed tolerance" in err and "bundle not changed" in err
+    assert (bundle_copy / "manifest.json").read_bytes() == before
 
 
 def test_bench_json_keys(small_bundle: Path, tmp_path: Path) -> None:
@@ -201,7 +203,7 @@ def test_reexport_replaces_bundle_and_force_writes_into_foreign_dir(tmp_path: Pa
     torch.save(popular_state_dict(1, 2, 8, seed=99), tmp_path / "other.pth")
     assert run("export", str(tmp_path / "other.pth"), "-o", str(out), "--exporter", "torchscript")[0] == 0
     assert Bundle.load(out).artifacts["model.onnx"]["sha256"] != first
-    assert not list(tmp_path.glob(".b.*"))  # no staging leftovers
+    assert not list((out / ".attdeploy").glob("txn-*"))  # no staging leftovers
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
@@ -219,14 +221,15 @@ def test_killed_export_leaves_previous_bundle_loadable(tmp_path: Path, small_bun
     torch.save(popular_state_dict(1, 2, 8, seed=5), tmp_path / "new.pth")
     exe = [sys.executable, "-m", "attunet_deploy.cli", "export", str(tmp_path / "new.pth"), "-o", str(target),
            "--exporter", "torchscript"]
-    # Kill when the staging bundle reaches each milestone: created, ONNX written, golden set written.
+    # Kill when the export's transaction reaches each milestone: staging created, ONNX written,
+    # golden set written.
     for milestone in ("", "model.onnx", "golden.npz"):
         proc = subprocess.Popen(exe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         reached = False
         while time.time() < deadline and proc.poll() is None:
-            stage = tmp_path / f".deploy.staging-{proc.pid}"
-            if stage.is_dir() and (not milestone or (stage / milestone).exists()):
+            stages = list((target / ".attdeploy").glob(f"txn-{proc.pid}-*"))
+            if stages and (not milestone or (stages[0] / "files" / milestone).exists()):
                 reached = True
                 break
             time.sleep(0.01)
@@ -237,7 +240,7 @@ def test_killed_export_leaves_previous_bundle_loadable(tmp_path: Path, small_bun
         assert bundle.artifacts == before  # still the old bundle, untouched
     # The next export clears what the killed ones left behind, and then replaces the bundle.
     assert run("export", str(tmp_path / "new.pth"), "-o", str(target), "--exporter", "torchscript")[0] == 0
-    assert not list(tmp_path.glob(".deploy.*"))
+    assert not list((target / ".attdeploy").glob("txn-*"))
     assert Bundle.load(target).artifacts["model.onnx"]["sha256"] != before["model.onnx"]["sha256"]
 
 

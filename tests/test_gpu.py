@@ -15,6 +15,13 @@ from attunet_deploy.bench import BenchSettings, bench_runner
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.verify import verify
 
+#: The narrow profile test_engine_cache_reused_and_profile_bounds_enforced builds, an input that
+#: pads to 5x1x128x112 (inside it, run as chunks of 2) and one outside it. test_tensorrt_logic checks
+#: on the CPU that these stay consistent (issue 11, defect 5).
+NARROW_MIN, NARROW_MAX = "1x1x64x64", "2x1x128x128"
+CHUNKED_INPUT = (5, 1, 120, 100)
+OUTSIDE_INPUT = (1, 1, 300, 300)
+
 
 @pytest.fixture(scope="module")
 def gpu_demo(tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path) -> Path:
@@ -51,12 +58,16 @@ def test_engine_cache_reused_and_profile_bounds_enforced(gpu_demo: Path) -> None
     build_engines(Bundle.load(gpu_demo), ["fp16"])
     (again,) = build_engines(Bundle.load(gpu_demo), ["fp16"])
     assert again["status"] == "cached"
-    narrow = parse_profiles(["1x1x128x128"], [], ["2x1x128x128"], channels=1)
+    narrow = parse_profiles([NARROW_MIN], [], [NARROW_MAX], channels=1)
     build_engines(Bundle.load(gpu_demo), ["fp32"], narrow, force=True)
+    x = np.random.default_rng(3).random(CHUNKED_INPUT, dtype=np.float32)
     with load_runner(gpu_demo, backend="trt", precision="fp32") as runner:
-        assert runner.infer(np.zeros((5, 1, 120, 100), np.float32)).shape == (5, 1, 120, 100)  # chunked batch
+        chunked = runner.infer(x)
+        assert chunked.shape == (5, 1, 120, 100)
+        one_by_one = np.concatenate([runner.infer(x[i:i + 1]) for i in range(5)])
+        np.testing.assert_allclose(chunked, one_by_one, atol=1e-4)  # each chunk's logits kept (defect 3)
         with pytest.raises(InputError, match="fits no engine profile"):
-            runner.infer(np.zeros((1, 1, 300, 300), np.float32))
+            runner.infer(np.zeros(OUTSIDE_INPUT, np.float32))
 
 
 @pytest.mark.gpu(needs="tensorrt")

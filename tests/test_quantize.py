@@ -115,12 +115,13 @@ def test_calibration_from_dicom_and_png(bundle_copy: Path, tmp_path: Path, sourc
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (60 + 8 * i, 70), dtype=np.uint8)).save(calib / f"{i}.png")
     result = CliRunner().invoke(main, ["quantize", "-b", str(bundle_copy), "--calib", str(calib),
-                                       "--method", "minmax", "--precision", "int8"])
-    assert result.exit_code in (0, 1), result.stderr  # random weights: accuracy is reported, not assured
+                                       "--method", "minmax", "--precision", "int8", "--no-verify"])
+    assert result.exit_code == 0, result.stderr  # random weights: accuracy is not checked here
     entry = Bundle.load(bundle_copy).artifacts["model.int8.onnx"]
     expected = 1 if source == "dicom" else 3
     assert entry["producer"]["calibration_images"] == expected
-    assert "int8" in result.stdout
+    assert entry["producer"]["calibration_files"] == (["CT_small.dcm"] if source == "dicom"
+                                                      else ["0.png", "1.png", "2.png"])
 
 
 def test_full_range_weights_stay_correct_on_this_cpu(demo_bundle: Path, tmp_path: Path) -> None:

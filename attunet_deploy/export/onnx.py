@@ -1,7 +1,8 @@
 """Checkpoint -> bundle: reference weights, ONNX with dynamic N/H/W, golden set, manifest.
 
-The bundle is written into a staging directory beside the target and moved into place only
-when complete, so an interrupted export leaves the previous bundle (or nothing) behind.
+Everything is staged in a bundle transaction and committed only after ONNX Runtime has been
+checked against PyTorch, so an export that fails or is interrupted leaves the previous bundle
+byte-identical (or no bundle at all).
 """
 
 from __future__ import annotations
@@ -9,20 +10,30 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import GOLDEN_FILE, ONNX_FILES, TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle, check_output_dir, commit_staged
+from ..bundle import (
+    GOLDEN_FILE,
+    ONNX_FILES,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+    Bundle,
+    check_export_target,
+    open_export_target,
+)
 from ..console import Reporter
 from ..environment import versions
 from ..errors import InputError, VerificationFailed
 from ..fileio import atomic_path, sha256_file
+from ..golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
 from ..preprocess import crop, default_postprocessing, pad_to_divisor, parse_normalization
 
 DEFAULT_OPSET = 18
@@ -132,64 +143,157 @@ def reference_logits(module: Any, x: np.ndarray, divisor: int) -> np.ndarray:
     return crop(y, size)
 
 
-def golden_inputs(in_channels: int, preprocessing: dict[str, Any], demo: bool
-                  ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(model-space inputs, labels or None) for each golden case."""
+def synthetic_cases(in_channels: int, preprocessing: dict[str, Any], demo: bool
+                    ) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+    """Golden cases when the user gave no images: demo phantoms (with labels), or smooth fields."""
     from ..preprocess import normalize
 
-    cases: list[tuple[np.ndarray, np.ndarray | None]] = []
+    cases: list[tuple[np.ndarray, np.ndarray | None, list[str]]] = []
     if demo:
         from ..demo import GOLDEN_SEED, make_phantoms
 
         for i, (n, h, w) in enumerate(DEMO_GOLDEN):
             hu, labels = make_phantoms(n, seed=GOLDEN_SEED * 100 + i, size=(h, w))
-            cases.append((normalize(hu, preprocessing), labels))
+            cases.append((normalize(hu, preprocessing), labels, [f"phantom {i}.{k} ({h}x{w})" for k in range(n)]))
         return cases
     rng = np.random.default_rng(20260101)
     kind = preprocessing.get("normalize", {}).get("kind", "none")
-    for n, h, w in GENERIC_GOLDEN:
+    for i, (n, h, w) in enumerate(GENERIC_GOLDEN):
         # Smooth random fields: closer to images than white noise, so masks have structure.
         coarse = rng.standard_normal((n, in_channels, h // 8 + 2, w // 8 + 2)).astype(np.float32)
         field = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)[:, :, :h, :w]
         field = field + 0.3 * rng.standard_normal(field.shape).astype(np.float32)
         if kind in ("ct_window", "scale", "minmax"):
             field = 1.0 / (1.0 + np.exp(-field))  # these normalisations produce [0, 1]
-        cases.append((np.ascontiguousarray(field, dtype=np.float32), None))
+        cases.append((np.ascontiguousarray(field, dtype=np.float32), None,
+                      [f"synthetic field {i}.{k} ({h}x{w})" for k in range(n)]))
     return cases
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Delete staging directories left by exports of ``out`` that were killed (owner not alive)."""
-    for stale in out.parent.glob(f".{out.name}.staging-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # raises if no such process
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
+@dataclass
+class UserImages:
+    """The user's image set, split and read before any export work starts."""
+
+    root: Path
+    golden_files: list[Path]
+    calib_files: list[Path]
+    records: list[Any]
+    labels: list[np.ndarray] | None
+    #: for a single multi-image file: the held-out image indices (the rest calibrate)
+    indices: list[int] | None = None
+
+
+def prepare_user_images(images: str | os.PathLike[str], labels: str | os.PathLike[str] | None, channels: int,
+                        out_channels: int) -> UserImages:
+    """Split ``images`` into golden and calibration files, read the golden ones (and their labels).
+
+    Every problem (unreadable image, image without label, label without image, shape
+    mismatch) is raised here, before anything is exported.
+    """
+    from ..calibration import (
+        attach_labels,
+        golden_records,
+        list_image_files,
+        match_labels,
+        read_file,
+        relative_name,
+        split_holdout,
+        split_images,
+    )
+
+    root = Path(images)
+    files = list_image_files(root)
+    label_map = match_labels(files, root, labels) if labels is not None else None
+    if len(files) == 1:
+        # One volume or stack: hold out a quarter of its images (calibration takes the rest).
+        all_records = read_file(files[0], channels, relative_name(files[0], root))
+        records, rest = split_images(all_records) if len(all_records) > 1 else (all_records, [])
+        golden_files, calib_files = files, files if rest else []
+        indices = [r.index for r in records] if rest else None
+    else:
+        golden_files, calib_files = split_holdout(files, root)
+        records = golden_records(golden_files, root, channels)
+        indices = None
+    masks = attach_labels(records, label_map, out_channels) if label_map is not None else None
+    return UserImages(root, golden_files, calib_files, records, masks, indices)
+
+
+def user_golden_cases(user: UserImages, preprocessing: dict[str, Any], divisor: int
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray | None, list[str]]], int]:
+    """Golden cases from held-out user images (+ one crop of a real image when no image has a size
+    that is not a multiple of ``divisor``); returns (cases, number of synthetic cases)."""
+    inputs = [model_space(r.pixels, preprocessing, r.label) for r in user.records]
+    names = [r.label for r in user.records]
+    labels = list(user.labels) if user.labels is not None else None
+    synthetic = 0
+    if all(r.pixels.shape[1] % divisor == 0 and r.pixels.shape[2] % divisor == 0 for r in user.records):
+        crop_ = non_divisible_crop(user.records[0].pixels, labels[0] if labels else None, divisor)
+        if crop_ is not None:
+            raw, lab = crop_
+            inputs.append(model_space(raw, preprocessing, "synthetic crop"))
+            names.append(f"synthetic: {raw.shape[1]}x{raw.shape[2]} crop of {user.records[0].label}")
+            if labels is not None:
+                labels.append(lab)
+            synthetic = 1
+    return group_by_shape(inputs, labels, names), synthetic
+
+
+def golden_manifest(user: UserImages | None, demo: bool, synthetic: int, n_cases: int) -> dict[str, Any]:
+    """The manifest's top-level ``golden`` record (design.md section 3)."""
+    from ..calibration import file_sha256, relative_name
+
+    if user is None:
+        return {"kind": "demo-phantoms" if demo else "synthetic-fields", "reference": "torch/fp32",
+                "source": [], "synthetic_cases": n_cases, "labels": demo}
+    per_file: dict[Path, list[Any]] = {}
+    for r in user.records:
+        per_file.setdefault(r.source, []).append(r)
+    source = []
+    for f in user.golden_files:
+        recs = per_file.get(f, [])
+        shape = list(recs[0].pixels.shape) if len(recs) == 1 else [len(recs), *recs[0].pixels.shape] if recs else []
+        entry = {"file": relative_name(f, user.root), "sha256": file_sha256(f), "shape": shape, "images": len(recs)}
+        if user.indices is not None:
+            entry["indices"] = sorted(user.indices)
+        source.append(entry)
+    return {"kind": "user-images", "reference": "torch/fp32", "root": str(user.root.resolve()), "source": source,
+            "synthetic_cases": synthetic, "labels": user.labels is not None,
+            "calibration_candidates": len(user.calib_files)}
+
+
+def check_export_options(opset: int, check_rel_l2: float) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        raise InputError(f"--opset {opset} unsupported: choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if isinstance(check_rel_l2, bool) or not isinstance(check_rel_l2, (int, float)) or not math.isfinite(check_rel_l2) \
+            or check_rel_l2 < 0:
+        raise InputError(f"--check-rel-l2 {check_rel_l2!r}: must be a finite number >= 0")
 
 
 def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathLike[str] = "deploy", *,
                   opset: int = DEFAULT_OPSET, trust_pickle: bool = False, force: bool = False,
                   normalize: str | None = None, exporter: str = "auto", check_rel_l2: float = EXPORT_REL_L2,
+                  images: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
                   reporter: Reporter | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Export ``model_path`` (None: the bundled demo) to a verified bundle at ``out``.
 
-    Returns the bundle and its ONNX Runtime parity row. Raises VerificationFailed (after the
-    bundle is in place, so it can be inspected) when ONNX Runtime differs from PyTorch by
-    more than ``check_rel_l2`` (default 1e-5) in relative L2.
+    ``images`` (a file or folder) gives the golden set: a deterministic quarter is held out
+    (the rest is for calibration); ``labels`` adds their ground-truth masks. Returns the
+    bundle and its ONNX Runtime parity row. Raises VerificationFailed, with nothing written,
+    when ONNX Runtime differs from PyTorch by more than ``check_rel_l2`` in relative L2.
     """
     import torch
 
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..demo import DEMO_NORMALIZE, DEMO_WEIGHTS, is_demo
     from ..model import SPATIAL_DIVISOR, count_parameters
-    from ..verify import Tolerance, load_golden, run_backend
+    from ..verify import Tolerance, run_backend
 
     reporter = reporter or Reporter()
-    out = Path(out)
-    mode = check_output_dir(out, force)  # refuse a foreign directory before doing any work
+    check_export_options(opset, check_rel_l2)
+    writes = [WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILES["fp32"], GOLDEN_FILE]
+    check_export_target(out, force, writes)  # refuse a foreign folder before any work
+    if labels is not None and images is None:
+        raise InputError("--labels needs --images (the images the labels belong to)")
     demo = model_path is None or is_demo(model_path)
     src = Path(model_path) if model_path is not None else DEMO_WEIGHTS
     if demo and not src.is_file():
@@ -204,32 +308,35 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     config = loaded.config
     if preprocessing["normalize"]["kind"] == "mean_std":
         n_mean = len(preprocessing["normalize"]["mean"])
-        if n_mean not in (1, config.in_channels):
+        n_std = len(preprocessing["normalize"]["std"])
+        if n_mean not in (1, config.in_channels) or n_std not in (1, config.in_channels):
             raise InputError(f"--normalize gives {n_mean} means for a {config.in_channels}-channel model")
+    user = None
+    if images is not None:
+        with reporter.step(f"Reading held-out images from {images}"):
+            user = prepare_user_images(images, labels, config.in_channels, config.out_channels)
+    elif not demo:
+        reporter.notice("note:", "golden set is synthetic (smooth random fields): pass --images DIR to judge "
+                        "every backend on your own images")
 
-    _remove_stale_staging(out)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    root, _mode, txn = open_export_target(out, force, writes)
+    with txn:
         source = {"path": str(src.resolve()), "sha256": sha256_file(src), "layout": loaded.source,
                   "demo": demo, "parameters": count_parameters(loaded.module)}
-        bundle = Bundle.new(staging, config=config.to_dict(), preprocessing=preprocessing,
-                            postprocessing=default_postprocessing(config.out_channels), source=source,
-                            spatial_divisor=SPATIAL_DIVISOR)
+        txn.manifest = Bundle.new_manifest(config=config.to_dict(), preprocessing=preprocessing,
+                                           postprocessing=default_postprocessing(config.out_channels), source=source,
+                                           spatial_divisor=SPATIAL_DIVISOR)
         producer = versions(include_torch=True)
         if loaded.is_reference:
-            with bundle.writing(WEIGHTS_FILE) as tmp:
-                save_checkpoint(loaded.module, tmp, meta={"source": src.name})
-            bundle.add_artifact(WEIGHTS_FILE, kind="pytorch-weights", precision="fp32", producer=producer)
+            save_checkpoint(loaded.module, txn.stage(WEIGHTS_FILE), meta={"source": src.name})
+            txn.add_artifact(WEIGHTS_FILE, kind="pytorch-weights", precision="fp32", producer=producer)
         else:
             scripted = loaded.module if isinstance(loaded.module, torch.jit.ScriptModule) else \
                 torch.jit.trace(loaded.module, torch.zeros(1, config.in_channels, 64, 64))
-            with bundle.writing(TORCHSCRIPT_FILE) as tmp:
-                torch.jit.save(scripted, str(tmp))
-            bundle.add_artifact(TORCHSCRIPT_FILE, kind="torchscript", precision="fp32", producer=producer)
+            torch.jit.save(scripted, str(txn.stage(TORCHSCRIPT_FILE)))
+            txn.add_artifact(TORCHSCRIPT_FILE, kind="torchscript", precision="fp32", producer=producer)
 
-        onnx_path = staging / ONNX_FILES["fp32"]
+        onnx_path = txn.stage(ONNX_FILES["fp32"])
         with reporter.step(f"Exporting ONNX (opset {opset}, dynamic N/H/W)"):
             info = export_onnx(loaded.module, config.in_channels, onnx_path, opset=opset, exporter=exporter)
             add_metadata(onnx_path, {"attunet_deploy.config": json.dumps(config.to_dict()),
@@ -242,33 +349,31 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
         lint = lint_onnx(onnx_path)
         if lint:
             reporter.notice("TensorRT lint (fp32):", "; ".join(lint[:5]))
-        bundle.add_artifact(ONNX_FILES["fp32"], kind="onnx", precision="fp32",
-                            producer={**producer, "exporter": info["exporter"], "opset": opset}, trt_lint=lint)
+        txn.add_artifact(ONNX_FILES["fp32"], kind="onnx", precision="fp32",
+                         producer={**producer, "exporter": info["exporter"], "opset": opset}, trt_lint=lint)
 
-        cases = golden_inputs(config.in_channels, preprocessing, demo)
-        with reporter.progress("Computing PyTorch FP32 golden outputs", len(cases)) as advance:
-            arrays: dict[str, np.ndarray] = {}
-            for i, (x, labels) in enumerate(cases):
-                arrays[f"case{i}_input"] = x
-                arrays[f"case{i}_logits"] = reference_logits(loaded.module, x, SPATIAL_DIVISOR)
-                if labels is not None:
-                    arrays[f"case{i}_labels"] = labels
+        if user is not None:
+            groups, synthetic = user_golden_cases(user, preprocessing, SPATIAL_DIVISOR)
+        else:
+            groups, synthetic = synthetic_cases(config.in_channels, preprocessing, demo), 0
+        cases: list[GoldenCase] = []
+        with reporter.progress("Computing PyTorch FP32 golden outputs", len(groups)) as advance:
+            for x, y, names in groups:
+                cases.append(GoldenCase(x, reference_logits(loaded.module, x, SPATIAL_DIVISOR), y, names))
                 advance()
-        with bundle.writing(GOLDEN_FILE) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
-        bundle.add_artifact(GOLDEN_FILE, kind="golden", producer=producer,
-                            shapes=[list(arrays[f"case{i}_input"].shape) for i in range(len(cases))])
+        with open(txn.stage(GOLDEN_FILE), "wb") as fh:
+            save_golden(fh, cases)
+        txn.add_artifact(GOLDEN_FILE, kind="golden", producer=producer,
+                         shapes=[list(c.inputs.shape) for c in cases])
+        txn.manifest["golden"] = golden_manifest(user, demo, synthetic if user is not None else len(cases),
+                                                 len(cases))
 
         with reporter.step("Checking ONNX Runtime CPU against PyTorch"):
-            row = run_backend(bundle, "ort", "fp32", load_golden(bundle), Tolerance(rel_l2=check_rel_l2))
-        bundle.record_verification([row])
-        bundle.save()
-        commit_staged(staging, out, mode)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    bundle = Bundle.load(out)
-    if row["status"] != "pass":
-        raise VerificationFailed(f"ONNX Runtime differs from PyTorch: {row.get('reason') or row['status']} (the "
-                                 "bundle was written; --check-rel-l2 sets the export check's tolerance)")
+            row = run_backend(txn.view(), "ort", "fp32", cases, Tolerance(rel_l2=check_rel_l2))
+        if row["status"] != "pass":
+            raise VerificationFailed(f"ONNX Runtime differs from PyTorch: {row.get('reason') or row['status']}; "
+                                     "nothing was written (--check-rel-l2 sets this check's tolerance)")
+        txn.record_verification([row])
+        txn.commit()
+    bundle = Bundle.load(root)
     return bundle, row

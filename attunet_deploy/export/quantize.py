@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ONNX_FILES, Bundle
+from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
 from ..console import Reporter
 from ..environment import versions
-from ..errors import InputError
+from ..errors import InputError, VerificationFailed
 from ..fileio import atomic_path
 
 #: Calibration methods (CLI name -> onnxruntime CalibrationMethod member).
@@ -227,62 +227,150 @@ def _save(model: Any, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ bundle step
-def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int) -> tuple[list[np.ndarray], str]:
-    """Model-space calibration inputs and a description of where they came from."""
-    from ..calibration import load_images, model_inputs
+def golden_shas(bundle: Bundle) -> dict[str, set[int] | None]:
+    """sha256 of each held-out golden file -> its held-out image indices (None: the whole file)."""
+    out: dict[str, set[int] | None] = {}
+    for s in bundle.golden_info.get("source", []):
+        if isinstance(s, dict) and isinstance(s.get("sha256"), str):
+            idx = s.get("indices")
+            out[s["sha256"]] = {int(i) for i in idx} if isinstance(idx, list) else None
+    return out
+
+
+def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
+                       ) -> tuple[list[np.ndarray], str, list[str]]:
+    """Model-space calibration inputs, a description, and the calibration files (relative names).
+
+    Files whose content is one of the held-out golden images are never used for calibration,
+    whatever folder they come from: calibration and verification stay disjoint.
+    """
+    from ..calibration import file_sha256, list_image_files, model_inputs, read_file, relative_name, subsample
 
     if calib is None:
-        if not bundle.manifest["model"]["source"].get("demo"):
+        root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-images" else None
+        if root and Path(root).exists():
+            calib = root  # the images export held out a quarter of; the rest calibrate
+        elif not bundle.manifest["model"]["source"].get("demo"):
             raise InputError("INT8 needs calibration images for a user model: pass --calib DIR_OR_FILE "
                              "(a few dozen representative slices)")
-        from ..demo import CALIB_SEED, DEMO_SIZE, make_phantoms
-        from ..preprocess import normalize
+        else:
+            from ..demo import CALIB_SEED, DEMO_SIZE, make_phantoms
+            from ..preprocess import normalize
 
-        hu, _ = make_phantoms(max_samples, seed=CALIB_SEED, size=DEMO_SIZE)
-        x = normalize(hu, bundle.preprocessing)
-        return [x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})"
-    records = load_images(calib, bundle.in_channels, max_samples=max_samples)
-    return model_inputs(records, bundle.preprocessing, bundle.divisor), f"{len(records)} images from {calib}"
+            hu, _ = make_phantoms(max_samples, seed=CALIB_SEED, size=DEMO_SIZE)
+            x = normalize(hu, bundle.preprocessing)
+            return ([x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})",
+                    [f"demo phantom seed {CALIB_SEED}"])
+    root = Path(calib)
+    files = list_image_files(root)
+    held = golden_shas(bundle)
+    records = []
+    skipped = 0
+    for f in files:
+        sha = file_sha256(f) if held else ""
+        if sha in held and held[sha] is None:
+            skipped += 1
+            continue
+        recs = read_file(f, bundle.in_channels, relative_name(f, root))
+        if sha in held:  # a volume part of which is held out: only its other slices calibrate
+            recs = [r for r in recs if r.index not in held[sha]]
+            skipped += 1
+        records += recs
+    if not records:
+        raise InputError(f"every image in {calib} is a held-out golden image: calibration needs other images "
+                         "(give a larger --calib set)")
+    records = subsample(records, max_samples)
+    used_files = sorted({r.rel for r in records})
+    described = f"{len(records)} images from {calib}" + (f" (held-out golden images excluded from {skipped} "
+                                                          "file(s))" if skipped else "")
+    return model_inputs(records, bundle.preprocessing, bundle.divisor), described, used_files
+
+
+def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or not 1 <= max_samples <= 100_000:
+        raise InputError(f"--max-samples {max_samples!r}: must be an integer in 1..100000")
+    bad = [p for p in precisions if p not in ("fp16", "int8")]
+    if bad:
+        raise InputError(f"--precision {bad[0]!r}: quantize makes fp16 and int8")
 
 
 def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "percentile", max_samples: int = 64,
                     quantize_all: bool = False, precisions: list[str] | None = None,
                     reporter: Reporter | None = None, verify: bool = True,
-                    full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None
+                    full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None,
                     ) -> list[dict[str, Any]]:
     """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
-    ONNX Runtime CPU. Returns the verification rows (also recorded in the manifest)."""
+    ONNX Runtime CPU, then commit them together. A graph that misses its tolerance (exit 1),
+    bad input (exit 2) or an interruption leaves the bundle as it was. Returns the rows."""
     from .trt_lint import lint_onnx
 
     reporter = reporter or Reporter()
     precisions = precisions or ["fp16", "int8"]
+    check_quantize_options(method, max_samples, precisions)
     src = bundle.onnx_path("fp32")
+    keep = set(fp16_keep_fp32 or ())
+    if keep and "fp16" in precisions:
+        check_node_names(src, keep)  # before any work: a typo is exit 2 with the bundle untouched
+    if "int8" in precisions:  # read the calibration set first: a bad --calib fails before any work
+        inputs, described, used = calibration_inputs(bundle, calib, max_samples)
     producer = versions()
     done = []
-    if "int8" in precisions:  # read the calibration set first: a bad --calib fails before any work
-        inputs, described = calibration_inputs(bundle, calib, max_samples)
-    if "fp16" in precisions:
-        name = ONNX_FILES["fp16"]
-        with reporter.step("Converting to FP16 (float32 I/O)"), bundle.writing(name) as tmp:
-            info = convert_fp16(src, tmp, set(fp16_keep_fp32 or ()))
-        bundle.add_artifact(name, kind="onnx", precision="fp16", producer={**producer, **info})
-        done.append("fp16")
-    if "int8" in precisions:
-        name = ONNX_FILES["int8"]
-        with bundle.writing(name) as tmp:
-            info = quantize_int8(src, tmp, inputs, method=method, quantize_all=quantize_all,
+    with bundle.transaction() as txn:
+        if "fp16" in precisions:
+            name = ONNX_FILES["fp16"]
+            with reporter.step("Converting to FP16 (float32 I/O)"):
+                info = convert_fp16(src, txn.stage(name), keep)
+            txn.add_artifact(name, kind="onnx", precision="fp16", producer={**producer, **info})
+            done.append("fp16")
+        if "int8" in precisions:
+            name = ONNX_FILES["int8"]
+            info = quantize_int8(src, txn.stage(name), inputs, method=method, quantize_all=quantize_all,
                                  full_range_weights=full_range_weights, reporter=reporter)
-        bundle.add_artifact(name, kind="onnx", precision="int8",
-                            producer={**producer, **info, "calibration": described})
-        done.append("int8")
-    for precision in done:
-        issues = lint_onnx(bundle.onnx_path(precision))
-        if issues:
-            reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
-        bundle.artifacts[ONNX_FILES[precision]]["trt_lint"] = issues
-    bundle.save()
-    if not verify:
-        return []
-    from ..verify import verify as run_verify
+            txn.add_artifact(name, kind="onnx", precision="int8",
+                             producer={**producer, **info, "calibration": described, "calibration_files": used})
+            done.append("int8")
+        for precision in done:
+            issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
+            if issues:
+                reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
+            txn.manifest["artifacts"][ONNX_FILES[precision]]["trt_lint"] = issues
+            _drop_engines_of(bundle, txn, precision)
+        rows: list[dict[str, Any]] = []
+        if verify:
+            from ..verify import verify as run_verify
 
-    return run_verify(bundle, ["ort"], done, reporter=reporter)
+            rows = run_verify(txn.view(), ["ort"], done, reporter=reporter)
+            if any(r["status"] == "fail" for r in rows):
+                from ..report import verify_table
+
+                reporter.table(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU (not written)"))
+                failed = ", ".join(f"{r['precision']} ({r['reason']})" for r in rows if r["status"] == "fail")
+                raise VerificationFailed(f"{failed}: nothing was written; try another --method, a more representative "
+                                         "--calib set, or --no-verify to keep unverified graphs")
+            txn.record_verification(rows)
+        txn.commit()
+    return rows
+
+
+def _drop_engines_of(bundle: Bundle, txn: Any, precision: str) -> None:
+    """Engines and ONNX Runtime TensorRT-EP caches built from the old graph are stale now."""
+    for name, entry in bundle.artifacts.items():
+        if entry.get("kind") == "tensorrt-engine" and entry.get("precision") == precision:
+            txn.remove(name)
+    cache_root = bundle.root / ENGINE_DIR / "ort-trt"
+    if cache_root.is_dir() and not cache_root.is_symlink():
+        for d in cache_root.iterdir():
+            if d.is_dir() and (d.name == precision or d.name.startswith(precision + "-")):
+                txn.remove_dir(f"{ENGINE_DIR}/ort-trt/{d.name}")
+
+
+def check_node_names(onnx_path: Path, names: set[str]) -> None:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    unknown = names - {n.name for n in model.graph.node}
+    if unknown:
+        raise InputError(f"--fp16-keep-fp32: no node named {', '.join(sorted(unknown))} in {onnx_path.name} "
+                         "(node names are listed by Netron or onnx.load(...).graph.node)")

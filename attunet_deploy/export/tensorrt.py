@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
 from ..console import Reporter
 from ..environment import free_device_memory_mb, gpu_identity, module_version, tensorrt_major, tensorrt_probe
-from ..errors import BackendUnavailable, InputError, VerificationFailed
+from ..errors import BackendUnavailable, BuildFailed, InputError
 
 Shape = tuple[int, int, int, int]
 
@@ -138,6 +139,9 @@ class BuildSettings:
     flags: tuple[str, ...] = ()
     builder_optimization_level: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
+    #: False when workspace_mb is our default (a share of *current* free memory): it then stays
+    #: out of the cache key, or the key would drift with free memory and engines be rebuilt.
+    workspace_explicit: bool = True
 
     def canonical(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,10 +149,17 @@ class BuildSettings:
         d["flags"] = list(self.flags)
         return d
 
+    def key_fields(self) -> dict[str, Any]:
+        d = self.canonical()
+        if not self.workspace_explicit:
+            d["workspace_mb"] = "default"
+        d.pop("workspace_explicit")
+        return d
+
 
 def engine_cache_key(graph_sha256: str, settings: BuildSettings, gpu: dict[str, Any], trt_version: str) -> str:
     """sha256 over graph hash, build settings, GPU name + compute capability, TensorRT version."""
-    payload = {"graph": graph_sha256, "settings": settings.canonical(),
+    payload = {"graph": graph_sha256, "settings": settings.key_fields(),
                "gpu": {"name": gpu.get("name"), "compute_capability": gpu.get("compute_capability")},
                "tensorrt": trt_version}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -161,26 +172,62 @@ def engine_name(precision: str, gpu: dict[str, Any], trt_version: str, key: str)
 
 
 # ------------------------------------------------------------------------------------ layer check
+_SKIP_LAYER_TYPES = ("reformat", "shuffle", "nocopy")
+
+
+def tensor_datatype(tensor: Any) -> str:
+    """'int8' | 'fp16' | 'fp32' | 'other' | '' for one tensor of the inspector JSON.
+
+    TensorRT 10 writes one combined ``"Format/Datatype"`` string ("Int8 NC32HW32", "Half",
+    "Row major linear FP32"); TensorRT 11 splits it into ``"Datatype"`` and ``"Format"``.
+    """
+    if not isinstance(tensor, dict):
+        return ""
+    raw = tensor.get("Datatype")
+    if not isinstance(raw, str) or not raw:
+        raw = tensor.get("Format/Datatype")
+    if not isinstance(raw, str) or not raw or "n/a" in raw.lower():
+        return ""
+    text = raw.lower()
+    if "int8" in text:
+        return "int8"
+    if "half" in text or "fp16" in text:
+        return "fp16"
+    if "float" in text or "fp32" in text:
+        return "fp32"
+    return "other"
+
+
+def _is_convolution(layer: dict[str, Any]) -> bool:
+    kind = str(layer.get("LayerType", "")).lower()
+    return "conv" in kind or "gemm" in kind
+
+
 def layer_precisions(engine_info: dict[str, Any]) -> Counter[str]:
-    """Count engine layers by the precision of their first output, from the engine inspector's
-    JSON (ProfilingVerbosity.DETAILED). Reformat/copy layers are not counted."""
+    """Count engine layers by precision, from the engine inspector's JSON (DETAILED verbosity).
+
+    A layer's precision is that of its first *input* (as NVIDIA's engine explorer trex reads
+    it): a convolution with int8 inputs and a float output runs int8; a leftover Quantize layer
+    (float input) does not. ``int8_conv`` counts convolutions whose first input is int8, the
+    evidence that an INT8 engine really computes in int8. Reformat/copy layers are not counted.
+    """
     counts: Counter[str] = Counter()
-    for layer in engine_info.get("Layers", []):
+    layers = engine_info.get("Layers", []) if isinstance(engine_info, dict) else []
+    for layer in layers if isinstance(layers, list) else []:
         if not isinstance(layer, dict):
             continue
-        if str(layer.get("LayerType", "")).lower() in ("reformat", "shuffle", "nocopy"):
+        if str(layer.get("LayerType", "")).lower() in _SKIP_LAYER_TYPES:
             continue
-        outputs = layer.get("Outputs") or []
-        fmt = str(outputs[0].get("Format/Datatype", "")) if outputs and isinstance(outputs[0], dict) else ""
-        text = fmt.lower()
-        if "int8" in text:
-            counts["int8"] += 1
-        elif "half" in text or "fp16" in text:
-            counts["fp16"] += 1
-        elif "float" in text or "fp32" in text:
-            counts["fp32"] += 1
-        elif fmt:
-            counts["other"] += 1
+        inputs = layer.get("Inputs") if isinstance(layer.get("Inputs"), list) else []
+        outputs = layer.get("Outputs") if isinstance(layer.get("Outputs"), list) else []
+        dtype = tensor_datatype(inputs[0]) if inputs else ""
+        if not dtype and outputs:
+            dtype = tensor_datatype(outputs[0])
+        if not dtype:
+            continue
+        counts[dtype] += 1
+        if dtype == "int8" and _is_convolution(layer):
+            counts["int8_conv"] += 1
     return counts
 
 
@@ -188,14 +235,17 @@ def check_layer_precision(requested: str, counts: Counter[str]) -> str | None:
     """None if the engine really runs ``requested`` somewhere, else why not.
 
     FP16/INT8 engines keep some float layers (casts, the float gates/head): we require that
-    the requested precision is present, not exclusive.
+    the requested precision is present, not exclusive; for INT8, in convolutions.
     """
     if not counts:
         return "the engine reports no layer information (build with detailed profiling verbosity)"
     if requested == "fp32":
         return None
+    found = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    if requested == "int8" and counts.get("int8_conv", 0) == 0:
+        return (f"no convolution runs in int8 (layers by input precision: {found}); on TensorRT 11 precision must "
+                "come from the graph: rerun 'attdeploy quantize'")
     if counts.get(requested, 0) == 0:
-        found = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         return (f"no {requested} layers in the engine (layers: {found}); on TensorRT 11 precision must come "
                 f"from the graph: rerun 'attdeploy quantize'")
     return None
@@ -216,52 +266,87 @@ def require_tensorrt() -> tuple[str, dict[str, Any]]:
 def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile] | None = None,
                   workspace_mb: int | None = None, force: bool = False,
                   reporter: Reporter | None = None) -> list[dict[str, Any]]:
-    """Build (or reuse from the cache) one engine per precision for this GPU and TensorRT."""
+    """Build (or reuse from the cache) one engine per precision for this GPU and TensorRT.
+
+    All engines of one call are committed together at the end; a failed build leaves the
+    bundle as it was.
+    """
     reporter = reporter or Reporter()
+    if workspace_mb is not None and (isinstance(workspace_mb, bool) or not 1 <= workspace_mb <= 1 << 20):
+        raise InputError("--workspace-mb must be an integer in 1..1048576")
     trt_version, gpu = require_tensorrt()
     profiles = profiles or [default_profile(bundle.in_channels)]
+    explicit = workspace_mb is not None
     if workspace_mb is None:
         workspace_mb = default_workspace_mb(free_device_memory_mb())
-    if workspace_mb < 1:
-        raise InputError("--workspace-mb must be >= 1")
+    plans = [build_plan(p, trt_version) for p in precisions]
+    for plan in plans:
+        bundle.onnx_path(plan.precision)  # BundleError says to run quantize, before any work
     results = []
-    for precision in precisions:
-        plan = build_plan(precision, trt_version)
-        graph_path = bundle.onnx_path(precision)  # BundleError says to run quantize
-        settings = BuildSettings(precision, profiles, workspace_mb, plan.strongly_typed, plan.flags)
-        key = engine_cache_key(bundle.artifacts[plan.graph]["sha256"], settings, gpu, trt_version)
-        name = engine_name(precision, gpu, trt_version, key)
-        stale = [n for n, e in bundle.artifacts.items() if e.get("kind") == "tensorrt-engine"
-                 and e.get("precision") == precision and e.get("gpu", {}).get("name") == gpu["name"]
-                 and e.get("tensorrt") == trt_version and n != name]
-        if not force and bundle.has(name) and bundle.artifacts[name].get("cache_key") == key:
-            results.append({"precision": precision, "engine": name, "status": "cached",
-                            "layer_precisions": bundle.artifacts[name].get("layer_precisions", {})})
-            continue
-        for old in stale:
-            reporter.info(f"rebuilding {precision}: {old} is stale (graph or build settings changed)")
-            bundle.remove_artifact(old)
-        t0 = time.perf_counter()
-        with reporter.step(f"Building TensorRT {trt_version} {precision} engine on {gpu['name']} "
-                           f"({'strongly typed' if plan.strongly_typed else 'flags ' + ','.join(plan.flags)})"):
-            engine_bytes, info = _build_with_polygraphy(bundle, graph_path, plan, settings, trt_version)
-        counts = layer_precisions(info)
-        problem = check_layer_precision(plan.expect, counts)
-        if problem:
-            raise VerificationFailed(f"{precision} engine not kept: {problem}")
-        with bundle.writing(name) as tmp:
-            tmp.write_bytes(engine_bytes)
-        bundle.add_artifact(name, kind="tensorrt-engine", precision=precision,
-                            producer={"tensorrt": trt_version, "polygraphy": module_version("polygraphy") or ""},
-                            gpu=gpu, tensorrt=trt_version, cache_key=key, graph=plan.graph,
-                            profiles=[p.to_dict() for p in profiles], settings=settings.canonical(),
-                            layer_precisions=dict(counts))
-        results.append({"precision": precision, "engine": name, "status": "built",
-                        "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
+    with bundle.transaction() as txn:
+        for plan in plans:
+            precision = plan.precision
+            graph_sha = bundle.artifacts[plan.graph]["sha256"]
+            settings = BuildSettings(precision, profiles, workspace_mb, plan.strongly_typed, plan.flags,
+                                     workspace_explicit=explicit)
+            key = engine_cache_key(graph_sha, settings, gpu, trt_version)
+            name = engine_name(precision, gpu, trt_version, key)
+            stale = [n for n, e in bundle.artifacts.items() if e.get("kind") == "tensorrt-engine"
+                     and e.get("precision") == precision and e.get("gpu", {}).get("name") == gpu["name"]
+                     and e.get("tensorrt") == trt_version and n != name]
+            if not force and bundle.has(name) and bundle.artifacts[name].get("cache_key") == key:
+                results.append({"precision": precision, "engine": name, "status": "cached",
+                                "layer_precisions": bundle.artifacts[name].get("layer_precisions", {})})
+                continue
+            for old in stale:
+                reporter.info(f"rebuilding {precision}: {old} is stale (graph or build settings changed)")
+                txn.remove(old)
+            t0 = time.perf_counter()
+            with reporter.step(f"Building TensorRT {trt_version} {precision} engine on {gpu['name']} "
+                               f"({'strongly typed' if plan.strongly_typed else 'flags ' + ','.join(plan.flags)})"):
+                engine_bytes, info = _build_guarded(bundle, txn, plan, settings, trt_version)
+            counts = layer_precisions(info)
+            problem = check_layer_precision(plan.expect, counts)
+            if problem:
+                raise BuildFailed(f"{precision} engine not kept: {problem}")
+            txn.stage(name).write_bytes(engine_bytes)
+            txn.add_artifact(name, kind="tensorrt-engine", precision=precision,
+                             producer={"tensorrt": trt_version, "polygraphy": module_version("polygraphy") or ""},
+                             gpu=gpu, tensorrt=trt_version, cache_key=key, graph=plan.graph, graph_sha256=graph_sha,
+                             profiles=[p.to_dict() for p in profiles], settings=settings.canonical(),
+                             layer_precisions=dict(counts))
+            results.append({"precision": precision, "engine": name, "status": "built",
+                            "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
+        txn.commit()
     return results
 
 
-def _build_with_polygraphy(bundle: Bundle, graph_path: Any, plan: BuildPlan, settings: BuildSettings,
+def _build_guarded(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
+                   trt_version: str) -> tuple[bytes, dict[str, Any]]:
+    """_build_with_polygraphy, with Polygraphy's and TensorRT's failures as one-line BuildFailed."""
+    try:
+        return _build_with_polygraphy(bundle, txn, plan, settings, trt_version)
+    except (BuildFailed, BackendUnavailable, InputError):
+        raise
+    except Exception as exc:
+        # Polygraphy reports a failed build by raising PolygraphyException (G_LOGGER.critical),
+        # not by returning None; TensorRT's python bindings raise RuntimeError/TypeError.
+        if _is_polygraphy_exception(exc) or isinstance(exc, (RuntimeError, TypeError, ValueError)):
+            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise BuildFailed(f"TensorRT could not build the {plan.precision} engine: {text} (rerun with --debug "
+                              "for TensorRT's log)") from exc
+        raise
+
+
+def _is_polygraphy_exception(exc: BaseException) -> bool:
+    try:
+        from polygraphy.exception import PolygraphyException  # type: ignore[import-not-found]
+    except ImportError:
+        return type(exc).__name__ == "PolygraphyException"
+    return isinstance(exc, PolygraphyException)
+
+
+def _build_with_polygraphy(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
                            trt_version: str) -> tuple[bytes, dict[str, Any]]:
     """Build with Polygraphy's loaders; return the serialized engine and its inspector JSON."""
     import tensorrt as trt  # type: ignore[import-not-found]
@@ -272,9 +357,12 @@ def _build_with_polygraphy(bundle: Bundle, graph_path: Any, plan: BuildPlan, set
     )
     from polygraphy.backend.trt import Profile as PolyProfile
 
-    cache_dir = bundle.path(ENGINE_DIR)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    timing_cache = cache_dir / f"timing-trt{trt_version}.cache"
+    graph_path = bundle.onnx_path(plan.precision)
+    cache_name = f"{ENGINE_DIR}/timing-trt{trt_version}.cache"
+    live_cache = bundle.root / cache_name
+    staged_cache = txn.writes.get(cache_name) or txn.stage(cache_name)
+    if live_cache.is_file() and not live_cache.is_symlink() and not staged_cache.exists():
+        shutil.copyfile(live_cache, staged_cache)  # Polygraphy loads and re-saves the staged copy
     network = NetworkFromOnnxPath(str(graph_path), strongly_typed=plan.strongly_typed or None)
     poly_profiles = [PolyProfile().add("image", min=p.min, opt=p.opt, max=p.max) for p in settings.profiles]
     # None, not False, for flags we do not set: TensorRT 11 has no FP16/INT8 flags to touch at all.
@@ -282,17 +370,17 @@ def _build_with_polygraphy(bundle: Bundle, graph_path: Any, plan: BuildPlan, set
         fp16=True if "FP16" in plan.flags else None, int8=True if "INT8" in plan.flags else None,
         profiles=poly_profiles,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
-        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+        load_timing_cache=str(staged_cache) if staged_cache.exists() else None,
         builder_optimization_level=settings.builder_optimization_level,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
     )
-    engine_bytes = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
+    engine_bytes = engine_bytes_from_network(network, config=config, save_timing_cache=str(staged_cache))
     if engine_bytes is None:
-        raise VerificationFailed(f"TensorRT could not build the {plan.precision} engine (see its log above)")
+        raise BuildFailed(f"TensorRT could not build the {plan.precision} engine (see its log above)")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(bytes(engine_bytes))
     if engine is None:
-        raise VerificationFailed("TensorRT built an engine it cannot deserialize")
+        raise BuildFailed("TensorRT built an engine it cannot deserialize")
     inspector = engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     return bytes(engine_bytes), info

@@ -130,12 +130,35 @@ class Runner(abc.ABC):
         """Logits for a model-space batch; any H and W (padded and cropped here)."""
         x = check_batch(images, self.channels)
         xp, size = pad_to_divisor(x, self.divisor)
+        self.check_memory(xp.shape)
         if not self.is_active:
             self.activate()
         t0 = time.perf_counter()
         y = self._infer_padded(xp)
         self._local.last_time = time.perf_counter() - t0
-        return crop(np.asarray(y, dtype=np.float32), size)
+        y = np.asarray(y, dtype=np.float32)
+        if y.ndim != 4 or y.shape[0] != xp.shape[0] or y.shape[1] != self.out_channels or y.shape[2:] != xp.shape[2:]:
+            raise BackendUnavailable(f"{self.name} returned logits of shape {tuple(y.shape)} for input "
+                                     f"{tuple(xp.shape)}: expected [N, {self.out_channels}, H, W]")
+        return crop(y, size)
+
+    def check_memory(self, shape: tuple[int, ...]) -> None:
+        """Refuse a batch whose activations would not fit in this machine's free memory (CPU
+        backends), instead of swapping or dying in the backend's allocator."""
+        if self.device != "cpu" or os.environ.get("ATTDEPLOY_MEMORY_CHECK", "1") == "0":
+            return
+        need = activation_bytes(shape, int(self.bundle.config.get("base_channels", 64)))
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except Exception:
+            return
+        if need > free:
+            n, c, h, w = shape
+            raise InputError(f"input {n}x{c}x{h}x{w} needs about {need / 2**30:.1f} GB for activations, this machine "
+                             f"has {free / 2**30:.1f} GB available: split the batch or tile the image "
+                             "(ATTDEPLOY_MEMORY_CHECK=0 skips this check)")
 
     def timed_infer(self, padded: np.ndarray) -> float | None:
         """Run on an already padded, validated batch (benchmark path, no checks or copies).
@@ -174,6 +197,16 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _infer_padded(self, x: np.ndarray) -> np.ndarray:
         """Run the backend on float32 [N, C, H, W] with H, W multiples of ``divisor``."""
+
+
+def activation_bytes(shape: tuple[int, ...], base_channels: int) -> int:
+    """Rough peak activation memory of an Attention U-Net forward pass on CPU backends.
+
+    The full-resolution level holds about 8 tensors of ``base_channels`` x H x W float32 at the
+    peak (skip, decoder concat, convolution workspace); deeper levels add about a third more.
+    """
+    n, _, h, w = shape
+    return int(n * h * w * base_channels * 4 * 8 * 4 / 3)
 
 
 def available_backends(bundle: Bundle, precision: str = "fp32") -> dict[str, str | None]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
-from ..environment import cuda_devices, has_module
+from ..environment import cuda_devices, has_module, module_version, tensorrt_major
 from ..errors import BackendUnavailable
 from .base import Runner, register
 
@@ -64,8 +64,9 @@ class _OrtRunner(Runner):
             # saturates (see export.quantize.quantize_int8); its s8s8 path is exact, only slower.
             opts.add_session_config_entry("session.qdqisint8allowed", "1")
         path = self.bundle.onnx_path(self.precision)
+        model = self.bundle.read_artifact(ONNX_FILES[self.precision])  # exactly the bytes whose sha256 we checked
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=self._providers())
+            self._session = ort.InferenceSession(model, sess_options=opts, providers=self._providers())
         except Exception as exc:
             raise BackendUnavailable(f"{self.backend}: cannot create a session for {path.name}: "
                                      f"{str(exc).splitlines()[0][:200]}") from exc
@@ -120,17 +121,47 @@ class OrtTensorrtRunner(OrtCudaRunner):
     provider = "TensorrtExecutionProvider"
 
     def _providers(self) -> list[Any]:
-        cache = Path(self.bundle.root) / ENGINE_DIR / "ort-trt" / self.precision
+        graph_sha = self.bundle.artifacts[ONNX_FILES[self.precision]]["sha256"]
+        # ONNX Runtime keys its engine cache on the model's file name and node names, not its
+        # weights or scales: a folder per graph sha256 keeps a re-calibrated graph from running
+        # an old engine (quantize also deletes the old folders).
+        cache = Path(self.bundle.root) / ENGINE_DIR / "ort-trt" / f"{self.precision}-{graph_sha[:12]}"
         cache.mkdir(parents=True, exist_ok=True)
+        flags = ort_trt_needs_flags(_ort_version(), module_version("tensorrt"))
         trt_opts: dict[str, Any] = {
             "device_id": int(self.options.get("device_id", 0)),
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(cache),
-            # The graphs carry their precision (FP16 tensors / Q/DQ); these flags let TRT 10 use it.
-            "trt_fp16_enable": self.precision == "fp16",
-            "trt_int8_enable": self.precision == "int8",
         }
+        if flags:
+            # TensorRT < 10 behind the EP: weakly typed builds need the flags to accept the FP16
+            # graph / Q/DQ graph. On TensorRT >= 10 both must stay off: the EP then builds
+            # strongly typed, so the graph's float32 layers (--fp16-keep-fp32) stay float32.
+            trt_opts["trt_fp16_enable"] = self.precision == "fp16"
+            trt_opts["trt_int8_enable"] = self.precision == "int8"
         return [(self.provider, trt_opts),
                 ("CUDAExecutionProvider", {"device_id": trt_opts["device_id"]}), "CPUExecutionProvider"]
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def ort_trt_needs_flags(ort_version: str, trt_version: str | None) -> bool:
+    """True when ONNX Runtime's TensorRT EP needs trt_fp16_enable/trt_int8_enable for our graphs.
+
+    The EP builds strongly typed (precision from the graph) only when both flags are false,
+    which TensorRT >= 10 supports. The TensorRT behind the EP is the installed ``tensorrt``
+    module's when there is one, else the one ONNX Runtime's GPU wheels link: 10.x from 1.18 on.
+    """
+    if trt_version:
+        return tensorrt_major(trt_version) < 10
+    try:
+        major, minor = (int(p) for p in ort_version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < (1, 18)

@@ -40,12 +40,15 @@ class TorchRunner(Runner):
             raise BackendUnavailable("torch was asked for CUDA but torch.cuda.is_available() is False")
         self._torch = torch
         self._device = torch.device(want)
+        # Loaded from the bytes whose sha256 was checked, with weights_only=True.
         if self.bundle.has(WEIGHTS_FILE):
-            from ..checkpoint import load_checkpoint
+            from ..checkpoint import load_checkpoint_bytes
 
-            module: Any = load_checkpoint(self.bundle.require(WEIGHTS_FILE)).module
+            module: Any = load_checkpoint_bytes(self.bundle.read_artifact(WEIGHTS_FILE), WEIGHTS_FILE).module
         else:
-            module = torch.jit.load(str(self.bundle.require(TORCHSCRIPT_FILE)), map_location="cpu")
+            import io
+
+            module = torch.jit.load(io.BytesIO(self.bundle.read_artifact(TORCHSCRIPT_FILE)), map_location="cpu")
         self._module = module.eval().to(self._device)
 
     def _deactivate(self) -> None:
