@@ -448,6 +448,50 @@ def match_labels(image_files: list[Path], image_root: Path, labels: str | os.Pat
     return {f: index[key] for key, f in keys.items()}
 
 
+def header_hw(path: Path) -> tuple[int, int]:
+    """(H, W) of an image or label file from its header alone (no pixel data decoded)."""
+    suffix = suffix_of(path)
+    try:
+        if suffix == ".npy":
+            limits.check_regular_file(path)
+            with open(path, "rb") as fh:
+                shape, _ = _npy_header(fh, path)
+            return int(shape[-2]), int(shape[-1])
+        if suffix == ".npz":
+            limits.check_regular_file(path)
+            with zipfile.ZipFile(path) as zf:
+                members = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+                if not members:
+                    raise InputError(f"{path}: empty .npz")
+                names = [m.filename[:-4] for m in members]
+                with zf.open(members[names.index("images")] if "images" in names else members[0]) as fh:
+                    shape, _ = _npy_header(fh, path)
+            return int(shape[-2]), int(shape[-1])
+        if suffix in RASTER_EXT:
+            with _open_raster(path) as im:
+                return im.size[1], im.size[0]
+        if suffix in NIFTI_EXT:
+            shape = _nifti(path).header.get_data_shape()
+            return int(shape[0]), int(shape[1])
+        head = dicom_header(path)
+        return int(getattr(head, "Rows", 0) or 0), int(getattr(head, "Columns", 0) or 0)
+    except InputError:
+        raise
+    except ImportError as exc:
+        raise InputError(f"{path}: reading it needs {exc.name}: pip install 'attunet-deploy[medical]'") from exc
+    except Exception as exc:
+        raise InputError(f"cannot read {path}: {str(exc)[:160]}") from exc
+
+
+def check_label_shapes(pairs: dict[Path, Path]) -> None:
+    """Every image and its label have the same H and W (headers only); InputError naming the pair."""
+    for image, label in pairs.items():
+        hi, wi = header_hw(image)
+        hl, wl = header_hw(label)
+        if (hi, wi) != (hl, wl):
+            raise InputError(f"label {label} is {hl}x{wl}, image {image} is {hi}x{wi}: shapes must match")
+
+
 def read_label_file(path: Path, num_classes: int) -> list[np.ndarray]:
     """Label masks in ``path`` as uint8 [H, W] per slice: binary (> 0) for one output channel (or
     two with argmax), class indices 0..K-1 otherwise."""

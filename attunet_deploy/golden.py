@@ -39,7 +39,7 @@ def load_golden(bundle: Bundle) -> list[GoldenCase]:
     """The bundle's golden cases, read from hash-checked bytes with bounded decompression."""
     entry = bundle.artifacts.get(GOLDEN_FILE)
     if entry is not None and entry["bytes"] > limits.GOLDEN.bytes():
-        raise BundleError(f"{bundle.path(GOLDEN_FILE)} is {entry['bytes'] >> 20} MB, above "
+        raise BundleError(f"{bundle.path(GOLDEN_FILE)} is {entry['bytes'] / 2**20:.1f} MB, above "
                           f"{limits.GOLDEN.describe()}: set {limits.GOLDEN.env} to raise it")
     data = bundle.read_artifact(GOLDEN_FILE)
     path = bundle.path(GOLDEN_FILE)
@@ -47,7 +47,7 @@ def load_golden(bundle: Bundle) -> list[GoldenCase]:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             total = sum(i.file_size for i in zf.infolist())
         if total > limits.GOLDEN.bytes():
-            raise BundleError(f"{path} unpacks to {total >> 20} MB, above {limits.GOLDEN.describe()}: set "
+            raise BundleError(f"{path} unpacks to {total / 2**20:.1f} MB, above {limits.GOLDEN.describe()}: set "
                               f"{limits.GOLDEN.env} to raise it")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             cases = []

@@ -26,23 +26,24 @@ class Limit:
     unit: str  # "MB" (value in MiB) or "pixels" or "levels"
     what: str
 
-    def value(self) -> int:
+    def value(self) -> float:
         raw = os.environ.get(self.env)
         if raw is None or not raw.strip():
-            return self.default
+            return float(self.default)
         try:
             v = float(raw)
         except ValueError:
             raise InputError(f"{self.env}={raw!r} is not a number") from None
         if not math.isfinite(v) or v <= 0:
             raise InputError(f"{self.env}={raw!r} must be a positive number")
-        return int(v)
+        return v
 
     def bytes(self) -> int:
-        return self.value() << 20 if self.unit == "MB" else self.value()
+        return int(self.value() * 2**20) if self.unit == "MB" else int(self.value())
 
     def describe(self) -> str:
-        return f"{self.value():,} {self.unit}"
+        v = self.value()
+        return f"{v:,.{0 if v == int(v) else 2}f} {self.unit}"
 
 
 CHECKPOINT = Limit("ATTDEPLOY_MAX_CHECKPOINT_MB", 4096, "MB", "checkpoint size")
@@ -116,7 +117,7 @@ def check_pixels(h: int, w: int, source: object, count: int = 1) -> None:
     """Refuse a 2D image above IMAGE_PIXELS before any pixel is decoded."""
     if h < 1 or w < 1:
         raise InputError(f"{source}: image has an empty axis ({h}x{w})")
-    if h * w > IMAGE_PIXELS.value():
+    if h * w > IMAGE_PIXELS.bytes():
         raise InputError(f"{source}: image of {h}x{w} ({h * w / 1e6:.1f} MP) is above the limit of "
                          f"{IMAGE_PIXELS.describe()} per image: set {IMAGE_PIXELS.env} to raise it, or crop/tile it")
     del count
@@ -128,7 +129,7 @@ def json_depth_ok(text: str, max_depth: int | None = None) -> bool:
     Checked before json.loads so that a manifest nested 100,000 deep is refused with a
     message instead of a RecursionError.
     """
-    limit = JSON_DEPTH.value() if max_depth is None else max_depth
+    limit = JSON_DEPTH.bytes() if max_depth is None else max_depth
     depth = 0
     in_str = False
     escape = False

@@ -267,7 +267,15 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
                   save_diff: str | os.PathLike[str] | None = None, max_images: int = MAX_VERIFY_IMAGES,
                   **runner_options: Any) -> list[dict[str, Any]]:
     """Judge backends on any image set (with optional ground truth); the bundle is not changed."""
-    from .calibration import attach_labels, list_image_files, match_labels, read_file, relative_name, subsample
+    from .calibration import (
+        attach_labels,
+        check_label_shapes,
+        list_image_files,
+        match_labels,
+        read_file,
+        relative_name,
+        subsample,
+    )
 
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
@@ -278,6 +286,8 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     root = Path(images)
     files = list_image_files(root)
     label_map = match_labels(files, root, labels) if labels is not None else None
+    if label_map is not None:
+        check_label_shapes(label_map)
     records = []
     with reporter.progress(f"Reading images from {root}", len(files)) as advance:
         for f in files:

@@ -103,3 +103,19 @@ def wrap_checkpoint(sd, style):
     if style == "model":
         return {"model": sd, "optimizer": {"lr": 0.001}}
     raise ValueError(style)
+
+
+def to_popular_layout(state_dict, head="Conv_1x1"):
+    """This project's state_dict keys (enc1., att5., head. ...) renamed to the popular AttU_Net's."""
+    import re
+
+    renames = ((r"^enc([1-5])\.", r"Conv\1."), (r"^dec([2-5])\.", r"Up_conv\1."), (r"^up([2-5])\.", r"Up\1."),
+               (r"^att([2-5])\.", r"Att\1."), (r"^head\.", f"{head}."))
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in renames:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+        out[key] = value
+    return out

@@ -192,6 +192,7 @@ def prepare_user_images(images: str | os.PathLike[str], labels: str | os.PathLik
     """
     from ..calibration import (
         attach_labels,
+        check_label_shapes,
         golden_records,
         list_image_files,
         match_labels,
@@ -204,6 +205,8 @@ def prepare_user_images(images: str | os.PathLike[str], labels: str | os.PathLik
     root = Path(images)
     files = list_image_files(root)
     label_map = match_labels(files, root, labels) if labels is not None else None
+    if label_map is not None:
+        check_label_shapes(label_map)
     if len(files) == 1:
         # One volume or stack: hold out a quarter of its images (calibration takes the rest).
         all_records = read_file(files[0], channels, relative_name(files[0], root))

@@ -1,0 +1,95 @@
+"""Synthetic CT series as DICOM files: phantom slices stored the way scanners store them.
+
+Each slice is a CT Image Storage instance, int16 pixels with RescaleIntercept -1024 and
+RescaleSlope 1 (stored value = HU + 1024), positioned along z. Used by the tests, the DICOM
+node benchmark and the README's walk-through; needs pydicom (``attunet-deploy[dicom]``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .phantom import make_phantom
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@dataclass
+class SeriesSlice:
+    path: Path
+    hu: np.ndarray  # float32 [H, W] as written (after int16 rounding)
+    label: np.ndarray  # uint8 [H, W]
+    sop_instance_uid: str
+    z: float
+
+
+def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int] = (128, 128), seed: int = 0, *,
+                    study_uid: str | None = None, series_uid: str | None = None, patient_id: str = "PHANTOM-1",
+                    series_number: int = 1, name: str = "slice_{:03d}.dcm", modality: str = "CT",
+                    spacing: float = 2.5, pixels: bool = True) -> list[SeriesSlice]:
+    """Write ``n_slices`` phantom slices of one series into ``folder``; returns them in z order."""
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    today = _dt.date.today().strftime("%Y%m%d")
+    out = []
+    for k in range(n_slices):
+        hu, label = make_phantom(seed * 10_007 + k, size)
+        stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.Modality = modality
+        ds.PatientName = "Phantom^Synthetic"
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.StudyDate = today
+        ds.StudyTime = "120000"
+        ds.StudyID = "1"
+        ds.AccessionNumber = "ACC0001"
+        ds.ReferringPhysicianName = ""
+        ds.Manufacturer = "attunet-deploy phantom"
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-0.5 * size[1], -0.5 * size[0], float(k * spacing)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = spacing
+        ds.Rows, ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        if pixels:
+            ds.PixelData = stored.tobytes()
+        path = folder / name.format(k)
+        ds.save_as(path, enforce_file_format=True)
+        out.append(SeriesSlice(path, stored.astype(np.float32) - 1024.0, label, str(ds.SOPInstanceUID),
+                               float(k * spacing)))
+    return out
