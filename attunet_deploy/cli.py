@@ -212,6 +212,14 @@ def export(model: str | None, out: str, images: str | None, labels: str | None, 
                                               f"{check_rel_l2:g})"))
 
 
+def _require_extra(command: str, modules: tuple[str, ...], extra: str) -> None:
+    from .environment import has_module
+
+    missing = [m for m in modules if not has_module(m)]
+    if missing:
+        raise InputError(f"'{command}' needs {', '.join(missing)}: pip install 'attunet-deploy[{extra}]'")
+
+
 def _require_torch(command: str) -> None:
     from .environment import has_module
 
@@ -546,6 +554,7 @@ def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, pr
     bundle = _load_bundle(bundle_dir)
     opts = _runner_options(triton_url, triton_model)
     if dicom_seg:
+        _require_extra("predict --dicom-seg", ("pydicom", "highdicom"), "dicom")
         from .dicom.files import predict_series_folder
 
         rows = predict_series_folder(bundle, list(inputs), out, backend=backend, precision=precision,
@@ -568,6 +577,43 @@ def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, pr
         table.add_row(escape(r["input"]), "x".join(map(str, r["shape"])), str(r["foreground"]), escape(r["mask"]),
                       r["backend"])
     _stdout().print(table)
+
+
+# ------------------------------------------------------------------------------------ serve-dicom
+@main.command("serve-dicom")
+@bundle_option
+@click.option("--out", required=True, metavar="OUT", help="Folder for received instances, SEGs and the queue.")
+@click.option("--port", type=int, default=11112, show_default=True, help="TCP port to listen on.")
+@click.option("--ae-title", default="ATTDEPLOY", show_default=True, help="This node's AE title.")
+@click.option("--bind", default="0.0.0.0", show_default=True, metavar="ADDR",
+              help="Address to listen on. The default, all interfaces, is what scanners expect of a DICOM node; "
+                   "use 127.0.0.1 to accept local connections only.")
+@click.option("--allow-ae", multiple=True, metavar="AET", help="Accept associations only from these calling AE "
+              "titles (repeatable; default: any).")
+@click.option("--quiet-seconds", type=float, default=5.0, show_default=True,
+              help="A series is complete when none of its instances arrived for this long.")
+@click.option("--forward", default=None, metavar="AET@HOST:PORT", help="Send each SEG on by C-STORE (retried with "
+              "back-off; kept queued on disk until it is accepted).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.option("--backend", type=click.Choice([b for b in BACKENDS if b not in ("all",)]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
+                quiet_seconds: float, forward: str | None, log_json: bool, backend: str, precision: str,
+                segment_label: str) -> None:
+    """A DICOM node beside the scanner: CT series in by C-STORE, a DICOM SEG out per series.
+
+    Each instance is on disk before Success is returned; a non-CT or unusable instance gets a failure
+    status. Stop with SIGTERM (or Ctrl-C): unfinished work is picked up on the next start.
+    """
+    _require_extra("serve-dicom", ("pydicom", "pynetdicom", "highdicom"), "dicom")
+    from .dicom.node import DicomNode
+
+    node = DicomNode(_load_bundle(bundle_dir), out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
+                     quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
+                     precision=precision, segment_label=segment_label)
+    node.serve()
 
 
 # ------------------------------------------------------------------------------------ info / doctor

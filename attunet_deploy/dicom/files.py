@@ -1,0 +1,67 @@
+"""``attdeploy predict SERIES_DIR --dicom-seg -o OUT``: one DICOM SEG per CT series found."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..bundle import Bundle
+from ..console import Reporter
+from ..errors import InputError
+from ..runtimes.base import load_runner
+from .seg import DEFAULT_CATEGORY, DEFAULT_TYPE, build_seg, write_seg
+from .series import load_volume, order_slices, scan, segment_volume
+
+
+def model_sha256(bundle: Bundle, precision: str) -> str:
+    from ..bundle import ONNX_FILES
+
+    entry = bundle.artifacts.get(ONNX_FILES.get(precision, "model.onnx")) or bundle.artifacts.get("model.onnx", {})
+    return str(entry.get("sha256", "unknown"))
+
+
+def seg_name(series_uid: str) -> str:
+    return f"SEG_{re.sub(r'[^0-9.]', '_', series_uid)[:120]}.dcm"
+
+
+def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], *, backend: str = "auto",
+                          precision: str = "fp32", overwrite: bool = False, segment_label: str = "Target",
+                          category: tuple[str, str, str] = DEFAULT_CATEGORY,
+                          segment_type: tuple[str, str, str] = DEFAULT_TYPE, reporter: Reporter | None = None,
+                          **runner_options: Any) -> list[dict[str, Any]]:
+    """Segment every CT series under ``inputs``; returns a row per SEG written.
+
+    Files that are not CT images, or hold no pixel data, are skipped with a one-line notice.
+    Every series is ordered and every output name checked before anything is written.
+    """
+    reporter = reporter or Reporter()
+    series, skipped = scan(inputs)
+    for path, reason in skipped:
+        reporter.notice("skipped:", f"{path}: {reason}")
+    if not series:
+        raise InputError(f"no CT series with pixel data under {', '.join(inputs)}")
+    ordered = {uid: order_slices(insts) for uid, insts in series.items()}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out} exists and is not a directory")
+    targets = {uid: out / seg_name(uid) for uid in ordered}
+    if not overwrite:
+        for path in targets.values():
+            if path.exists():
+                raise InputError(f"{path} exists: choose another -o, or pass --overwrite to replace it")
+    runner = load_runner(bundle, backend=backend, precision=precision, **runner_options)
+    sha = model_sha256(bundle, precision)
+    rows = []
+    with runner, reporter.progress(f"Segmenting {len(ordered)} series on {runner.name}", len(ordered)) as advance:
+        for uid, insts in ordered.items():
+            datasets, hu = load_volume(insts)
+            masks = segment_volume(runner, hu)
+            seg = build_seg(datasets, masks, model_sha256=sha, num_classes=bundle.out_channels, label=segment_label,
+                            category=category, segment_type=segment_type)
+            write_seg(seg, targets[uid])
+            rows.append({"series": uid, "slices": len(insts), "frames": int(seg.NumberOfFrames),
+                         "seg": str(targets[uid]), "backend": runner.name})
+            advance()
+    return rows

@@ -1,0 +1,136 @@
+"""The DICOM node's cost over bare inference: push a synthetic CT series, time series -> SEG.
+
+Starts `attdeploy serve-dicom` on 127.0.0.1 (a separate process), sends a 100-slice 512x512
+series with pynetdicom's own storescu, and reads the node's JSON log. Then times bare
+``runner.segment`` on the same HU slices in the same batches (8) in this process.
+
+    python benchmarks/dicom_node.py [-b BUNDLE] [--slices 100] [--size 512] [--quiet 2] [--json PATH]
+
+Reported: transfer time (first C-STORE to storescu's exit), quiet wait, the node's time for the
+series = first C-STORE to SEG on disk minus the quiet wait (receive + write + decode + segment +
+build and write the SEG; the node segments slices while the series is still arriving), bare
+segment time, the node's overhead = node time / bare - 1 (target < 15 %), slices/s, and
+series-to-SEG latency (last instance acknowledged to SEG on disk, which includes the quiet wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-b", "--bundle", default=None, help="bundle (default: export + quantize the demo model)")
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--quiet", type=float, default=2.0, help="node --quiet-seconds")
+    ap.add_argument("--backend", default="ort")
+    ap.add_argument("--repeat", type=int, default=3, help="series pushed (medians are reported)")
+    ap.add_argument("--json", default=str(HERE / "results" / "dicom_node.json"))
+    args = ap.parse_args()
+
+    from attunet_deploy import load_runner
+    from attunet_deploy.demo.ctseries import write_ct_series
+    from attunet_deploy.dicom.series import segment_volume
+    from attunet_deploy.environment import machine_info
+
+    work = Path(tempfile.mkdtemp(prefix="attdeploy-dicom-bench-"))
+    bundle = Path(args.bundle) if args.bundle else work / "bundle"
+    if not args.bundle:
+        subprocess.run([sys.executable, "-m", "attunet_deploy.cli", "export", "-o", str(bundle)], check=True,
+                       capture_output=True)
+    print(f"writing {args.repeat} CT series of {args.slices} slices, {args.size}x{args.size} ...", flush=True)
+    series = [write_ct_series(work / f"series{k}", args.slices, (args.size, args.size), seed=7 + k)
+              for k in range(args.repeat)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = work / "out"
+    log = work / "node.log"
+    runs = []
+    with open(log, "w") as fh:
+        node = subprocess.Popen([sys.executable, "-m", "attunet_deploy.cli", "serve-dicom", "-b", str(bundle),
+                                 "--out", str(out), "--port", str(port), "--bind", "127.0.0.1", "--quiet-seconds",
+                                 str(args.quiet), "--backend", args.backend, "--log-json"], stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        while "ready" not in log.read_text():
+            if node.poll() is not None:
+                raise SystemExit(log.read_text())
+            time.sleep(0.1)
+        with load_runner(bundle, backend=args.backend) as runner:
+            segment_volume(runner, np.stack([s.hu for s in series[0][:8]]))  # warm-up, as the node did
+            for k, slices in enumerate(series):
+                # node and bare alternate, so drifting load on a shared machine hits both alike
+                t0 = time.time()
+                subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
+                                str(work / f"series{k}"), "-aec", "ATTDEPLOY", "-r", "-cx"], check=True,
+                               capture_output=True)
+                t_sent = time.time()
+                while len(list((out / "seg").glob("*.dcm"))) <= k:
+                    time.sleep(0.05)
+                t_seg = time.time()
+                t = time.perf_counter()
+                segment_volume(runner, np.stack([s.hu for s in slices]))
+                bare_s = time.perf_counter() - t
+                runs.append({"transfer_s": t_sent - t0, "series_to_seg_s": t_seg - t_sent,
+                             "node_time_s": (t_seg - t0) - args.quiet, "bare_segment_s": bare_s})
+                print(f"  series {k + 1}: node {runs[-1]['node_time_s']:.2f} s, bare {bare_s:.2f} s", flush=True)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=120)
+    events = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    written = [e for e in events if e["event"] == "written"]
+    received = [e for e in events if e["event"] == "received"]
+    assert len(received) == args.slices * args.repeat, f"{len(received)} instances received"
+
+    def med(key: str, rows: list[dict]) -> float:
+        return float(np.median([r[key] for r in rows]))
+
+    node_time, bare_s = med("node_time_s", runs), med("bare_segment_s", runs)
+    result = {
+        "slices": args.slices, "size": args.size, "backend": args.backend, "quiet_seconds": args.quiet,
+        "repeat": args.repeat, "runs": runs, "transfer_s": med("transfer_s", runs),
+        "series_to_seg_s": med("series_to_seg_s", runs), "node_time_s": node_time,
+        "after_complete_s": float(np.median([e["seconds"] for e in written])),
+        "segmented_ahead": int(np.median([e.get("segmented_ahead", 0) for e in written])),
+        "bare_segment_s": bare_s, "overhead": node_time / bare_s - 1.0, "node_slices_per_s": args.slices / node_time,
+        "bare_slices_per_s": args.slices / bare_s, "machine": machine_info(),
+    }
+    processing = result["after_complete_s"]
+    rows = [("transfer (storescu, first to last instance)", f"{result['transfer_s']:.2f} s"),
+            ("quiet wait (--quiet-seconds)", f"{args.quiet:.2f} s"),
+            ("node time: first C-STORE to SEG, minus quiet", f"{node_time:.2f} s"),
+            ("  after completion: order, rest, SEG", f"{processing:.2f} s"),
+            ("  slices segmented while arriving", f"{result['segmented_ahead']} / {args.slices}"),
+            ("bare runner.segment, same slices and batches", f"{bare_s:.2f} s"),
+            ("node overhead over bare", f"{100 * result['overhead']:+.1f} %"),
+            ("node slices/s", f"{result['node_slices_per_s']:.1f}"),
+            ("bare slices/s", f"{result['bare_slices_per_s']:.1f}"),
+            ("series-to-SEG (last ack to SEG on disk)", f"{result['series_to_seg_s']:.2f} s")]
+    m = result["machine"]
+    print(f"\nDICOM node, {args.slices} x {args.size}x{args.size} CT, {args.backend}, medians of {args.repeat}; "
+          f"{m['cpu_model']}, "
+          f"{m['cores']} cores, {' '.join(m['isa'])}")
+    for k, v in rows:
+        print(f"  {k:<48} {v:>10}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
