@@ -116,10 +116,52 @@ def bench_runner(runner: Runner, settings: BenchSettings, reporter: Reporter | N
     return bench_runners([runner], settings, reporter, seed)[0]
 
 
+def bench_concurrent(runner: Runner, settings: BenchSettings, padded: np.ndarray,
+                     reporter: Reporter | None = None) -> tuple[list[float], float]:
+    """``settings.concurrency`` threads sending requests at once (each ``iterations`` requests, or
+    for ``duration`` seconds): (per-request seconds, wall seconds). What perf_analyzer measures."""
+    import threading
+
+    reporter = reporter or Reporter()
+    n = settings.concurrency
+    per_worker = settings.iterations or (None if settings.duration else DEFAULT_ITERATIONS)
+    times: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    start = time.perf_counter()
+
+    def worker() -> None:
+        done = 0
+        try:
+            while True:
+                if per_worker is not None and done >= per_worker:
+                    return
+                if per_worker is None and time.perf_counter() - start >= (settings.duration or 0):
+                    return
+                t0 = time.perf_counter()
+                runner.timed_infer(padded)
+                with lock:
+                    times.append(time.perf_counter() - t0)
+                done += 1
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    with reporter.step(f"{n} concurrent clients on {runner.name}"):
+        threads = [threading.Thread(target=worker) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return times, time.perf_counter() - start
+
+
 def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Reporter | None = None,
                   seed: int = 0) -> list[dict[str, Any]]:
     """Time several runners side by side: iterations are interleaved round-robin, so drifting
-    load on a shared machine hits every backend alike and their ratios stay fair."""
+    load on a shared machine hits every backend alike and their ratios stay fair. With
+    ``concurrency`` > 1 each runner is loaded by that many clients at once, one runner after the other."""
     reporter = reporter or Reporter()
     n, c, h, w = settings.shape
     for runner in runners:
@@ -140,6 +182,9 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
     for runner in runners:
         for _ in range(settings.warmup):
             once(runner)
+    if settings.concurrency > 1:
+        return [_record(runner, settings, *bench_concurrent(runner, settings, padded, reporter), [])
+                for runner in runners]
     host: list[list[float]] = [[] for _ in runners]
     device: list[list[float]] = [[] for _ in runners]
     iterations = settings.iterations or (None if settings.duration else DEFAULT_ITERATIONS)
@@ -173,34 +218,42 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
         compute = getattr(runner, "device_compute_times", None)
         if compute is not None and not settings.end_to_end and not device[i]:
             device[i] = compute(padded, len(host[i])) or []
+    return [_record(runner, settings, times, None, dev_times, interleaved=len(runners) > 1)
+            for runner, times, dev_times in zip(runners, host, device)]
+
+
+def _record(runner: Runner, settings: BenchSettings, times: list[float], wall: float | None,
+            dev_times: list[float], interleaved: bool = False) -> dict[str, Any]:
+    """The design.md section 8 record of one runner's timings."""
+    n = settings.shape[0]
     rss = peak_rss_mb()
     machine = machine_info()
-    results = []
-    for runner, times, dev_times in zip(runners, host, device):
-        stats = latency_stats(times)
-        result: dict[str, Any] = {
-            "backend": runner.backend,
-            "precision": runner.precision,
-            "device": runner.device,
-            "shape": list(settings.shape),
-            "mode": "end-to-end" if settings.end_to_end else "compute",
-            "warmup": settings.warmup,
-            "iterations": len(times),
-            "latency_ms": stats,
-            "throughput_ips": n / (stats["mean"] / 1000.0),
-            "cov": coefficient_of_variation(stats),
-            "peak_rss_mb": rss,
-            "threads": settings.threads or os.cpu_count(),
-            "timing": "host perf_counter, interleaved" if len(runners) > 1 else "host perf_counter",
-            "versions": versions(),
-            "machine": machine,
-        }
-        if dev_times:
-            result["device_latency_ms"] = latency_stats(dev_times)
-            result["timing"] += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
-        result.update(runner.bench_extras())
-        results.append(result)
-    return results
+    stats = latency_stats(times)
+    result: dict[str, Any] = {
+        "backend": runner.backend,
+        "precision": runner.precision,
+        "device": runner.device,
+        "shape": list(settings.shape),
+        "mode": "end-to-end" if settings.end_to_end else "compute",
+        "warmup": settings.warmup,
+        "iterations": len(times),
+        "latency_ms": stats,
+        "throughput_ips": (n * len(times) / wall) if wall else n / (stats["mean"] / 1000.0),
+        "cov": coefficient_of_variation(stats),
+        "peak_rss_mb": rss,
+        "threads": settings.threads or os.cpu_count(),
+        "concurrency": settings.concurrency,
+        "timing": ("host perf_counter, interleaved" if interleaved else "host perf_counter")
+        + (f"; {settings.concurrency} concurrent clients, throughput = requests x batch / wall time"
+           if wall else ""),
+        "versions": versions(),
+        "machine": machine,
+    }
+    if dev_times:
+        result["device_latency_ms"] = latency_stats(dev_times)
+        result["timing"] += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
+    result.update(runner.bench_extras())
+    return result
 
 
 def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,
@@ -241,7 +294,8 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
                         import torch
 
                         torch.set_num_threads(threads)  # same thread count as ONNX Runtime
-                    runners.append(cls(bundle, precision, threads=threads, **runner_options).activate())
+                    runners.append(cls(bundle, precision, threads=threads, spinning=False,
+                                       **runner_options).activate())
                 except BackendUnavailable as exc:
                     skipped.append({"backend": name, "precision": precision, "reason": str(exc)})
         results = bench_runners(runners, settings, reporter) if runners else []

@@ -290,21 +290,44 @@ def _size(n: int) -> str:
               help="Run this ONNX node in FP32 inside the FP16 graph (repeatable), e.g. where activations "
                    "overflow FP16.")
 @click.option("--no-verify", is_flag=True, help="Write the graphs without checking them on ONNX Runtime first.")
+@click.option("--max-dice-drop", type=float, default=None, metavar="X",
+              help="Accuracy-aware INT8: while the held-out golden images' mean Dice vs FP32 is below 1 - X, return "
+                   "the most sensitive convolutions to float, one at a time.")
 def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
              precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...],
-             no_verify: bool) -> None:
+             no_verify: bool, max_dice_drop: float | None) -> None:
     """Write model.fp16.onnx and model.int8.onnx (Q/DQ), verified on ONNX Runtime CPU, in one commit."""
     from .export.quantize import check_quantize_options, quantize_bundle
     from .report import verify_table
+    from .verify import check_dice_drop
 
     check_quantize_options(method, max_samples, list(precisions) or ["fp16", "int8"])
+    check_dice_drop(max_dice_drop)
     bundle = _load_bundle(bundle_dir)
     rows = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
                            quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
                            full_range_weights=full_range_weights, fp16_keep_fp32=list(keep_fp32),
-                           verify=not no_verify, reporter=_reporter())
+                           verify=not no_verify, reporter=_reporter(), max_dice_drop=max_dice_drop)
     if rows:
         _stdout().print(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
+    _print_accuracy_aware(_load_bundle(bundle_dir))
+
+
+def _print_accuracy_aware(bundle: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    aa = bundle.artifacts.get("model.int8.onnx", {}).get("producer", {}).get("accuracy_aware")
+    if not aa:
+        return
+    table = Table(title=f"Accuracy-aware INT8 (target mean Dice vs FP32 >= {aa['target_mean_dice']:.4f})",
+                  title_justify="left")
+    for col in ("step", "returned to float", "mean Dice", "latency ms (ORT CPU)"):
+        table.add_column(col)
+    for i, st in enumerate(aa["steps"]):
+        table.add_row(str(i), escape(", ".join(st["float_added"]) or "-"), f"{st['mean_dice']:.4f}",
+                      f"{st['latency_ms']:.1f}")
+    _stdout().print(table)
 
 
 # ------------------------------------------------------------------------------------ build
@@ -614,6 +637,44 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
                      quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
                      precision=precision, segment_label=segment_label)
     node.serve()
+
+
+# ------------------------------------------------------------------------------------ triton
+@main.command()
+@bundle_option
+@click.option("-o", "--output", "out", required=True, metavar="REPO", help="Model repository folder to write.")
+@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "int8"]), multiple=True,
+              help="Graphs to serve (repeatable; default every graph the bundle has).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="max_batch_size of the served models.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Where the ONNX models run; with cpu the ensemble uses attunet_cpu.")
+@click.option("--tensorrt-accelerator", is_flag=True,
+              help="Let ONNX Runtime in Triton build TensorRT engines (strongly typed, precision from the graph).")
+def triton(bundle_dir: str, out: str, precisions: tuple[str, ...], max_batch: int, instances: int, kind: str,
+           tensorrt_accelerator: bool) -> None:
+    """Write a Triton Inference Server model repository: ONNX models, TensorRT plans built here,
+    pre/post-processing and an ensemble raw image -> mask. Every config is checked with Triton's schema."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    _require_extra("triton", ("tritonclient", "google.protobuf"), "triton")
+    from .bundle import ONNX_FILES
+    from .export.triton import write_repository
+
+    bundle = _load_bundle(bundle_dir)
+    chosen = list(precisions) or [p for p, f in ONNX_FILES.items() if f in bundle.artifacts]
+    models = write_repository(bundle, out, chosen, max_batch=max_batch, instances=instances, kind=kind,
+                              tensorrt_accelerator=tensorrt_accelerator, reporter=_reporter())
+    table = Table(title=f"Triton model repository {escape(out)}", title_justify="left")
+    table.add_column("model")
+    table.add_column("serves")
+    for m in models:
+        what = {"attunet_segment": "raw image -> uint8 mask (ensemble)", "attunet_pre": "normalise + pad (python)",
+                "attunet_post": "crop + mask (python)", "attunet_cpu": "model.onnx on ONNX Runtime (python backend)"}
+        table.add_row(m, what.get(m, "TensorRT plan" if m.startswith("attunet_trt_") else "ONNX (onnxruntime backend)"))
+    _stdout().print(table)
+    _stdout().print(f"serve it: see {escape(str(Path(out) / 'README.md'))}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------ info / doctor

@@ -1,12 +1,15 @@
-"""Benchmark the full-size Attention U-Net (in 3 / out 1 / base 64) on every backend here.
+"""Benchmark the demo model (base 16) and the full-size Attention U-Net (in 3 / out 1 / base 64)
+on every backend and precision available here.
 
     python benchmarks/run_benchmarks.py [--iterations 10] [--shapes 1x3x256x256 ...] [--out benchmarks/results]
 
-Steps: build a checkpoint with random weights and realistic BatchNorm statistics, export it,
-make FP16 and INT8 graphs (INT8 calibrated on CT phantoms stacked to 3 channels), then time
-every available (backend, precision) at each shape with one method (bench.bench_runners:
-warm-up, interleaved round-robin iterations). Also counts the model's FLOPs and measures this
-machine's FP32 GEMM rate as the roof. Writes results.json, results.md and latency.png.
+Steps: build a full-size checkpoint with random weights and realistic BatchNorm statistics,
+export it, make FP16 and INT8 graphs (INT8 calibrated on CT phantoms stacked to 3 channels),
+export and quantise the demo model too, then time every available (backend, precision) with
+one method (bench.bench_runners: warm-up, interleaved round-robin iterations). Also counts the
+model's FLOPs and measures this machine's FP32 and INT8 GEMM rates as roofs. Every record names
+the CPU, its core count and the ISA flags that matter. Writes results.json, results.md and
+latency.png.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from attunet_deploy.bench import BenchSettings, bench_many, parse_shape  # noqa: E402
 from attunet_deploy.bundle import Bundle  # noqa: E402
 from attunet_deploy.console import RichReporter  # noqa: E402
-from attunet_deploy.environment import cuda_devices, versions  # noqa: E402
+from attunet_deploy.environment import cuda_devices, machine_info, versions  # noqa: E402
 
 DEFAULT_SHAPES = ("1x3x256x256", "1x3x512x512", "4x3x256x256")
 
@@ -98,6 +101,53 @@ def gemm_roof_gflops(threads: int, sizes: tuple[int, ...] = (2048, 3072), repeat
     return best_rate
 
 
+def int8_gemm_roof_gops(threads: int, sizes: tuple[int, ...] = (2048, 3072), repeats: int = 6) -> float:
+    """Best INT8 GEMM rate (int32 accumulation) in GOP/s: ONNX Runtime's MatMulInteger (the MLAS
+    u8 x s8 kernels its int8 convolutions use) and torch._int_mm, same thread count."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    best = 0.0
+    for n in sizes:
+        graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "gemm",
+                                  [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n]),
+                                   helper.make_tensor_value_info("B", TensorProto.INT8, [n, n])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                    .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        a = rng.integers(0, 255, (n, n), dtype=np.uint8)
+        b = rng.integers(-127, 127, (n, n), dtype=np.int8)
+        ta, tb = torch.from_numpy(a.astype(np.int8) // 2), torch.from_numpy(b)
+        runs = [lambda sess=sess, a=a, b=b: sess.run(None, {"A": a, "B": b})]
+        if hasattr(torch, "_int_mm"):
+            runs.append(lambda ta=ta, tb=tb: torch._int_mm(ta, tb))
+        for fn in runs:
+            try:
+                fn()
+            except RuntimeError:
+                continue
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                best = max(best, 2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def demo_bundle(path: Path, reporter: object) -> Bundle:
+    """The bundled demo model exported and quantised (made on the first run, reused after)."""
+    from attunet_deploy.export.onnx import export_bundle
+    from attunet_deploy.export.quantize import quantize_bundle
+
+    if not (path / "manifest.json").exists():
+        export_bundle(None, path, reporter=reporter)
+        quantize_bundle(Bundle.load(path), reporter=reporter, verify=False)
+    return Bundle.load(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
@@ -106,6 +156,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--bundle", type=Path, default=ROOT / "benchmarks" / "results" / "bundle",
                         help="Full-size bundle: made here on the first run, reused after.")
+    parser.add_argument("--demo-bundle", type=Path, default=ROOT / "benchmarks" / "results" / "demo_bundle",
+                        help="Demo-model bundle: made here on the first run, reused after.")
+    parser.add_argument("--demo-iterations", type=int, default=40)
     args = parser.parse_args()
 
     from attunet_deploy.export.onnx import export_bundle
@@ -131,41 +184,64 @@ def main() -> None:
             quantize_bundle(Bundle.load(bundle_dir), calib=str(calib), max_samples=32, reporter=reporter,
                             verify=False)
         bundle = Bundle.load(bundle_dir)
-        with reporter.step("Measuring the FP32 GEMM roof"):
+        with reporter.step("Measuring the FP32 and INT8 GEMM roofs"):
             roof = gemm_roof_gflops(threads)
+            roof8 = int8_gemm_roof_gops(threads)
         records = []
+        demo = demo_bundle(args.demo_bundle, reporter)
+        settings = BenchSettings(shape=(1, 1, 256, 256), warmup=5, iterations=args.demo_iterations, threads=threads)
+        demo_results, _ = bench_many(demo, ["ort", "ov", "torch"], ["fp32", "int8", "fp16"], settings, reporter)
+        for r in demo_results:
+            r["model"] = "demo (base 16)"
+        reporter.console.print(bench_table(demo_results, title="Demo model at 1x1x256x256"))
         for text in args.shapes:
             shape = parse_shape(text, bundle.in_channels)
             settings = BenchSettings(shape=shape, warmup=args.warmup, iterations=args.iterations, threads=threads)
-            results, _ = bench_many(bundle, ["all"], ["all"], settings, reporter)
+            results, _ = bench_many(bundle, ["ort", "ov", "torch", "ort-cuda", "ort-trt", "trt"], ["all"], settings,
+                                    reporter)
             flops = conv_flops(shape)
             for r in results:
+                r["model"] = "full size (base 64)"
                 r["gflop"] = flops / 1e9
                 r["achieved_gflops"] = flops / (r["latency_ms"]["p50"] / 1000.0) / 1e9
-                r["efficiency_vs_fp32_gemm_roof"] = r["achieved_gflops"] / roof
             reporter.console.print(bench_table(results, title=f"Full-size model at {text} "
                                                f"({flops / 1e9:.1f} GFLOP, roof {roof:.0f} GFLOP/s)"))
             records.extend(results)
-        with reporter.step("Measuring the FP32 GEMM roof again"):
+        with reporter.step("Measuring the FP32 and INT8 GEMM roofs again"):
             roof = max(roof, gemm_roof_gflops(threads))
+            roof8 = max(roof8, int8_gemm_roof_gops(threads))
         for r in records:
             r["efficiency_vs_fp32_gemm_roof"] = r["achieved_gflops"] / roof
+            r["efficiency_vs_int8_gemm_roof"] = r["achieved_gflops"] / roof8
+            r["roof"] = "int8" if r["precision"] == "int8" else "fp32"
 
     cuda = cuda_devices()
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-            f"{platform.processor() or platform.platform()}", "gpu": cuda.extra.get("gpus") if cuda.available else None,
-            "fp32_gemm_roof_gflops": roof, "threads": threads, "versions": versions(include_torch=True)}
+    mach = machine_info()
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": mach, "platform": platform.platform(),
+            "gpu": cuda.extra.get("gpus") if cuda.available else None, "fp32_gemm_roof_gflops": roof,
+            "int8_gemm_roof_gops": roof8, "threads": threads, "versions": versions(include_torch=True)}
+    records = demo_results + records
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
-    headers = ["shape", "backend", "precision", "p50 ms", "p90 ms", "p99 ms", "img/s", "CoV %", "vs first",
-               "GFLOP/s", "% of roof"]
-    rows = [["x".join(map(str, r["shape"])), r["backend"], r["precision"], f"{r['latency_ms']['p50']:.1f}",
-             f"{r['latency_ms']['p90']:.1f}", f"{r['latency_ms']['p99']:.1f}", f"{r['throughput_ips']:.2f}",
-             f"{100 * r['cov']:.1f}", f"{r['ratio_vs_first']:.2f}x", f"{r['achieved_gflops']:.0f}",
-             f"{100 * r['efficiency_vs_fp32_gemm_roof']:.0f}"] for r in records]
-    md = [f"# Benchmark results ({meta['date']})", "", f"Machine: {meta['machine']}; threads {threads}; "
-          f"FP32 GEMM roof {roof:.0f} GFLOP/s; versions {meta['versions']}.", "",
-          "p50 etc. per call; ratios are p50 against the first row of the same shape; iterations interleaved.",
-          "", markdown_table(headers, rows), ""]
+    headers = ["model", "shape", "backend", "precision", "device", "p50 ms", "p90 ms", "p99 ms", "img/s", "CoV %",
+               "vs ORT FP32", "GFLOP/s", "% of roof"]
+
+    def ratio(r: dict) -> str:
+        base = [x for x in records if x["shape"] == r["shape"] and x.get("model") == r.get("model")
+                and x["backend"] == "ort" and x["precision"] == "fp32"]
+        return f"{r['latency_ms']['p50'] / base[0]['latency_ms']['p50']:.2f}x" if base else "-"
+
+    rows = [[r.get("model", ""), "x".join(map(str, r["shape"])), r["backend"], r["precision"], r.get("device", ""),
+             f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p90']:.1f}", f"{r['latency_ms']['p99']:.1f}",
+             f"{r['throughput_ips']:.2f}", f"{100 * r['cov']:.1f}", ratio(r),
+             f"{r['achieved_gflops']:.0f}" if "achieved_gflops" in r else "-",
+             (f"{100 * r['efficiency_vs_' + r['roof'] + '_gemm_roof']:.0f} ({r['roof']})"
+              if "roof" in r else "-")] for r in records]
+    md = [f"# Benchmark results ({meta['date']})", "",
+          f"Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['arch']}, ISA {' '.join(mach['isa']) or '-'}; "
+          f"threads {threads}; FP32 GEMM roof {roof:.0f} GFLOP/s; INT8 GEMM roof {roof8:.0f} GOP/s; "
+          f"versions {meta['versions']}.", "",
+          "p50 etc. per call; ratios are p50 against ONNX Runtime FP32 of the same model and shape, "
+          "measured in the same interleaved run.", "", markdown_table(headers, rows), ""]
     (args.out / "results.md").write_text("\n".join(md))
     try:
         _chart(records, args.out / "latency.png")

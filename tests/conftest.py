@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 os.environ.setdefault("ATTDEPLOY_TEST", "1")
+# auto keeps ONNX Runtime CPU in tests unless a test measures: timings must not decide test outcomes.
+os.environ.setdefault("ATTDEPLOY_AUTO_MEASURE", "0")
+os.environ.setdefault("ATTDEPLOY_CACHE_DIR", tempfile.mkdtemp(prefix="attdeploy-test-cache-"))

@@ -36,11 +36,17 @@ def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+#: Run-time caches a reader may fill (compiled OpenVINO models, ONNX Runtime TensorRT-EP engines):
+#: never listed in the manifest, never read as artifacts, safe to delete.
+CACHES = ("engines/openvino/", "engines/ort-trt/")
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file of a bundle, except our private .attdeploy folder (lock file)."""
+    """sha256 of every file of a bundle, except our private .attdeploy folder and run-time caches."""
     out = {}
     for f in sorted(root.rglob("*")):
-        if f.is_file() and ".attdeploy" not in f.relative_to(root).parts:
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and ".attdeploy" not in f.relative_to(root).parts and not rel.startswith(CACHES):
             out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 

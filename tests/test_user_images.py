@@ -134,7 +134,7 @@ main(sys.argv[1:])
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["results"]
     ran = [r for r in rows if r["status"] != "unavailable"]
-    assert {(r["backend"], r["precision"]) for r in ran} == {("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")}
+    assert {("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")} <= {(r["backend"], r["precision"]) for r in ran}
     for r in ran:
         assert r["reference"] == "ort/fp32" and r["images"] == 6 and 0.5 < r["gt_dice"] <= 1.0
     assert next(r for r in rows if r["backend"] == "torch")["status"] == "unavailable"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,14 +158,102 @@ class _CalibrationReader:
         self._advance()
         return {self._name: x}
 
-    def rewind(self) -> None:  # pragma: no cover - part of the interface, unused by quantize_static
+    def rewind(self) -> None:  # pragma: no cover - part of the interface, unused by the calibrators
         pass
 
 
-def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray], method: str = "percentile",
+#: Histogram settings per method (onnxruntime calibrators). Entropy collects the same histogram of
+#: |x| as percentile (2048 bins, as TensorRT does) and picks its threshold with
+#: :func:`kl_threshold`: onnxruntime's own entropy search with its defaults (128 bins, 128 levels)
+#: has one candidate, the full range, and silently equals minmax.
+_CALIB_OPTIONS: dict[str, dict[str, Any]] = {
+    "minmax": {"symmetric": True},
+    "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
+    "entropy": {"symmetric": True, "num_bins": 2048, "percentile": 100.0},
+}
+QUANTIZED_OPS = ["Conv"]
+CALIB_CHUNK = 2
+#: Quantised levels of one sign of symmetric int8 (the KL search models this quantiser).
+INT8_LEVELS = 128
+
+
+def _smooth(dist: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Give empty bins a little mass (taken from the others) so that KL divergence stays finite."""
+    zeros = dist == 0
+    n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
+    if n_nonzero == 0:
+        return None
+    out = dist.astype(np.float64) + eps * zeros
+    out[~zeros] -= eps * n_zero / n_nonzero
+    return out if np.all(out > 0) else None
+
+
+def kl_threshold(hist: np.ndarray, edges: np.ndarray, levels: int = INT8_LEVELS) -> float:
+    """TensorRT's entropy calibration on a histogram of |x|: the clipping threshold whose
+    ``levels``-level quantisation keeps the distribution closest in KL divergence."""
+    hist = np.asarray(hist, dtype=np.float64).copy()
+    n = hist.size
+    if n > 1:
+        hist[0] = hist[1]  # ReLU's exact zeros pile up in bin 0 and would drag the threshold down
+    if n <= levels or hist.sum() == 0:
+        return float(edges[-1])
+    best, best_i = np.inf, n
+    tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+    for i in range(levels, n + 1):
+        p = hist[:i].copy()
+        p[-1] += tail[i]  # values above the threshold are clipped into its last bin
+        bounds = (np.arange(levels + 1) * i) // levels
+        merged = np.add.reduceat(hist[:i], bounds[:-1])
+        nonzero = p != 0
+        counts = np.add.reduceat(nonzero.astype(np.float64), bounds[:-1])
+        per_bin = np.divide(merged, counts, out=np.zeros_like(merged), where=counts > 0)
+        q = np.repeat(per_bin, np.diff(bounds)) * nonzero
+        if q.sum() <= 0:
+            continue
+        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
+        if ps is None or qs is None:
+            continue
+        kl = float(np.sum(ps * np.log(ps / qs)))
+        if kl < best:
+            best, best_i = kl, i
+    return float(edges[best_i])
+
+
+def calibrate(src: Path, calib_inputs: list[np.ndarray], method: str = "percentile",
+              reporter: Reporter | None = None) -> Any:
+    """Activation ranges (onnxruntime TensorsData) of the tensors INT8 quantises, by ``method``."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, create_calibrator
+
+    reporter = reporter or Reporter()
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
+    if not calib_inputs:
+        raise InputError("the calibration set is empty")
+    collect_as = "percentile" if method == "entropy" else method
+    with reporter.progress(f"Calibrating INT8 ({method}, {len(calib_inputs)} images)", len(calib_inputs)) as advance, \
+            tempfile.TemporaryDirectory(prefix="attdeploy-calib-") as tmp, _quiet_calibrator():
+        calibrator = create_calibrator(Path(src), QUANTIZED_OPS, augmented_model_path=f"{tmp}/augmented.onnx",
+                                       calibrate_method=getattr(CalibrationMethod, METHODS[collect_as]),
+                                       providers=["CPUExecutionProvider"], extra_options=_CALIB_OPTIONS[method])
+        # A few images per pass: the calibrators keep every intermediate tensor of a pass in memory
+        # (about 300 MB per 256x256 image for the full-size model); ranges and histograms accumulate.
+        for start in range(0, len(calib_inputs), CALIB_CHUNK):
+            calibrator.collect_data(_CalibrationReader(calib_inputs[start:start + CALIB_CHUNK], "image", advance))
+        if method != "entropy":
+            return calibrator.compute_data()
+        ranges = {}
+        for name, (hist, edges, *_rest) in calibrator.collector.histogram_dict.items():
+            t = np.float32(kl_threshold(hist, edges))
+            ranges[name] = TensorData(lowest=np.float32(-t), highest=t)
+        return TensorsData(CalibrationMethod.Entropy, ranges)
+
+
+def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray] | None = None, method: str = "percentile",
                   quantize_all: bool = False, full_range_weights: bool = False,
-                  reporter: Reporter | None = None) -> dict[str, Any]:
-    """Write a Q/DQ INT8 graph of ``src`` calibrated on ``calib_inputs`` (model space, padded).
+                  reporter: Reporter | None = None, *, ranges: Any = None,
+                  extra_float: list[str] | None = None) -> dict[str, Any]:
+    """Write a Q/DQ INT8 graph of ``src`` calibrated on ``calib_inputs`` (model space, padded), or
+    with precomputed ``ranges`` (:func:`calibrate`); ``extra_float`` convolutions stay in float too.
 
     Weights use 7 bits of the int8 range by default: x86 CPUs without VNNI run ONNX Runtime's
     int8 convolutions as u8 x s8 products summed pairwise in int16 (``vpmaddubsw``), which
@@ -172,37 +262,68 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray], method: 
     int8 with zero point 0 for TensorRT. ``full_range_weights`` keeps 8 bits for GPU-only use.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
-    reporter = reporter or Reporter()
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
-    if not calib_inputs:
-        raise InputError("the calibration set is empty")
-    exclude = [] if quantize_all else float_nodes(src)
+    if ranges is None:
+        ranges = calibrate(src, calib_inputs or [], method, reporter)
+    exclude = ([] if quantize_all else float_nodes(src)) + [n for n in (extra_float or []) if n]
     extra = {
         "ActivationSymmetric": True,  # zero point 0: TensorRT rejects anything else
         "WeightSymmetric": True,
         "QuantizeBias": False,  # int32 bias Q/DQ is not TensorRT-friendly
         "DedicatedQDQPair": False,
         "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
-        "CalibTensorRangeSymmetric": True,
     }
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    if method == "entropy":
-        extra["CalibNumBins"] = 2048  # histogram resolution; the default 128 clips segmentation outliers
-    with reporter.progress(f"Calibrating INT8 ({method}, {len(calib_inputs)} images)", len(calib_inputs)) as advance:
-        reader = _CalibrationReader(calib_inputs, "image", advance)
-        with atomic_path(dst) as tmp, _quiet_calibrator():
-            quantize_static(str(src), str(tmp), reader, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=not full_range_weights,
-                            op_types_to_quantize=["Conv"], nodes_to_exclude=exclude,
-                            calibrate_method=getattr(CalibrationMethod, METHODS[method]),
-                            extra_options=extra, calibration_providers=["CPUExecutionProvider"],
-                            use_external_data_format=False)
-    return {"method": method, "calibration_images": len(calib_inputs), "float_nodes": exclude,
+    with tempfile.TemporaryDirectory(prefix="attdeploy-quant-") as tmp, atomic_path(dst) as out, _quiet_calibrator():
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(ranges, cache)
+        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=not full_range_weights, op_types_to_quantize=QUANTIZED_OPS,
+                        nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+                        calibration_cache_path=str(cache), extra_options=extra, use_external_data_format=False)
+    return {"method": method, "calibration_images": len(calib_inputs or []), "float_nodes": exclude,
             "quantize_all": quantize_all, "weight_bits": 8 if full_range_weights else 7}
+
+
+def quantized_convs(int8_path: Path) -> list[str]:
+    """Names of the convolutions an INT8 graph runs in int8 (their weights come through a DequantizeLinear)."""
+    import onnx
+
+    graph = onnx.load(str(int8_path), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "Conv" and len(n.input) > 1
+            and getattr(producers.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+
+
+#: Single-input ops an activation passes through between two convolutions unchanged in range.
+_PASS_THROUGH = ("Relu", "MaxPool", "QuantizeLinear", "DequantizeLinear", "Identity", "Resize", "Upsample")
+
+
+def revert_units(int8_path: Path) -> list[tuple[str, ...]]:
+    """What accuracy-aware INT8 returns to float together: each quantised convolution with the
+    convolution that produces its input (through ReLU/max-pool), because onnxruntime quantises a
+    convolution's output as well as its inputs: an activation with outliers stays quantised until
+    both ends of it are float."""
+    import onnx
+
+    graph = onnx.load(str(int8_path), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    quantized = set(quantized_convs(int8_path))
+    units: list[tuple[str, ...]] = []
+    for node in graph.node:
+        if node.name not in quantized:
+            continue
+        src = producers.get(node.input[0])
+        while src is not None and src.op_type in _PASS_THROUGH and src.input:
+            src = producers.get(src.input[0])
+        upstream = src.name if src is not None and src.op_type == "Conv" and src.name in quantized else None
+        unit = tuple(sorted({node.name, upstream} - {None}))  # type: ignore[arg-type]
+        if unit not in units:
+            units.append(unit)
+    return units
 
 
 @contextlib.contextmanager
@@ -224,6 +345,84 @@ def _save(model: Any, dst: Path) -> None:
 
     with atomic_path(dst) as tmp:
         onnx.save_model(model, str(tmp))
+
+
+# ------------------------------------------------------------------------------------ accuracy-aware INT8
+def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], threads: int = 0
+                  ) -> tuple[float, float]:
+    """(mean Dice vs the golden reference, p50 latency in ms on the first case) of an INT8 graph on
+    ONNX Runtime CPU."""
+    import onnxruntime as ort
+
+    from ..preprocess import crop, pad_to_divisor
+    from ..verify import DEFAULT_TOLERANCES, compare
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    outs = []
+    for c in cases:
+        xp, size = pad_to_divisor(c.inputs, 16)
+        outs.append(crop(sess.run(None, {"image": xp})[0], size))
+    row = compare(outs, cases, postprocessing, DEFAULT_TOLERANCES["int8"])
+    xp, _ = pad_to_divisor(cases[0].inputs, 16)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sess.run(None, {"image": xp})
+        times.append(time.perf_counter() - t0)
+    return float(row["mean_dice"]), 1000.0 * float(np.median(times))
+
+
+def accuracy_aware_int8(src: Path, dst: Path, ranges: Any, *, method: str, target: float, cases: list[Any],
+                        postprocessing: dict[str, Any], quantize_all: bool = False, full_range_weights: bool = False,
+                        reporter: Reporter | None = None) -> dict[str, Any]:
+    """Quantise, and while the held-out images' mean Dice vs FP32 misses ``target``, return the most
+    sensitive convolutions to float one at a time (after NNCF's quantize_with_accuracy_control).
+
+    Sensitivity of a convolution = the mean Dice gained by keeping only it in float. Writes the
+    final graph to ``dst``; returns the record for the manifest (every step's float layers, Dice
+    and latency). Raises VerificationFailed when even all convolutions in float miss the target.
+    """
+    reporter = reporter or Reporter()
+    kw = {"method": method, "quantize_all": quantize_all, "full_range_weights": full_range_weights,
+          "ranges": ranges}
+    info = quantize_int8(src, dst, **kw)
+    dice, ms = evaluate_int8(dst, cases, postprocessing)
+    steps = [{"float_added": [], "mean_dice": dice, "latency_ms": ms}]
+    record = {"target_mean_dice": target, "steps": steps, "reverted": []}
+    if dice >= target:
+        reporter.info(f"INT8 mean Dice {dice:.4f} >= {target:.4f}: no convolution returned to float")
+        return {**info, "accuracy_aware": record}
+    units = revert_units(dst)
+    gains = []
+    with tempfile.TemporaryDirectory(prefix="attdeploy-aa-") as tmp, \
+            reporter.progress(f"Ranking {len(units)} convolutions by sensitivity (Dice {dice:.4f} < {target:.4f})",
+                              len(units)) as advance:
+        for unit in units:
+            trial = Path(tmp) / "trial.onnx"
+            quantize_int8(src, trial, extra_float=list(unit), **kw)
+            gains.append((evaluate_int8(trial, cases, postprocessing)[0] - dice, unit))
+            advance()
+    ranking = [u for _, u in sorted(gains, key=lambda g: (-g[0], g[1]))]
+    record["sensitivity"] = [{"convs": list(u), "dice_gain": g} for g, u in sorted(gains, key=lambda g: -g[0])]
+    reverted: list[str] = []
+    for unit in ranking:
+        added = [c for c in unit if c not in reverted]
+        if not added:
+            continue
+        reverted += added
+        info = quantize_int8(src, dst, extra_float=reverted, **kw)
+        dice, ms = evaluate_int8(dst, cases, postprocessing)
+        steps.append({"float_added": added, "mean_dice": dice, "latency_ms": ms})
+        reporter.info(f"  + {', '.join(added)} in float: mean Dice {dice:.4f}, {ms:.1f} ms")
+        if dice >= target:
+            record["reverted"] = list(reverted)
+            return {**info, "accuracy_aware": record}
+    raise VerificationFailed(f"INT8 cannot reach mean Dice {target:.4f} on the held-out images even with all "
+                             f"{len(reverted)} convolutions in float (best {max(s['mean_dice'] for s in steps):.4f}); "
+                             "nothing was written: calibrate on more representative images or keep FP16")
 
 
 # ------------------------------------------------------------------------------------ bundle step
@@ -300,7 +499,7 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
                     quantize_all: bool = False, precisions: list[str] | None = None,
                     reporter: Reporter | None = None, verify: bool = True,
                     full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None,
-                    ) -> list[dict[str, Any]]:
+                    max_dice_drop: float | None = None) -> list[dict[str, Any]]:
     """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
     ONNX Runtime CPU, then commit them together. A graph that misses its tolerance (exit 1),
     bad input (exit 2) or an interruption leaves the bundle as it was. Returns the rows."""
@@ -309,6 +508,10 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
     reporter = reporter or Reporter()
     precisions = precisions or ["fp16", "int8"]
     check_quantize_options(method, max_samples, precisions)
+    if max_dice_drop is not None:
+        from ..verify import check_dice_drop
+
+        check_dice_drop(max_dice_drop)
     src = bundle.onnx_path("fp32")
     keep = set(fp16_keep_fp32 or ())
     if keep and "fp16" in precisions:
@@ -326,8 +529,18 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
             done.append("fp16")
         if "int8" in precisions:
             name = ONNX_FILES["int8"]
-            info = quantize_int8(src, txn.stage(name), inputs, method=method, quantize_all=quantize_all,
-                                 full_range_weights=full_range_weights, reporter=reporter)
+            ranges = calibrate(src, inputs, method, reporter)
+            if max_dice_drop is None:
+                info = quantize_int8(src, txn.stage(name), inputs, method=method, quantize_all=quantize_all,
+                                     full_range_weights=full_range_weights, reporter=reporter, ranges=ranges)
+            else:
+                from ..golden import load_golden
+
+                info = accuracy_aware_int8(src, txn.stage(name), ranges, method=method, target=1.0 - max_dice_drop,
+                                           cases=load_golden(bundle), postprocessing=bundle.postprocessing,
+                                           quantize_all=quantize_all, full_range_weights=full_range_weights,
+                                           reporter=reporter)
+            info["calibration_images"] = len(inputs)
             txn.add_artifact(name, kind="onnx", precision="int8",
                              producer={**producer, **info, "calibration": described, "calibration_files": used})
             done.append("int8")

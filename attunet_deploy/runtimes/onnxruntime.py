@@ -57,7 +57,11 @@ class _OrtRunner(Runner):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(self.options.get("threads", 0))
+        opts.intra_op_num_threads = int(self.options.get("threads") or 0)
+        if not self.options.get("spinning", True):
+            # Idle sessions' spinning threads steal the CPU from whatever runs next: off when several
+            # backends are timed side by side (bench), so each ratio measures the backend alone.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # provider fallbacks are reported by us, not as red log lines
         if self._needs_exact_int8():
             # Full-range int8 weights on an x86 CPU without VNNI: ORT's default u8s8 path
