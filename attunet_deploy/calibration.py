@@ -12,6 +12,7 @@ message naming the limit and how to raise it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -215,36 +216,43 @@ def _match_channels(img: np.ndarray, channels: int, source: Path) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(out, (2, 0, 1)), dtype=np.float32)
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str = "") -> Iterator[None]:
+    """Turn whatever a reader library raises into one InputError naming the file; library
+    warnings are not the user's business, errors are."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except InputError:
+        raise
+    except ImportError as exc:
+        raise InputError(f"{what}{path}: reading it needs {exc.name}: pip install 'attunet-deploy[medical]'") from exc
+    except MemoryError:
+        raise InputError(f"{what}{path}: not enough memory to read it; lower its size or "
+                         f"{limits.IMAGE_FILE.env}") from None
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {what}{path}: {text}") from exc
+
+
 def read_file(path: Path, channels: int, rel: str = "") -> list[ImageRecord]:
     """All 2D images in one file, as raw intensities."""
     suffix = suffix_of(path)
     rel = rel or path.name
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # library warnings are not the user's business; errors are
-            if suffix == ".npy":
-                return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in
-                        enumerate(_to_chw_list(_load_npy(path), channels, path))]
-            if suffix == ".npz":
-                arrays = _to_chw_list(_load_npz(path), channels, path)
-                return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in enumerate(arrays)]
-            if suffix in RASTER_EXT:
-                return [_read_raster(path, channels, rel)]
-            if suffix in NIFTI_EXT:
-                return _read_nifti(path, channels, rel)
-            if _is_dicom(path):
-                return _read_dicom(path, channels, rel)
-    except InputError:
-        raise
-    except ImportError as exc:
-        raise InputError(f"{path}: reading {suffix or 'DICOM'} needs {exc.name}: "
-                         "pip install 'attunet-deploy[medical]'") from exc
-    except MemoryError:
-        raise InputError(f"{path}: not enough memory to read it; lower its size or "
-                         f"{limits.IMAGE_FILE.env}") from None
-    except Exception as exc:
-        raise InputError(f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
-                         ) from exc
+    with _reading(path):
+        if suffix == ".npy":
+            return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in
+                    enumerate(_to_chw_list(_load_npy(path), channels, path))]
+        if suffix == ".npz":
+            arrays = _to_chw_list(_load_npz(path), channels, path)
+            return [ImageRecord(a, path, i, {"multi": True}, rel) for i, a in enumerate(arrays)]
+        if suffix in RASTER_EXT:
+            return [_read_raster(path, channels, rel)]
+        if suffix in NIFTI_EXT:
+            return _read_nifti(path, channels, rel)
+        if _is_dicom(path):
+            return _read_dicom(path, channels, rel)
     raise InputError(f"{path}: unsupported file type (supported: {SUPPORTED})")
 
 
@@ -451,7 +459,7 @@ def match_labels(image_files: list[Path], image_root: Path, labels: str | os.Pat
 def header_hw(path: Path) -> tuple[int, int]:
     """(H, W) of an image or label file from its header alone (no pixel data decoded)."""
     suffix = suffix_of(path)
-    try:
+    with _reading(path):
         if suffix == ".npy":
             limits.check_regular_file(path)
             with open(path, "rb") as fh:
@@ -475,12 +483,6 @@ def header_hw(path: Path) -> tuple[int, int]:
             return int(shape[0]), int(shape[1])
         head = dicom_header(path)
         return int(getattr(head, "Rows", 0) or 0), int(getattr(head, "Columns", 0) or 0)
-    except InputError:
-        raise
-    except ImportError as exc:
-        raise InputError(f"{path}: reading it needs {exc.name}: pip install 'attunet-deploy[medical]'") from exc
-    except Exception as exc:
-        raise InputError(f"cannot read {path}: {str(exc)[:160]}") from exc
 
 
 def check_label_shapes(pairs: dict[Path, Path]) -> None:
@@ -496,33 +498,25 @@ def read_label_file(path: Path, num_classes: int) -> list[np.ndarray]:
     """Label masks in ``path`` as uint8 [H, W] per slice: binary (> 0) for one output channel (or
     two with argmax), class indices 0..K-1 otherwise."""
     suffix = suffix_of(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if suffix == ".npy":
-                arr = _load_npy(path)
-            elif suffix == ".npz":
-                arr = _load_npz(path)
-            elif suffix in RASTER_EXT:
-                with _open_raster(path) as im:
-                    if im.mode == "P":
-                        arr = np.asarray(im)  # palette index = class
-                    else:
-                        arr = np.asarray(im.convert("I") if im.mode in ("I;16", "I;16B", "I") else im)
-                if arr.ndim == 3:
-                    if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):
-                        raise InputError(f"label {path} is a colour image: save masks as greyscale class indices")
-                    arr = arr[..., 0]
-            elif suffix in NIFTI_EXT:
-                arr = np.moveaxis(_nifti_data(_nifti(path)), 2, 0)
-            else:
-                raise InputError(f"label {path}: unsupported type (use {', '.join(LABEL_EXT)})")
-    except InputError:
-        raise
-    except ImportError as exc:
-        raise InputError(f"label {path} needs {exc.name}: pip install 'attunet-deploy[medical]'") from exc
-    except Exception as exc:
-        raise InputError(f"cannot read label {path}: {str(exc)[:160]}") from exc
+    with _reading(path, "label "):
+        if suffix == ".npy":
+            arr = _load_npy(path)
+        elif suffix == ".npz":
+            arr = _load_npz(path)
+        elif suffix in RASTER_EXT:
+            with _open_raster(path) as im:
+                if im.mode == "P":
+                    arr = np.asarray(im)  # palette index = class
+                else:
+                    arr = np.asarray(im.convert("I") if im.mode in ("I;16", "I;16B", "I") else im)
+            if arr.ndim == 3:
+                if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):
+                    raise InputError(f"label {path} is a colour image: save masks as greyscale class indices")
+                arr = arr[..., 0]
+        elif suffix in NIFTI_EXT:
+            arr = np.moveaxis(_nifti_data(_nifti(path)), 2, 0)
+        else:
+            raise InputError(f"label {path}: unsupported type (use {', '.join(LABEL_EXT)})")
     arr = np.asarray(arr)
     _check_numeric(arr.dtype, path)
     if arr.ndim == 4 and arr.shape[1] == 1:
