@@ -269,4 +269,14 @@ def doctor_report() -> list[Probe]:
     probes.append(tensorrt_probe())
     probes.append(cuda_devices())
     probes.append(nvidia_smi_gpus())
+    m = machine_info()
+    probes.append(Probe("cpu", True, m["arch"], f"{m['cpu_model']}, {m['cores']} cores, ISA "
+                        f"{' '.join(m['isa']) or '-'}; INT8 dot product: {'yes' if cpu_has_int8_dot() else 'no'}",
+                        extra={"machine": m}))
+    for name, extra, purpose in (("openvino", "openvino", "OpenVINO backend 'ov'"),
+                                 ("pynetdicom", "dicom", "serve-dicom"), ("highdicom", "dicom", "DICOM SEG output"),
+                                 ("tritonclient", "triton", "'attdeploy triton' and the 'triton' backend")):
+        v = module_version(name) if has_module(name) else None
+        probes.append(Probe(name, v is not None, v or "",
+                            purpose if v else f"not installed: pip install 'attunet-deploy[{extra}]' for {purpose}"))
     return probes
