@@ -118,16 +118,9 @@ def test_pipeline_holds_out_a_quarter_and_judges_against_truth(user_bundle: Path
 
 
 def test_verify_images_without_torch_uses_ort_reference(user_bundle: Path, user_data: dict[str, Path]) -> None:
-    block = '''
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed on this device")
-sys.meta_path.insert(0, _NoTorch())
-from attunet_deploy.cli import main
-main(sys.argv[1:])
-'''
+    from test_without_torch import BLOCK_TORCH
+
+    block = BLOCK_TORCH + "from attunet_deploy.cli import main\nmain(sys.argv[1:])\n"
     proc = subprocess.run([sys.executable, "-c", block, "verify", "-b", str(user_bundle), "--images",
                            str(user_data["other_dcm"]), "--labels", str(user_data["other_masks"]), "--json", "-"],
                           capture_output=True, text=True, timeout=300)
