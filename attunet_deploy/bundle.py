@@ -362,6 +362,8 @@ class Bundle:
         self.root = Path(root)
         self.manifest = manifest
         self.overlay = overlay or {}
+        #: the manifest as read from disk by :meth:`load` (a writer checks it has not changed since)
+        self.loaded: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- creation / loading
     @staticmethod
@@ -393,6 +395,7 @@ class Bundle:
         with _dir_lock(root, exclusive=False):
             manifest = validate_manifest(_read_manifest(root), root / MANIFEST)
             bundle = cls(root, manifest)
+            bundle.loaded = copy.deepcopy(manifest)
             if check_hashes:
                 bundle.check_artifacts()
         return bundle
@@ -505,7 +508,7 @@ class Bundle:
     def transaction(self) -> Transaction:
         """Begin a write: takes the writer lock (BundleError 'busy' if held), rolls forward or
         clears what a killed writer left, and stages changes until :meth:`Transaction.commit`."""
-        return Transaction(self.root, self.manifest)
+        return Transaction(self.root, self.manifest, expect=self.loaded)
 
 
 def _remedy(name: str) -> str:
@@ -528,11 +531,17 @@ class Transaction:
     the bundle (same filesystem, so the commit is a series of renames).
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], *, created_root: bool = False) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], *, created_root: bool = False,
+                 expect: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.lock = WriterLock(self.root).acquire()
         try:
             _recover(self.root)
+            if expect is not None and validate_manifest(_read_manifest(self.root), self.root / MANIFEST) != expect:
+                # Another command committed between our load and our lock: building on the old
+                # manifest would list its new files with old hashes.
+                raise BundleError(f"bundle {self.root} was changed by another command since it was loaded: run "
+                                  "this command again")
             self.manifest = copy.deepcopy(manifest)
             self.old_artifacts = set(manifest.get("artifacts", {}))
             self.staging = self.root / INTERNAL_DIR / f"txn-{os.getpid()}-{secrets.token_hex(4)}"

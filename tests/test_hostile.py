@@ -552,7 +552,9 @@ def test_two_concurrent_quantize_runs_never_interleave(qbundle: Path) -> None:
     results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
     codes = sorted(c for c, _ in results)
     assert codes[0] == 0 and all(c in (0, 2) for c in codes)
-    assert all("busy" in e for c, e in results if c == 2)
+    # the loser is told the bundle is busy, or (if it loaded before the winner committed) that the
+    # bundle changed under it; either way it writes nothing
+    assert all("busy" in e or "changed by another command" in e for c, e in results if c == 2)
     Bundle.load(qbundle)  # every sha256 matches: the manifest agrees with the files
 
 
@@ -665,3 +667,20 @@ def test_memory_guard_refuses_a_batch_that_cannot_fit(small_bundle: Path, monkey
     monkeypatch.setattr(base, "activation_bytes", lambda shape, base_channels: 1 << 60)
     with load_runner(small_bundle, backend="ort") as r, pytest.raises(InputError, match="ATTDEPLOY_MEMORY_CHECK"):
         r.infer(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_a_writer_never_commits_over_a_newer_manifest(qbundle: Path) -> None:
+    """Load, let another command commit, then write: refused, and the newer bundle stays whole."""
+    import onnx
+
+    from attunet_deploy.export.quantize import quantize_bundle
+
+    conv = next(n.name for n in onnx.load(str(qbundle / "model.onnx")).graph.node if n.op_type == "Conv")
+    stale = Bundle.load(qbundle)
+    quantize_bundle(Bundle.load(qbundle), precisions=["fp16"], verify=False,  # another command commits
+                    fp16_keep_fp32=[conv])
+    after = snapshot(qbundle)
+    with pytest.raises(BundleError, match="changed by another command"):
+        quantize_bundle(stale, precisions=["fp16"], verify=False)
+    assert snapshot(qbundle) == after
+    Bundle.load(qbundle)
