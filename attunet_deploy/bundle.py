@@ -581,6 +581,11 @@ class Transaction:
                       "producer": producer or {}})
         entry.update(extra)
         self.manifest["artifacts"][name] = entry
+        if kind == "onnx" and precision is not None:
+            # Records judged the graph this one replaces: they say nothing about the new one.
+            for key, row in list(self.manifest["verification"].items()):
+                if isinstance(row, dict) and row.get("precision") == precision:
+                    del self.manifest["verification"][key]
         return entry
 
     def remove(self, name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import warnings
 import zipfile
@@ -237,7 +238,15 @@ def _reading(path: Path, what: str = "") -> Iterator[None]:
 
 
 def read_file(path: Path, channels: int, rel: str = "") -> list[ImageRecord]:
-    """All 2D images in one file, as raw intensities."""
+    """All 2D images in one file, as raw intensities; each record's ``meta["count"]`` is how many
+    images the file holds (a label must have as many slices)."""
+    records = _read_file(path, channels, rel)
+    for r in records:
+        r.meta["count"] = len(records)
+    return records
+
+
+def _read_file(path: Path, channels: int, rel: str = "") -> list[ImageRecord]:
     suffix = suffix_of(path)
     rel = rel or path.name
     with _reading(path):
@@ -363,10 +372,36 @@ def load_images(path: str | os.PathLike[str], channels: int, max_samples: int | 
     """Every image at ``path``; with ``max_samples``, an evenly spaced deterministic subset."""
     if max_samples is not None and max_samples < 1:
         raise InputError("--max-samples must be >= 1")
-    records = list(iter_images(path, channels))
+    root = Path(path)
+    files = list_image_files(root)
+    per_file = None
+    if max_samples is not None:
+        files, per_file = sample_files(files, max_samples)
+    records: list[ImageRecord] = []
+    for f in files:
+        records += subsample(read_file(f, channels, relative_name(f, root)), per_file)
+        check_held(records)
     if not records:
         raise InputError(f"no images found in {path}")
     return subsample(records, max_samples)
+
+
+def sample_files(files: list[Path], max_images: int) -> tuple[list[Path], int]:
+    """(files to read, images to keep of each): a folder is sampled by file *before* any pixel is
+    decoded, so a command holds about ``max_images`` images however many files the folder has."""
+    if len(files) > max_images:
+        idx = np.unique(np.linspace(0, len(files) - 1, max_images).round().astype(int))
+        files = [files[i] for i in idx]
+    return files, max(1, math.ceil(max_images / max(1, len(files))))
+
+
+def check_held(records: list[ImageRecord]) -> None:
+    """The memory budget of decoded images one command holds at once (a named, raisable limit)."""
+    held = sum(r.pixels.nbytes for r in records)
+    if held > limits.HELD_IMAGES.bytes():
+        raise InputError(f"the images kept for this command take {held / 2**20:,.0f} MB decoded, above the "
+                         f"{limits.HELD_IMAGES.what} limit of {limits.HELD_IMAGES.describe()}: use fewer or smaller "
+                         f"images, or set {limits.HELD_IMAGES.env} to raise it")
 
 
 def subsample(records: list[ImageRecord], max_samples: int | None) -> list[ImageRecord]:
@@ -446,7 +481,13 @@ def match_labels(image_files: list[Path], image_root: Path, labels: str | os.Pat
     """image file -> label file by relative path without extension; InputError naming the first
     image without a label or label without an image."""
     index = label_index(labels)
-    keys = {stem_key(relative_name(f, image_root)): f for f in image_files}
+    keys: dict[str, Path] = {}
+    for f in image_files:
+        key = stem_key(relative_name(f, image_root))
+        if key in keys:
+            raise InputError(f"images {keys[key]} and {f} differ only by extension, so one label {key}.* cannot "
+                             "belong to both: rename one of them")
+        keys[key] = f
     for key, f in keys.items():
         if key not in index:
             raise InputError(f"no label for image {f}: expected {key}.png (or .npy/.tif/.nii.gz) under {labels}")
@@ -454,6 +495,16 @@ def match_labels(image_files: list[Path], image_root: Path, labels: str | os.Pat
         if key not in keys:
             raise InputError(f"label {lf} has no image: expected an image named {key}.* under {image_root}")
     return {f: index[key] for key, f in keys.items()}
+
+
+def _array_hw(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
+    """(H, W) of an array laid out [H, W], [N, H, W] or [N, C, H, W]."""
+    if len(shape) < 2 or len(shape) > 4:
+        raise InputError(f"{path} has shape {list(shape)}: expected [H, W], [N, H, W] or [N, C, H, W]")
+    if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] > 4 and shape[1] > 4:
+        raise InputError(f"{path} has shape {list(shape)}, which looks channels-last: save it as [H, W] or "
+                         "[N, H, W]")
+    return int(shape[-2]), int(shape[-1])
 
 
 def header_hw(path: Path) -> tuple[int, int]:
@@ -464,7 +515,7 @@ def header_hw(path: Path) -> tuple[int, int]:
             limits.check_regular_file(path)
             with open(path, "rb") as fh:
                 shape, _ = _npy_header(fh, path)
-            return int(shape[-2]), int(shape[-1])
+            return _array_hw(shape, path)
         if suffix == ".npz":
             limits.check_regular_file(path)
             with zipfile.ZipFile(path) as zf:
@@ -474,7 +525,7 @@ def header_hw(path: Path) -> tuple[int, int]:
                 names = [m.filename[:-4] for m in members]
                 with zf.open(members[names.index("images")] if "images" in names else members[0]) as fh:
                     shape, _ = _npy_header(fh, path)
-            return int(shape[-2]), int(shape[-1])
+            return _array_hw(shape, path)
         if suffix in RASTER_EXT:
             with _open_raster(path) as im:
                 return im.size[1], im.size[0]
@@ -528,6 +579,11 @@ def read_label_file(path: Path, num_classes: int) -> list[np.ndarray]:
     if not np.isfinite(arr).all():
         raise InputError(f"label {path} contains NaN/Inf")
     if num_classes <= 2:
+        values = np.unique(arr)
+        if values.size > 2:
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+            raise InputError(f"label {path} holds {values.size} values ({shown}) but the model has one foreground "
+                             "class: save a two-valued mask (0 and the class), e.g. (label == K) for class K")
         return [(a > 0).astype(np.uint8) for a in arr]
     if np.any(arr < 0) or np.any(arr >= num_classes) or np.any(arr != np.round(arr)):
         raise InputError(f"label {path} holds values outside the class indices 0..{num_classes - 1}")
@@ -543,8 +599,10 @@ def attach_labels(records: list[ImageRecord], label_files: dict[Path, Path], num
         if lf not in cache:
             cache[lf] = read_label_file(lf, num_classes)
         masks = cache[lf]
-        if rec.index >= len(masks):
-            raise InputError(f"label {lf} has {len(masks)} slice(s), image {rec.source} has more")
+        count = int(rec.meta.get("count", len(masks)))
+        if len(masks) != count:
+            raise InputError(f"label {lf} has {len(masks)} slice(s), image {rec.source} has {count}: one label "
+                             "slice per image slice")
         m = masks[rec.index]
         if m.shape != rec.pixels.shape[1:]:
             raise InputError(f"label {lf} is {m.shape[0]}x{m.shape[1]}, image {rec.source} is "

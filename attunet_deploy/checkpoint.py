@@ -98,9 +98,17 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
         except Exception as inner:
             raise CheckpointError(f"cannot unpickle {path}: {_first_line(inner)}") from inner
         return _from_object(obj, source="pickle")
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # weights_only unpickling: any failure of a damaged or foreign file lands here
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from exc
     return _from_object(obj, source="state_dict")
+
+
+#: A zip checkpoint may inflate at most this many times its size once past INFLATE_FLOOR bytes.
+INFLATE_RATIO = 8
+INFLATE_FLOOR = 64 << 20
 
 
 def _check_bounded(path: Path) -> None:
@@ -123,6 +131,11 @@ def _check_bounded(path: Path) -> None:
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_first_line(exc)})") from exc
         if unpacked > cap:
             raise CheckpointError(str(limits.too_large(f"{path} (unpacked)", unpacked, limits.CHECKPOINT)))
+        # torch.save writes its archive uncompressed (ZIP_STORED); a small file that inflates many times
+        # over is a decompression bomb, refused before torch.load holds the inflated bytes in memory.
+        if unpacked > INFLATE_FLOOR and unpacked > INFLATE_RATIO * max(size, 1):
+            raise CheckpointError(f"{path} is {size / 2**20:,.1f} MB but inflates to {unpacked / 2**20:,.0f} MB: "
+                                  "torch.save writes uncompressed archives; save the checkpoint again with torch.save")
 
 
 def load_checkpoint_bytes(data: bytes, name: str) -> LoadedCheckpoint:
@@ -148,7 +161,11 @@ def _from_object(obj: Any, source: str) -> LoadedCheckpoint:
             config = AttentionUNetConfig.from_dict(obj["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"attunet-deploy checkpoint has a bad config: {exc}") from exc
-        model = build_model(obj["state_dict"], config)
+        state = obj.get("state_dict")
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"attunet-deploy checkpoint's state_dict is a {type(state).__name__}, expected a "
+                                  "mapping of names to tensors")
+        model = build_model(state, config)
         return LoadedCheckpoint(model, config, "attunet-deploy")
     state_dict = unwrap_state_dict(obj)
     if isinstance(state_dict, nn.Module):
@@ -221,8 +238,27 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> AttentionUNetConfig:
                                base_channels=int(first.shape[0]))
 
 
+def check_model_size(config: AttentionUNetConfig) -> int:
+    """Parameters the config implies, counted on the meta device (nothing allocated); a model whose
+    weights would not fit the checkpoint limit is refused before it is built."""
+    from . import limits
+
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AttentionUNet(config).parameters())
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint implies an impossible model ({config}): {_first_line(exc)}") from exc
+    if params * 4 > limits.CHECKPOINT.bytes():
+        raise CheckpointError(f"checkpoint's tensor shapes imply a model of {params:,} parameters "
+                              f"({params * 4 / 2**30:,.1f} GiB; in {config.in_channels}, out {config.out_channels}, "
+                              f"base {config.base_channels}), above the {limits.CHECKPOINT.what} limit of "
+                              f"{limits.CHECKPOINT.describe()}: set {limits.CHECKPOINT.env} if it is real")
+    return params
+
+
 def build_model(state_dict: Mapping[str, torch.Tensor], config: AttentionUNetConfig) -> AttentionUNet:
     """An eval-mode AttentionUNet with ``state_dict`` loaded; a readable error on mismatch."""
+    check_model_size(config)
     model = AttentionUNet(config)
     expected = model.state_dict()
     # BatchNorm's step counter does not affect inference; older exports lack it.

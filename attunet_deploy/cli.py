@@ -119,20 +119,13 @@ def _stdout() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _check_json_path(path: str | None) -> None:
-    """Validate --json PATH before any work: a writable file path, not a folder."""
+def _check_json_path(path: str | None, bundle_dir: str | None = None) -> None:
+    """Validate --json PATH before any work: a writable file path outside every bundle."""
     if path is None or path == "-":
         return
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"--json {path} is a directory: give a file path (or '-' for stdout)")
-    if os.path.lexists(p) and not p.is_file():
-        raise InputError(f"--json {path} exists and is not a regular file")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"--json {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--json {path}: folder {parent} is not writable")
+    from .outputs import check_output
+
+    check_output(path, "--json", kind="file", bundles=[bundle_dir])
 
 
 def _write_json(path: str | None, data: Any) -> None:
@@ -164,14 +157,22 @@ def main(debug: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ export
-def _image_options(f: Any) -> Any:
+def _image_options(f: Any, judged_only: bool = False) -> Any:
     f = click.option("--labels", default=None, metavar="PATH",
                      help="Ground-truth masks matched to --images by relative path without extension "
                           "(a/b/slice_012.dcm <-> a/b/slice_012.png): npy/PNG/TIFF/NIfTI, binary or class index.")(f)
+    if judged_only:
+        return click.option("--images", default=None, metavar="PATH",
+                            help="Judge on these images (file or folder; npy/PNG/TIFF/DICOM/NIfTI) instead of the "
+                                 "bundle's golden set; nothing is recorded in the bundle.")(f)
     f = click.option("--images", default=None, metavar="PATH",
                      help="Your images (file or folder; npy/PNG/TIFF/DICOM/NIfTI): a deterministic quarter (1..32 "
                           "files) becomes the golden set every backend is judged on; the rest calibrates INT8.")(f)
     return f
+
+
+def _verify_image_options(f: Any) -> Any:
+    return _image_options(f, judged_only=True)
 
 
 def _finite(name: str, value: float | None, lo: float = 0.0) -> None:
@@ -401,6 +402,8 @@ def _parse_tolerances(**opts: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _triton_options(f: Any) -> Any:
+    f = click.option("--triton-timeout", type=float, default=None, metavar="SECONDS",
+                     help="Bound on each Triton request (default 8; connecting and health checks: at most 5).")(f)
     f = click.option("--triton-model", default=None, metavar="NAME",
                      help="Served model for --backend triton (default attunet_<precision>).")(f)
     f = click.option("--triton-url", default=None, metavar="HOST:PORT",
@@ -409,9 +412,18 @@ def _triton_options(f: Any) -> Any:
     return f
 
 
-def _runner_options(triton_url: str | None, triton_model: str | None) -> dict[str, Any]:
+def _runner_options(triton_url: str | None, triton_model: str | None,
+                    triton_timeout: float | None = None) -> dict[str, Any]:
+    """Runner options of the --triton-* flags, validated before any work."""
     opts: dict[str, Any] = {}
+    if triton_timeout is not None:
+        from .runtimes.triton import check_timeout
+
+        opts["triton_timeout"] = check_timeout(triton_timeout)
     if triton_url is not None:
+        from .runtimes.triton import parse_url
+
+        parse_url(triton_url)
         opts["triton_url"] = triton_url
     if triton_model is not None:
         opts["triton_model"] = triton_model
@@ -424,7 +436,7 @@ def _runner_options(triton_url: str | None, triton_model: str | None) -> dict[st
               default=("all",), show_default=True, help="Backend(s) to verify (repeatable).")
 @click.option("--precision", "precisions", type=click.Choice(PRECISION_CHOICES), multiple=True,
               default=("all",), show_default=True, help="Precision(s) to verify (repeatable).")
-@_image_options
+@_verify_image_options
 @click.option("--max-dice-drop", type=float, default=None, metavar="X",
               help="Fail a row whose Dice against the ground truth is more than X below the reference's.")
 @click.option("--save-diff", default=None, metavar="DIR",
@@ -434,7 +446,8 @@ def _runner_options(triton_url: str | None, triton_model: str | None) -> dict[st
 @_tolerance_options
 def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], images: str | None,
            labels: str | None, max_dice_drop: float | None, save_diff: str | None, triton_url: str | None,
-           triton_model: str | None, json_path: str | None, **tols: tuple[str, ...]) -> None:
+           triton_model: str | None, triton_timeout: float | None, json_path: str | None,
+           **tols: tuple[str, ...]) -> None:
     """Judge backends against the reference: the bundle's golden set, or --images (exit 1 on a miss).
 
     Passing runs on the golden set are recorded in the manifest; --images runs change nothing.
@@ -446,17 +459,17 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
 
     tolerances = _parse_tolerances(**tols)
     check_dice_drop(max_dice_drop)
-    _check_json_path(json_path)
+    _check_json_path(json_path, bundle_dir)
     if labels is not None and images is None:
         raise InputError("--labels needs --images (the images the labels belong to)")
     if save_diff is not None:
-        from .diffimages import check_diff_dir
+        from .outputs import check_output
 
-        check_diff_dir(save_diff)
+        check_output(save_diff, "--save-diff", kind="dir", empty=True, bundles=[bundle_dir])
     bundle = _load_bundle(bundle_dir)
     backend_list = ["all"] if "all" in backends else list(backends)
     precision_list = ["all"] if "all" in precisions else list(precisions)
-    opts = _runner_options(triton_url, triton_model)
+    opts = _runner_options(triton_url, triton_model, triton_timeout)
     if images is not None:
         rows = verify_images(bundle, images, labels, backend_list, precision_list, tolerances, reporter=_reporter(),
                              max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
@@ -514,7 +527,8 @@ def _record_verification(bundle: Any, rows: list[dict[str, Any]]) -> None:
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
 def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], shape: str | None, warmup: int,
           iterations: int | None, duration: float | None, end_to_end: bool, threads: int | None, concurrency: int,
-          triton_url: str | None, triton_model: str | None, json_path: str | None) -> None:
+          triton_url: str | None, triton_model: str | None, triton_timeout: float | None,
+          json_path: str | None) -> None:
     """Measure latency and throughput with one method for every backend."""
     from .bench import BenchSettings, bench_many, parse_shape
     from .report import bench_table
@@ -523,13 +537,13 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
         raise InputError("give --iterations or --duration, not both")
     BenchSettings(shape=(1, 1, 16, 16), warmup=warmup, iterations=iterations, duration=duration,
                   threads=threads, concurrency=concurrency)  # validates every option before any work
-    _check_json_path(json_path)
+    _check_json_path(json_path, bundle_dir)
     bundle = _load_bundle(bundle_dir)
     shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
     settings = BenchSettings(shape=shp, warmup=warmup, iterations=iterations, duration=duration,
                              end_to_end=end_to_end, threads=threads, concurrency=concurrency)
     results, skipped = bench_many(bundle, list(backends), list(precisions), settings, reporter=_reporter(),
-                                  **_runner_options(triton_url, triton_model))
+                                  **_runner_options(triton_url, triton_model, triton_timeout))
     out = _stdout()
     if json_path != "-":
         if results:
@@ -568,14 +582,17 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
 @_triton_options
 def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, precision: str,
             no_overlay: bool, overwrite: bool, dicom_seg: bool, segment_label: str, triton_url: str | None,
-            triton_model: str | None) -> None:
+            triton_model: str | None, triton_timeout: float | None) -> None:
     """Segment images (.npy/.npz, PNG/TIFF, DICOM, NIfTI): masks plus an overlay PNG per image,
     or with --dicom-seg one DICOM SEG per CT series."""
     from rich.markup import escape
     from rich.table import Table
 
+    from .outputs import check_output
+
+    check_output(out, "-o", kind="dir", bundles=[bundle_dir])
     bundle = _load_bundle(bundle_dir)
-    opts = _runner_options(triton_url, triton_model)
+    opts = _runner_options(triton_url, triton_model, triton_timeout)
     if dicom_seg:
         _require_extra("predict --dicom-seg", ("pydicom", "highdicom"), "dicom")
         from .dicom.files import predict_series_folder
@@ -612,30 +629,65 @@ def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, pr
               help="Address to listen on. The default, all interfaces, is what scanners expect of a DICOM node; "
                    "use 127.0.0.1 to accept local connections only.")
 @click.option("--allow-ae", multiple=True, metavar="AET", help="Accept associations only from these calling AE "
-              "titles (repeatable; default: any).")
+              "titles (repeatable; compared as DICOM does: case-sensitive, surrounding spaces ignored; default: any).")
+@click.option("--any-called-ae", is_flag=True, help="Accept associations whatever called AE title they name "
+              "(default: it must equal --ae-title).")
+@click.option("--allow-host", multiple=True, metavar="ADDR[/BITS]", help="Accept connections only from these "
+              "addresses or networks (repeatable; default: any).")
+@click.option("--tls-cert", default=None, metavar="PEM", help="DICOM TLS (PS3.15 Annex B): this node's certificate.")
+@click.option("--tls-key", default=None, metavar="PEM", help="DICOM TLS: the certificate's private key.")
+@click.option("--tls-ca", default=None, metavar="PEM", help="DICOM TLS: require client certificates signed by "
+              "this CA.")
 @click.option("--quiet-seconds", type=float, default=5.0, show_default=True,
               help="A series is complete when none of its instances arrived for this long.")
 @click.option("--forward", default=None, metavar="AET@HOST:PORT", help="Send each SEG on by C-STORE (retried with "
               "back-off; kept queued on disk until it is accepted).")
+@click.option("--max-instance-mb", type=float, default=64.0, show_default=True,
+              help="Larger instances are refused with 0xA700 (out of resources).")
+@click.option("--min-free-mb", type=float, default=1024.0, show_default=True,
+              help="Below this much free disk under --out, stores are refused with 0xA700.")
+@click.option("--keep-archive", default="7", show_default=True, metavar="DAYS|none",
+              help="How long archive/ (segmented instances) and sent/ keep their files; none: delete a series' "
+                   "instances once its SEG is written.")
+@click.option("--max-associations", type=int, default=32, show_default=True,
+              help="Concurrent associations; more are rejected (transient) until one ends.")
+@click.option("--acse-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a connection may take to request an association (also the TLS handshake); "
+                   "silent sockets are dropped after it.")
+@click.option("--dimse-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for a DIMSE message within an association.")
+@click.option("--network-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds an idle association is kept open.")
+@click.option("--http-port", type=int, default=None, metavar="PORT",
+              help="Serve /healthz and Prometheus /metrics on this port (bound like --bind).")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--backend", type=click.Choice([b for b in BACKENDS if b not in ("all",)]), default="auto",
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
 def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
-                quiet_seconds: float, forward: str | None, log_json: bool, backend: str, precision: str,
-                segment_label: str) -> None:
+                any_called_ae: bool, allow_host: tuple[str, ...], tls_cert: str | None, tls_key: str | None,
+                tls_ca: str | None, quiet_seconds: float, forward: str | None, max_instance_mb: float,
+                min_free_mb: float, keep_archive: str, max_associations: int, acse_timeout: float,
+                dimse_timeout: float, network_timeout: float, http_port: int | None, log_json: bool, backend: str,
+                precision: str, segment_label: str) -> None:
     """A DICOM node beside the scanner: CT series in by C-STORE, a DICOM SEG out per series.
 
-    Each instance is on disk before Success is returned; a non-CT or unusable instance gets a failure
-    status. Stop with SIGTERM (or Ctrl-C): unfinished work is picked up on the next start.
+    Each instance is checked (UIDs, pixel data, size) and on disk before Success is returned; a
+    non-CT or unusable instance gets a failure status. Stop with SIGTERM (or Ctrl-C): unfinished
+    work is picked up on the next start.
     """
     _require_extra("serve-dicom", ("pydicom", "pynetdicom", "highdicom"), "dicom")
-    from .dicom.node import DicomNode
+    from .dicom.node import DicomNode, NodeLimits, parse_keep
 
+    limits = NodeLimits(max_instance_mb=max_instance_mb, min_free_mb=min_free_mb,
+                        keep_archive_days=parse_keep(keep_archive), max_associations=max_associations,
+                        acse_timeout=acse_timeout, dimse_timeout=dimse_timeout, network_timeout=network_timeout)
     node = DicomNode(_load_bundle(bundle_dir), out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
                      quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
-                     precision=precision, segment_label=segment_label)
+                     precision=precision, segment_label=segment_label, limits=limits, any_called_ae=any_called_ae,
+                     allow_host=list(allow_host), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                     http_port=http_port)
     node.serve()
 
 
@@ -686,7 +738,7 @@ def info(bundle_dir: str, json_path: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    _check_json_path(json_path)
+    _check_json_path(json_path, bundle_dir)
     bundle = _load_bundle(bundle_dir)
     if json_path:
         _write_json(json_path, bundle.manifest)

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
 from .fileio import atomic_path, write_text_atomic
 from .golden import GoldenCase
 from .preprocess import logits_to_masks
@@ -23,14 +22,6 @@ REFERENCE_ONLY = (40, 110, 255)
 BACKEND_ONLY = (240, 40, 40)
 LEGEND = ("green: foreground in both masks (agree) · blue: only in the reference's mask (the backend missed it) · "
           "red: only in the backend's mask (the backend added it) · grey: background in both")
-
-
-def check_diff_dir(path: str | Path) -> Path:
-    """The --save-diff folder must be new or empty, so no earlier picture is silently replaced."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
-        raise InputError(f"--save-diff {p}: choose a new or empty folder (it holds files already)")
-    return p
 
 
 def diff_rgb(image: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> np.ndarray:

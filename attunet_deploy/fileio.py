@@ -22,7 +22,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp", dir=target.parent)
+    # The temp name is capped in bytes, not characters: 100 four-byte characters would pass the
+    # 255-byte file-name limit and fail with ENAMETOOLONG.
+    short = target.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".tmp", dir=target.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a bundle is copied and shared
     os.close(fd)
     tmp_path = Path(tmp)

@@ -53,6 +53,9 @@ IMAGE_FILE = Limit("ATTDEPLOY_MAX_IMAGE_FILE_MB", 2048, "MB", "image file size (
 IMAGE_PIXELS = Limit("ATTDEPLOY_MAX_IMAGE_PIXELS", 4096 * 4096, "pixels", "pixels per image")
 MANIFEST = Limit("ATTDEPLOY_MAX_MANIFEST_MB", 16, "MB", "manifest size")
 GOLDEN = Limit("ATTDEPLOY_MAX_GOLDEN_MB", 4096, "MB", "golden set size")
+#: Decoded images one command keeps at once (verify --images, quantize --calib): folders are
+#: sampled by file before decoding, so only an unusually large per-image size reaches it.
+HELD_IMAGES = Limit("ATTDEPLOY_MAX_HELD_IMAGES_MB", 1024, "MB", "decoded images held at once")
 JSON_DEPTH = Limit("ATTDEPLOY_MAX_JSON_DEPTH", 64, "levels", "JSON nesting depth")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 #: A reference logit with |z| above this is "confident": flipping it is a real error.
@@ -15,6 +17,26 @@ def rel_l2(out: np.ndarray, ref: np.ndarray) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return float(diff / norm)
+
+
+def streamed_errors(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
+    """(rel L2, max abs, mean abs) over many (out, ref) pairs, as if concatenated, holding one
+    pair's float64 difference at a time (a concatenated float64 copy of 512 images is ~1 GB)."""
+    sq_diff = sq_ref = sum_abs = 0.0
+    max_abs = 0.0
+    n = 0
+    for out, ref in pairs:
+        r = np.asarray(ref, np.float64).ravel()
+        d = np.asarray(out, np.float64).ravel() - r
+        sq_diff += float(np.dot(d, d))
+        sq_ref += float(np.dot(r, r))
+        a = np.abs(d)
+        max_abs = max(max_abs, float(a.max(initial=0.0)))
+        sum_abs += float(a.sum())
+        n += d.size
+    diff, norm = np.sqrt(sq_diff), np.sqrt(sq_ref)
+    rel = (0.0 if diff == 0.0 else float("inf")) if norm == 0.0 else float(diff / norm)
+    return rel, max_abs, (sum_abs / n if n else 0.0)
 
 
 def abs_errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -83,7 +83,28 @@ def output_names(files: list[Path]) -> dict[Path, str]:
         return (rel.parent / _stem(rel)).as_posix() if str(rel.parent) != "." else _stem(rel)
 
     stems = dedupe({f: _stem(f) for f in files}, relative)
-    return dedupe(stems, lambda f, st: f"{st}_{suffix_of(f).lstrip('.').replace('.', '_') or 'file'}")
+    stems = dedupe(stems, lambda f, st: f"{st}_{suffix_of(f).lstrip('.').replace('.', '_') or 'file'}")
+    return {f: _fit(st) for f, st in stems.items()}
+
+
+#: Bytes of an output stem's last component: room for "_12345_overlay.png" and the temp-file prefix
+#: under the 255-byte file-name limit.
+STEM_MAX = 200
+
+
+def _fit(stem: str) -> str:
+    """``stem`` with every component within STEM_MAX bytes: a long one keeps its start and gains a
+    digest of the whole, so two long names still give two outputs."""
+    import hashlib
+
+    parts = []
+    for part in stem.split("/"):
+        raw = part.encode("utf-8", "surrogateescape")
+        if len(raw) > STEM_MAX:
+            digest = hashlib.sha256(raw).hexdigest()[:12]
+            part = raw[:STEM_MAX - 13].decode("utf-8", "ignore") + "~" + digest
+        parts.append(part)
+    return "/".join(parts)
 
 
 def _outputs_for(stem: str, records: list[ImageRecord], overlay: bool) -> list[str]:

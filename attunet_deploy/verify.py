@@ -19,7 +19,7 @@ from .bundle import PRECISIONS, WEIGHTS_FILE, Bundle
 from .console import Reporter
 from .errors import AttDeployError, BackendUnavailable, InputError
 from .golden import GoldenCase, group_by_shape, load_golden, model_space, require_labels
-from .metrics import abs_errors, confident_flips, per_image_overlap, rel_l2
+from .metrics import confident_flips, per_image_overlap, streamed_errors
 from .preprocess import logits_to_masks
 from .runtimes.base import BACKEND_MODULES, available_backends, runner_class
 
@@ -93,9 +93,7 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
             tolerance: Tolerance, ref_gt_dice: float | None = None,
             max_dice_drop: float | None = None) -> dict[str, Any]:
     """Metrics of ``outputs`` (one array per case) against the reference logits, and the verdict."""
-    out = np.concatenate([o.ravel() for o in outputs])
-    ref = np.concatenate([c.logits.ravel() for c in cases])
-    max_abs, mean_abs = abs_errors(out, ref)
+    rel, max_abs, mean_abs = streamed_errors((o, c.logits) for o, c in zip(outputs, cases))
     num_classes = cases[0].logits.shape[1]
     masks = [logits_to_masks(o, postprocessing) for o in outputs]
     ref_masks = [logits_to_masks(c.logits, postprocessing) for c in cases]
@@ -111,7 +109,7 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
         names += c.image_names()
     worst = sorted(range(len(dices)), key=lambda i: (dices[i], i))[:WORST_SHOWN]
     row: dict[str, Any] = {
-        "rel_l2": rel_l2(out, ref),
+        "rel_l2": rel,
         "max_abs": max_abs,
         "mean_abs": mean_abs,
         "pixel_agreement": 1.0 - flipped / total,
@@ -231,6 +229,14 @@ def _judge_all(bundle: Bundle, pairs: list[tuple[str, str]], cases: list[GoldenC
     return rows
 
 
+def _check_diff_target(bundle: Bundle, save_diff: str | os.PathLike[str] | None) -> None:
+    """--save-diff is checked before any work: new or empty, outside every bundle, a real place."""
+    if save_diff is not None:
+        from .outputs import check_output
+
+        check_output(save_diff, "--save-diff", kind="dir", empty=True, bundles=[bundle.root])
+
+
 def verify(bundle: Bundle, backends: list[str], precisions: list[str],
            tolerances: dict[str, Tolerance] | None = None, reporter: Reporter | None = None,
            max_dice_drop: float | None = None, save_diff: str | os.PathLike[str] | None = None,
@@ -242,6 +248,7 @@ def verify(bundle: Bundle, backends: list[str], precisions: list[str],
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     max_dice_drop = check_dice_drop(max_dice_drop)
+    _check_diff_target(bundle, save_diff)
     pairs = expand(bundle, backends, precisions)
     cases = load_golden(bundle)
     if max_dice_drop is not None:
@@ -269,17 +276,20 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     """Judge backends on any image set (with optional ground truth); the bundle is not changed."""
     from .calibration import (
         attach_labels,
+        check_held,
         check_label_shapes,
         list_image_files,
         match_labels,
         read_file,
         relative_name,
+        sample_files,
         subsample,
     )
 
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     max_dice_drop = check_dice_drop(max_dice_drop)
+    _check_diff_target(bundle, save_diff)
     if max_dice_drop is not None and labels is None:
         raise InputError("--max-dice-drop needs ground truth: pass --labels PATH with --images")
     pairs = expand(bundle, backends, precisions)
@@ -289,16 +299,25 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     if label_map is not None:
         check_label_shapes(label_map)
     records = []
-    with reporter.progress(f"Reading images from {root}", len(files)) as advance:
-        for f in files:
-            records += read_file(f, bundle.in_channels, relative_name(f, root))
+    # Sampled by file before decoding: the command holds about max_images images, whatever the folder size.
+    chosen, per_file = sample_files(files, max_images)
+    total = 0
+    with reporter.progress(f"Reading images from {root}", len(chosen)) as advance:
+        for f in chosen:
+            recs = read_file(f, bundle.in_channels, relative_name(f, root))
+            total += len(recs)
+            records += subsample(recs, per_file)
+            del recs
+            check_held(records)
             advance()
-    if len(records) > max_images:
-        reporter.notice("note:", f"{len(records)} images; judging {max_images} evenly spaced ones")
+    if len(records) > max_images or len(chosen) < len(files) or total > len(records):
         records = subsample(records, max_images)
+        reporter.notice("note:", f"{len(files)} file(s); judging {len(records)} evenly spaced images of them")
     masks = attach_labels(records, label_map, bundle.out_channels) if label_map is not None else None
     inputs = [model_space(r.pixels, bundle.preprocessing, r.label) for r in records]
     groups = group_by_shape(inputs, masks, [r.label for r in records])
+    n_images = len(records)
+    del records, inputs, masks  # the batches hold their own copies: keep one set of pixels, not three
     ref_backend = reference_backend(bundle)
     cls = runner_class(ref_backend)
     reason = cls.availability(bundle, "fp32")
@@ -312,7 +331,7 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
             advance()
     return _judge_all(bundle, pairs, cases, tolerances, f"{ref_backend}/fp32", max_dice_drop,
                       Path(save_diff) if save_diff is not None else None, reporter,
-                      f"Verifying against {ref_backend}/fp32 on {len(records)} images", **runner_options)
+                      f"Verifying against {ref_backend}/fp32 on {n_images} images", **runner_options)
 
 
 def summary_counts(rows: list[dict[str, Any]]) -> dict[str, int]:

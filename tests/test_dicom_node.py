@@ -1,19 +1,15 @@
 """Issue 13: the DICOM node and DICOM SEG, tested with real DICOM networking on 127.0.0.1.
 
-The other side is always pynetdicom's own command-line apps (echoscu, storescu, storescp), run as
-separate processes: no mocks. Every process a test starts is stopped by the test, by pid.
+The scanner is DCMTK (storescu, echoscu), the PACS pynetdicom's storescp, run as separate
+processes: no mocks (helpers in dicomnet.py). Every process a test starts is stopped by the test,
+by pid. The hostile cases of issue 18 are in test_dicom_node_hostile.py.
 """
 
 from __future__ import annotations
 
-import re
-import signal
+import json
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,80 +20,13 @@ pytest.importorskip("highdicom")
 
 import highdicom as hd
 import pydicom
+from dicomnet import DCMTK, dciodvfy_errors, echo, free_port, need_tools, node, storescp, storescu, wait_for
 
 from attunet_deploy import load_runner
 from attunet_deploy.demo.ctseries import write_ct_series
 from attunet_deploy.dicom.seg import referenced_masks
 
-PY = sys.executable
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@contextmanager
-def node(bundle: Path, out: Path, *extra: str, port: int | None = None, quiet: float = 1.0
-         ) -> Iterator[tuple[int, Path, subprocess.Popen]]:
-    """attdeploy serve-dicom on 127.0.0.1; stopped with SIGTERM (or already killed) by the test."""
-    port = port or free_port()
-    log = out.parent / f"node-{port}-{time.time_ns()}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([PY, "-m", "attunet_deploy.cli", "serve-dicom", "-b", str(bundle), "--out", str(out),
-                                 "--port", str(port), "--bind", "127.0.0.1", "--quiet-seconds", str(quiet),
-                                 "--backend", "ort", *extra], stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: "listening" in log.read_text() or proc.poll() is not None, 60, "the node to listen")
-        assert proc.poll() is None, log.read_text()
-        yield port, log, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextmanager
-def storescp(folder: Path, ae: str = "PACS", port: int | None = None) -> Iterator[int]:
-    port = port or free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([PY, "-m", "pynetdicom", "storescp", str(port), "-od", str(folder), "-aet", ae,
-                             "-ba", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _echo(port, ae) == 0, 30, "storescp")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _echo(port: int, ae: str = "ATTDEPLOY") -> int:
-    return subprocess.run([PY, "-m", "pynetdicom", "echoscu", "127.0.0.1", str(port), "-aec", ae],
-                          capture_output=True, timeout=60).returncode
-
-
-def storescu(port: int, path: Path, *extra: str) -> list[str]:
-    """Send every file under ``path``; returns the C-STORE statuses storescu reports (it exits 0
-    even when the peer refused everything, so its output is what counts)."""
-    proc = subprocess.run([PY, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port), str(path), "-aec",
-                           "ATTDEPLOY", "-r", "-cx", "-v", *extra], capture_output=True, text=True, timeout=300)
-    return re.findall(r"Received Store Response \(Status: (0x[0-9A-F]{4})", proc.stdout + proc.stderr)
-
 
 def check_seg(seg_path: Path, slices: list, bundle: Path) -> None:
     """highdicom reads the SEG; each frame's mask equals runner.segment(hu) of its referenced slice."""
@@ -118,6 +47,15 @@ def check_seg(seg_path: Path, slices: list, bundle: Path) -> None:
     assert int(seg.NumberOfFrames) == len(slices) - len(empty)  # empty frames omitted
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tools() -> None:
+    need_tools("storescu", "echoscu", "dciodvfy")
+
+
+def files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("series")
@@ -131,10 +69,10 @@ def test_echo_store_segment_and_forward(demo_bundle: Path, series: dict, tmp_pat
     out = tmp_path / "out"
     with storescp(tmp_path / "pacs") as pacs, \
             node(demo_bundle, out, "--forward", f"PACS@127.0.0.1:{pacs}", "--log-json") as (port, log, _):
-        proc = subprocess.run([PY, "-m", "pynetdicom", "echoscu", "127.0.0.1", str(port), "-aec", "ATTDEPLOY", "-v"],
+        proc = subprocess.run([DCMTK["echoscu"], "-v", "-aec", "ATTDEPLOY", "127.0.0.1", str(port)],
                               capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0 and "0x0000" in proc.stdout + proc.stderr
-        statuses = storescu(port, series["root"] / "ct")
+        assert proc.returncode == 0 and "Received Echo Response (Success)" in proc.stdout + proc.stderr
+        statuses = storescu(port, *files(series["root"] / "ct"))
         assert statuses == ["0x0000"] * 8
         wait_for(lambda: list((out / "seg").glob("*.dcm")), 60, "the SEG")
         wait_for(lambda: list((tmp_path / "pacs").glob("*")), 60, "the forwarded SEG at storescp")
@@ -142,27 +80,28 @@ def test_echo_store_segment_and_forward(demo_bundle: Path, series: dict, tmp_pat
     check_seg(seg_path, series["ct"], demo_bundle)
     (received,) = (tmp_path / "pacs").iterdir()
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg_path).SOPInstanceUID
-    events = [__import__("json").loads(ln)["event"] for ln in log.read_text().splitlines() if ln.startswith("{")]
+    assert dciodvfy_errors(received) == []
+    events = [json.loads(ln)["event"] for ln in log.read_text().splitlines() if ln.startswith("{")]
     assert {"listening", "received", "complete", "written", "sent", "stopped"} <= set(events)
 
 
 def test_failure_statuses_then_a_valid_series(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with node(demo_bundle, out) as (port, log, proc):
-        assert storescu(port, series["root"] / "mr") == ["0x0122"]  # SOP class not supported: MR
-        assert storescu(port, series["root"] / "nopix") == ["0xC000"]  # cannot understand: no pixel data
-        assert proc.poll() is None
-        assert storescu(port, series["root"] / "ct") == ["0x0000"] * 8
+        assert storescu(port, *files(series["root"] / "mr")) == []  # MR is not even offered at negotiation
+        assert storescu(port, *files(series["root"] / "nopix")) == ["0xC000"]  # cannot understand: no pixel data
+        assert proc.poll() is None and echo(port) == 0
+        assert storescu(port, *files(series["root"] / "ct")) == ["0x0000"] * 8
         wait_for(lambda: list((out / "seg").glob("*.dcm")), 60, "the SEG")
     text = log.read_text()
-    assert "refused: only CT Image Storage" in text and "refused: no pixel data" in text
+    assert "refused: no pixel data" in text
     assert proc.returncode == 0  # SIGTERM: a clean stop
 
 
 def test_kill_9_after_acknowledgement_then_restart(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with node(demo_bundle, out, quiet=60) as (port, _, proc):
-        assert storescu(port, series["root"] / "ct") == ["0x0000"] * 8
+        assert storescu(port, *files(series["root"] / "ct")) == ["0x0000"] * 8
         proc.kill()  # kill -9: every acknowledged instance must already be on disk
         proc.wait()
     assert len(list((out / "incoming").rglob("*.dcm"))) == 8
@@ -175,7 +114,7 @@ def test_forward_destination_down_then_up(demo_bundle: Path, series: dict, tmp_p
     out = tmp_path / "out"
     pacs_port = free_port()
     with node(demo_bundle, out, "--forward", f"PACS@127.0.0.1:{pacs_port}") as (port, log, _):
-        assert storescu(port, series["root"] / "ct") == ["0x0000"] * 8
+        assert storescu(port, *files(series["root"] / "ct")) == ["0x0000"] * 8
         wait_for(lambda: "retry" in log.read_text(), 60, "a failed forward")
         assert list((out / "outbox").glob("*.dcm"))  # kept queued on disk
         with storescp(tmp_path / "pacs", port=pacs_port):
@@ -185,8 +124,8 @@ def test_forward_destination_down_then_up(demo_bundle: Path, series: dict, tmp_p
 
 def test_calling_ae_titles_can_be_restricted(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     with node(demo_bundle, tmp_path / "out", "--allow-ae", "SCANNER1") as (port, log, _):
-        assert storescu(port, series["root"] / "ct") == []  # STORESCU is not allowed
-        assert storescu(port, series["root"] / "ct", "-aet", "SCANNER1") == ["0x0000"] * 8
+        assert storescu(port, *files(series["root"] / "ct")) == []  # STORESCU is not allowed
+        assert storescu(port, *files(series["root"] / "ct"), extra=("-aet", "SCANNER1")) == ["0x0000"] * 8
         wait_for(lambda: "rejected" in log.read_text(), 10, "the rejection in the log")
 
 

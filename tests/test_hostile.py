@@ -464,22 +464,35 @@ def test_failed_commands_leave_the_bundle_byte_identical(qbundle: Path, tmp_path
     assert not list((qbundle / ".attdeploy").glob("txn-*"))
 
 
+#: Seconds after the transaction opens at which the signal lands; ATTDEPLOY_INTERRUPT_SEED draws other
+#: moments (the closing note of issue 19 ran 20 seeds in a row).
+_INTERRUPT_RNG = np.random.default_rng(int(os.environ.get("ATTDEPLOY_INTERRUPT_SEED", "19")))
+_MOMENTS = [round(float(t), 3) for t in _INTERRUPT_RNG.uniform(0.0, 1.5, 2)]
+
+
+@pytest.mark.parametrize("moment", _MOMENTS)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_quantize_leaves_the_bundle_byte_identical(qbundle: Path, tmp_path: Path, sig: int) -> None:
+def test_interrupted_quantize_leaves_the_bundle_byte_identical(qbundle: Path, tmp_path: Path, sig: int,
+                                                                moment: float) -> None:
     calib = tmp_path / "many.npy"
     np.save(calib, np.random.default_rng(2).random((48, 1, 64, 64), dtype=np.float32))
     before = snapshot(qbundle)
     proc = subprocess.Popen([*EXE, "quantize", "-b", str(qbundle), "--calib", str(calib), "--precision", "int8",
                              "--max-samples", "48"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not list((qbundle / ".attdeploy").glob("txn-*")):
+    while time.time() < deadline and not list((qbundle / ".attdeploy").glob("txn-*")) and proc.poll() is None:
         time.sleep(0.01)
-    time.sleep(0.3)  # inside calibration
+    time.sleep(moment)  # anywhere in calibration, quantisation or the lint
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
-    assert snapshot(qbundle) == before
+    if proc.returncode == 0:  # the signal came after the commit: the new graphs, complete
+        assert "model.int8.onnx" in Bundle.load(qbundle).artifacts
+    else:
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+        assert snapshot(qbundle) == before
     assert not list((qbundle / ".attdeploy").glob("txn-*"))
+    listed = set(Bundle.load(qbundle).artifacts) | {"manifest.json"}
+    assert set(snapshot(qbundle)) <= listed | set(before)  # no stray file (e.g. model-inferred.onnx) left behind
 
 
 def test_kill_9_mid_commit_is_rolled_forward(qbundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,3 +121,18 @@ def test_masks_from_logits() -> None:
     assert logits_to_masks(logits, {"kind": "sigmoid_threshold", "threshold": 0.7}).tolist() == [[[0, 0]]]
     two = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]], np.float32)
     assert logits_to_masks(two, {"kind": "argmax"}).tolist() == [[[0, 1]]]
+
+
+def test_streamed_errors_equal_the_concatenated_ones() -> None:
+    from attunet_deploy.metrics import abs_errors, rel_l2, streamed_errors
+
+    rng = np.random.default_rng(5)
+    pairs = [(rng.normal(size=(2, 1, 7, 9)).astype(np.float32), rng.normal(size=(2, 1, 7, 9)).astype(np.float32))
+             for _ in range(5)]
+    out = np.concatenate([o.ravel() for o, _ in pairs])
+    ref = np.concatenate([r.ravel() for _, r in pairs])
+    rel, mx, mean = streamed_errors(pairs)
+    assert rel == pytest.approx(rel_l2(out, ref), rel=1e-12)
+    assert (mx, mean) == pytest.approx(abs_errors(out, ref), rel=1e-12)
+    assert streamed_errors([(np.zeros(3), np.zeros(3))])[0] == 0.0
+    assert streamed_errors([(np.ones(3), np.zeros(3))])[0] == float("inf")

@@ -71,7 +71,11 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         ds.ReferringPhysicianName = ""
         ds.Manufacturer = "attunet-deploy phantom"
         ds.SeriesNumber = series_number
+        ds.PatientPosition = "HFS"
+        ds.PositionReferenceIndicator = ""
+        ds.BodyPartExamined = "ABDOMEN"
         ds.InstanceNumber = k + 1
+        ds.AcquisitionNumber = 1
         ds.ImagePositionPatient = [-0.5 * size[1], -0.5 * size[0], float(k * spacing)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [1.0, 1.0]
@@ -86,6 +90,9 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
+        if modality == "CT":
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.KVP = 120
         if pixels:
             ds.PixelData = stored.tobytes()
         path = folder / name.format(k)

@@ -12,7 +12,7 @@ from ..console import Reporter
 from ..errors import InputError
 from ..runtimes.base import load_runner
 from .seg import DEFAULT_CATEGORY, DEFAULT_TYPE, build_seg, write_seg
-from .series import load_volume, order_slices, scan, segment_volume
+from .series import dedupe_series, load_volume, order_slices, scan, segment_volume
 
 
 def model_sha256(bundle: Bundle, precision: str) -> str:
@@ -23,7 +23,16 @@ def model_sha256(bundle: Bundle, precision: str) -> str:
 
 
 def seg_name(series_uid: str) -> str:
-    return f"SEG_{re.sub(r'[^0-9.]', '_', series_uid)[:120]}.dcm"
+    """The SEG's file name: the series UID where it is a valid UID, else a digest of it (never a
+    path, never shared by two series)."""
+    import hashlib
+
+    from .checks import is_valid_uid
+
+    if is_valid_uid(series_uid):
+        return f"SEG_{series_uid}.dcm"
+    return f"SEG_{re.sub(r'[^0-9A-Za-z.]', '_', series_uid)[:40].strip('.')}_" \
+           f"{hashlib.sha256(series_uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.dcm"
 
 
 def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], *, backend: str = "auto",
@@ -42,7 +51,12 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
         reporter.notice("skipped:", f"{path}: {reason}")
     if not series:
         raise InputError(f"no CT series with pixel data under {', '.join(inputs)}")
-    ordered = {uid: order_slices(insts) for uid, insts in series.items()}
+    ordered = {}
+    for uid, insts in series.items():
+        kept, notices = dedupe_series(insts)
+        for text in notices:
+            reporter.notice("duplicate:", text)
+        ordered[uid] = order_slices(kept)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out} exists and is not a directory")

@@ -32,10 +32,13 @@ def parse_code(text: str, what: str) -> tuple[str, str, str]:
 
 def build_seg(source_datasets: list[Any], masks: np.ndarray, *, model_sha256: str, num_classes: int,
               label: str = "Target", category: tuple[str, str, str] = DEFAULT_CATEGORY,
-              segment_type: tuple[str, str, str] = DEFAULT_TYPE, series_number: int = SEG_SERIES_NUMBER) -> Any:
+              segment_type: tuple[str, str, str] = DEFAULT_TYPE, series_number: int = SEG_SERIES_NUMBER,
+              series_instance_uid: str | None = None, instance_number: int = 1) -> Any:
     """A highdicom Segmentation of ``masks`` (uint8 [N, H, W], same order as ``source_datasets``).
 
     One output channel: one segment. K classes (argmax): segments 1..K-1, one per class.
+    A SEG that replaces an earlier one of the same source series keeps that SEG's
+    ``series_instance_uid`` and takes the next ``instance_number``.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -58,7 +61,8 @@ def build_seg(source_datasets: list[Any], masks: np.ndarray, *, model_sha256: st
         return hd.seg.Segmentation(
             source_images=source_datasets, pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+            series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
+            sop_instance_uid=hd.UID(), instance_number=instance_number,
             manufacturer="attunet-deploy", manufacturer_model_name="AttentionUNet", software_versions=__version__,
             device_serial_number=model_sha256[:16], series_description=f"{label} (attunet-deploy)",
             omit_empty_frames=True)

@@ -126,6 +126,63 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> tuple[dict[str, list[Instan
     return series, skipped
 
 
+def geometry_problem(inst: Instance) -> str | None:
+    """Why a CT slice cannot be placed in a volume or a SEG (None when it can): the Image Plane
+    module's position and orientation are Type 1 in the CT Image IOD."""
+    if inst.position is None:
+        return "no usable ImagePositionPatient (3 numbers)"
+    if inst.orientation is None:
+        return "no usable ImageOrientationPatient (6 numbers)"
+    o = np.asarray(inst.orientation)
+    if np.linalg.norm(np.cross(o[:3], o[3:])) < 0.5:
+        return "ImageOrientationPatient rows and columns are not orthogonal unit vectors"
+    return None
+
+
+def _names(paths: list[Path], limit: int = 3) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def dedupe_series(instances: list[Instance]) -> tuple[list[Instance], list[str]]:
+    """One instance per SOP Instance UID and per slice position, or InputError naming the files.
+
+    Files that repeat an instance byte for byte (a slice copied under another name) are dropped
+    with a notice; two different files claiming one SOP Instance UID, two slices at one position,
+    or a slice without its geometry would make an ambiguous SEG, so they are refused.
+    """
+    import hashlib
+
+    uid = instances[0].series_uid if instances else "?"
+    missing = [(i.path, r) for i in instances if (r := geometry_problem(i))]
+    if missing:
+        raise InputError(f"series {uid}: {missing[0][1]} in {_names([p for p, _ in missing])}: a SEG needs every "
+                         "slice's position and orientation")
+    notices: list[str] = []
+    by_uid: dict[str, list[Instance]] = {}
+    for inst in instances:
+        by_uid.setdefault(inst.sop_instance_uid, []).append(inst)
+    kept: list[Instance] = []
+    for sop, group in by_uid.items():
+        if len(group) > 1:
+            digests = {hashlib.sha256(i.path.read_bytes()).hexdigest() for i in group}
+            if len(digests) > 1:
+                raise InputError(f"series {uid}: {len(group)} different files share SOP Instance UID {sop} "
+                                 f"({_names([i.path for i in group])}): remove all but one")
+            notices.append(f"{_names([i.path for i in group[1:]])} repeat{'s' if len(group) == 2 else ''} "
+                           f"{group[0].path.name} byte for byte: used once")
+        kept.append(group[0])
+    normal = np.cross(np.asarray(kept[0].orientation[:3]), np.asarray(kept[0].orientation[3:]))  # type: ignore[index]
+    at: dict[float, list[Instance]] = {}
+    for inst in kept:
+        at.setdefault(round(float(np.dot(np.asarray(inst.position), normal)), 3), []).append(inst)
+    clash = next((g for g in at.values() if len(g) > 1), None)
+    if clash is not None:
+        raise InputError(f"series {uid}: {_names([i.path for i in clash])} lie at one slice position: a volume has one "
+                         "slice per position; remove the duplicate")
+    return kept, notices
+
+
 def order_slices(instances: list[Instance]) -> list[Instance]:
     """Slices sorted along the slice normal (ImagePositionPatient . (row x column direction));
     by InstanceNumber where positions or orientations are missing."""

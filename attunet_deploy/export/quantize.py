@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -219,6 +220,14 @@ def kl_threshold(hist: np.ndarray, edges: np.ndarray, levels: int = INT8_LEVELS)
     return float(edges[best_i])
 
 
+def _private_copy(src: Path, tmp: str) -> Path:
+    """``src`` copied into ``tmp``: ONNX Runtime's quantisation helpers write files beside the model they
+    are given (``<model>-inferred.onnx`` from shape inference), which must never land in a bundle."""
+    dst = Path(tmp) / f"source-{Path(src).name}"
+    shutil.copyfile(src, dst)
+    return dst
+
+
 def calibrate(src: Path, calib_inputs: list[np.ndarray], method: str = "percentile",
               reporter: Reporter | None = None) -> Any:
     """Activation ranges (onnxruntime TensorsData) of the tensors INT8 quantises, by ``method``."""
@@ -232,7 +241,8 @@ def calibrate(src: Path, calib_inputs: list[np.ndarray], method: str = "percenti
     collect_as = "percentile" if method == "entropy" else method
     with reporter.progress(f"Calibrating INT8 ({method}, {len(calib_inputs)} images)", len(calib_inputs)) as advance, \
             tempfile.TemporaryDirectory(prefix="attdeploy-calib-") as tmp, _quiet_calibrator():
-        calibrator = create_calibrator(Path(src), QUANTIZED_OPS, augmented_model_path=f"{tmp}/augmented.onnx",
+        calibrator = create_calibrator(_private_copy(src, tmp), QUANTIZED_OPS,
+                                       augmented_model_path=f"{tmp}/augmented.onnx",
                                        calibrate_method=getattr(CalibrationMethod, METHODS[collect_as]),
                                        providers=["CPUExecutionProvider"], extra_options=_CALIB_OPTIONS[method])
         # A few images per pass: the calibrators keep every intermediate tensor of a pass in memory
@@ -279,7 +289,7 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray] | None = 
     with tempfile.TemporaryDirectory(prefix="attdeploy-quant-") as tmp, atomic_path(dst) as out, _quiet_calibrator():
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(ranges, cache)
-        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
+        quantize_static(str(_private_copy(src, tmp)), str(out), None, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         reduce_range=not full_range_weights, op_types_to_quantize=QUANTIZED_OPS,
                         nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
@@ -443,7 +453,16 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
     Files whose content is one of the held-out golden images are never used for calibration,
     whatever folder they come from: calibration and verification stay disjoint.
     """
-    from ..calibration import file_sha256, list_image_files, model_inputs, read_file, relative_name, subsample
+    from ..calibration import (
+        check_held,
+        file_sha256,
+        list_image_files,
+        model_inputs,
+        read_file,
+        relative_name,
+        sample_files,
+        subsample,
+    )
 
     if calib is None:
         root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-images" else None
@@ -465,16 +484,25 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
     held = golden_shas(bundle)
     records = []
     skipped = 0
-    for f in files:
+    usable = []
+    for f in files:  # hashing streams the file; nothing is decoded yet
         sha = file_sha256(f) if held else ""
         if sha in held and held[sha] is None:
             skipped += 1
             continue
+        usable.append((f, sha))
+    # Sampled by file before decoding: about max_samples images are ever held, whatever the folder size.
+    chosen, per_file = sample_files([f for f, _ in usable], max_samples)
+    shas = dict(usable)
+    for f in chosen:
         recs = read_file(f, bundle.in_channels, relative_name(f, root))
+        sha = shas[f]
         if sha in held:  # a volume part of which is held out: only its other slices calibrate
             recs = [r for r in recs if r.index not in held[sha]]
             skipped += 1
-        records += recs
+        records += subsample(recs, per_file)
+        del recs
+        check_held(records)
     if not records:
         raise InputError(f"every image in {calib} is a held-out golden image: calibration needs other images "
                          "(give a larger --calib set)")
@@ -512,6 +540,9 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
         from ..verify import check_dice_drop
 
         check_dice_drop(max_dice_drop)
+        if "int8" not in precisions:
+            raise InputError("--max-dice-drop drives accuracy-aware INT8 (convolutions return to float until the "
+                             "Dice target holds); it does nothing for FP16: add --precision int8 or drop it")
     src = bundle.onnx_path("fp32")
     keep = set(fp16_keep_fp32 or ())
     if keep and "fp16" in precisions:

@@ -20,9 +20,11 @@ written to a staging folder and moved into place whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,19 +226,41 @@ attdeploy verify -b BUNDLE --backend triton --triton-url localhost:8000 --triton
 """
 
 
+def _short(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
+
+
+def _check_repository_target(target: Path, out: str | os.PathLike[str]) -> None:
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
+        raise InputError(f"-o {out} exists and is not a repository written by 'attdeploy triton': choose a new or "
+                         "empty folder")
+
+
+@contextlib.contextmanager
+def _dir_lock(folder: Path) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: list[str], *, max_batch: int = 8,
                      instances: int = 1, kind: str = "gpu", tensorrt_accelerator: bool = False,
                      reporter: Reporter | None = None) -> list[str]:
     """Write the repository to ``out`` (a new or empty folder, or one this command wrote before);
     returns the model names. Staged beside ``out`` and moved into place whole."""
+    from ..outputs import check_output
+
     reporter = reporter or Reporter()
-    target = Path(out).resolve()
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
-        raise InputError(f"-o {out} exists and is not a repository written by 'attdeploy triton': choose a new or "
-                         "empty folder")
+    target = check_output(out, "-o", kind="dir", bundles=[bundle.root])
+    _check_repository_target(target, out)
     models = plan_repository(bundle, precisions, max_batch=max_batch, instances=instances, kind=kind,
                              tensorrt_accelerator=tensorrt_accelerator)
-    staging = target.parent / f".{target.name[:80]}.staging-{os.getpid()}"
+    staging = target.parent / f".{_short(target.name)}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for name, model in models.items():
@@ -252,13 +276,17 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
                     shutil.copyfile(src, dst)
         (staging / "README.md").write_text(readme(list(models), kind), encoding="utf-8")
         (staging / MARKER).write_text(json.dumps({"bundle": str(bundle.root), "models": list(models)}) + "\n")
-        if target.exists():
-            old = target.parent / f".{target.name[:80]}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        # Two writers of one repository take turns for the swap (a flock on the parent folder):
+        # each swap is whole, the last one wins, and neither sees the other's half-moved folder.
+        with _dir_lock(target.parent):
+            _check_repository_target(target, out)
+            if target.exists():
+                old = target.parent / f".{_short(target.name)}.old-{os.getpid()}"
+                os.replace(target, old)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     reporter.info(f"wrote {len(models)} models to {target}")

@@ -1,0 +1,166 @@
+"""Real DICOM networking on 127.0.0.1 for the node's tests: the node as a process, DCMTK as the
+scanner (storescu/echoscu/dcmcjpeg, called by absolute path: pynetdicom's own apps of the same
+names shadow them inside a venv), dicom3tools' dciodvfy as the judge of every SEG, and
+pynetdicom's storescp as the PACS (DCMTK's storescp 3.6.7 cannot bind to 127.0.0.1 only).
+Every process a helper starts is stopped by it, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PY = sys.executable
+DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "dcmcjpeg")}
+DCIODVFY = "/usr/bin/dciodvfy"
+
+
+def need_tools(*names: str) -> None:
+    """Skip (with the install line) where a DCMTK / dicom3tools binary is missing."""
+    for name in names:
+        path = DCIODVFY if name == "dciodvfy" else DCMTK[name]
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} missing: apt-get install -y dcmtk dicom3tools")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def node(bundle: Path, out: Path, *extra: str, port: int | None = None, quiet: float = 1.0,
+         env: dict[str, str] | None = None) -> Iterator[tuple[int, Path, subprocess.Popen]]:
+    """attdeploy serve-dicom on 127.0.0.1; stopped with SIGTERM (or already killed) by the test."""
+    port = port or free_port()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"node-{port}-{time.time_ns()}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([PY, "-m", "attunet_deploy.cli", "serve-dicom", "-b", str(bundle), "--out", str(out),
+                                 "--port", str(port), "--bind", "127.0.0.1", "--quiet-seconds", str(quiet),
+                                 "--backend", "ort", "--min-free-mb", "16", *extra], stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_for(lambda: "listening" in log.read_text() or proc.poll() is not None, 60, "the node to listen")
+        assert proc.poll() is None, log.read_text()
+        yield port, log, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def storescp(folder: Path, ae: str = "PACS", port: int | None = None) -> Iterator[int]:
+    """The PACS: pynetdicom's storescp on 127.0.0.1, stopped by pid."""
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([PY, "-m", "pynetdicom", "storescp", str(port), "-od", str(folder), "-aet", ae,
+                             "-ba", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: echo(port, ae) == 0, 30, "storescp")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def echo(port: int, ae: str = "ATTDEPLOY", *extra: str, timeout: float = 60) -> int:
+    """DCMTK echoscu's exit status (0: the C-ECHO succeeded)."""
+    return subprocess.run([DCMTK["echoscu"], "-aec", ae, "-to", "10", "-ta", "10", "-td", "10", *extra,
+                           "127.0.0.1", str(port)], capture_output=True, timeout=timeout).returncode
+
+
+def storescu(port: int, *paths: Path, ae: str = "ATTDEPLOY", extra: tuple[str, ...] = ()) -> list[str]:
+    """Send files with DCMTK storescu; returns the C-STORE statuses it received ("0x0000", ...).
+
+    DCMTK's storescu stops at the first failure status, so a mixed batch should end with the bad file
+    (or be sent one file per call).
+    """
+    proc = subprocess.run([DCMTK["storescu"], "-d", "-aec", ae, "-to", "10", "-ta", "10", "-td", "30", *extra,
+                           "127.0.0.1", str(port), *map(str, paths)], capture_output=True, text=True, timeout=300)
+    return [s.upper().replace("0X", "0x") for s in
+            re.findall(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})", proc.stdout + proc.stderr)]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dicom3tools' dciodvfy: the Error lines it prints for ``path`` (empty: valid)."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+
+
+def craft(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of the DICOM file ``src`` with attributes changed (None deletes one); invalid values
+    are written as given, which is the point."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(src)
+        for keyword, value in changes.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+            if keyword == "SOPInstanceUID":
+                ds.file_meta.MediaStorageSOPInstanceUID = value
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dst, enforce_file_format=False)
+    return dst
+
+
+def events(log: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value from Prometheus text (0 when absent)."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for ln in text.splitlines():
+        if ln.startswith(want + " "):
+            return float(ln.split()[-1])
+    return 0.0
+
+
+def pacs_segs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
