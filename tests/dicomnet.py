@@ -1,7 +1,8 @@
 """Real DICOM networking on 127.0.0.1 for the node's tests: the node as a process, DCMTK as the
-scanner (storescu/echoscu/dcmcjpeg, called by absolute path: pynetdicom's own apps of the same
-names shadow them inside a venv), dicom3tools' dciodvfy as the judge of every SEG, and
-pynetdicom's storescp as the PACS (DCMTK's storescp 3.6.7 cannot bind to 127.0.0.1 only).
+scanner (storescu/echoscu/dcmcjpeg) and as the PACS (storescp), all called by absolute path
+(pynetdicom's own apps of the same names shadow them inside a venv), and dicom3tools' dciodvfy
+as the judge of every SEG. DCMTK's storescp 3.6.7 has no option to bind one address, so it runs
+in its inetd mode (``-id``) behind a listener of ours on 127.0.0.1: one storescp per association.
 Every process a helper starts is stopped by it, by pid.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 PY = sys.executable
-DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "dcmcjpeg")}
+DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "dcmcjpeg", "storescp")}
 DCIODVFY = "/usr/bin/dciodvfy"
 
 
@@ -76,19 +77,47 @@ def node(bundle: Path, out: Path, *extra: str, port: int | None = None, quiet: f
                 proc.wait()
 
 
+#: storescp processes per PACS folder: a received file counts once its association has ended.
+_PACS: dict[Path, list[subprocess.Popen]] = {}
+
+
 @contextmanager
 def storescp(folder: Path, ae: str = "PACS", port: int | None = None) -> Iterator[int]:
-    """The PACS: pynetdicom's storescp on 127.0.0.1, stopped by pid."""
-    port = port or free_port()
+    """The PACS: DCMTK's storescp (inetd mode) behind a listener on 127.0.0.1; stopped by pid."""
+    import threading
+
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([PY, "-m", "pynetdicom", "storescp", str(port), "-od", str(folder), "-aet", ae,
-                             "-ba", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = _PACS.setdefault(folder.resolve(), [])
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port or 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                procs.append(subprocess.Popen([DCMTK["storescp"], "-id", "-aet", ae, "-od", str(folder)],
+                                              stdin=conn.fileno(), stdout=conn.fileno(), stderr=subprocess.DEVNULL))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
-        wait_for(lambda: echo(port, ae) == 0, 30, "storescp")
-        yield port
+        wait_for(lambda: echo(srv.getsockname()[1], ae) == 0, 30, "storescp")
+        yield srv.getsockname()[1]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop.set()
+        thread.join(timeout=10)
+        srv.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=30)
 
 
 def echo(port: int, ae: str = "ATTDEPLOY", *extra: str, timeout: float = 60) -> int:
@@ -163,4 +192,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def pacs_segs(folder: Path) -> list[Path]:
+    """Files the PACS received completely (none while one of its associations is still open)."""
+    if any(proc.poll() is None for proc in _PACS.get(folder.resolve(), [])):
+        return []
     return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -1,6 +1,6 @@
 """Issue 13: the DICOM node and DICOM SEG, tested with real DICOM networking on 127.0.0.1.
 
-The scanner is DCMTK (storescu, echoscu), the PACS pynetdicom's storescp, run as separate
+The scanner is DCMTK (storescu, echoscu), the PACS DCMTK's storescp, run as separate
 processes: no mocks (helpers in dicomnet.py). Every process a test starts is stopped by the test,
 by pid. The hostile cases of issue 18 are in test_dicom_node_hostile.py.
 """
@@ -20,7 +20,18 @@ pytest.importorskip("highdicom")
 
 import highdicom as hd
 import pydicom
-from dicomnet import DCMTK, dciodvfy_errors, echo, free_port, need_tools, node, storescp, storescu, wait_for
+from dicomnet import (
+    DCMTK,
+    dciodvfy_errors,
+    echo,
+    free_port,
+    need_tools,
+    node,
+    pacs_segs,
+    storescp,
+    storescu,
+    wait_for,
+)
 
 from attunet_deploy import load_runner
 from attunet_deploy.demo.ctseries import write_ct_series
@@ -49,7 +60,7 @@ def check_seg(seg_path: Path, slices: list, bundle: Path) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _tools() -> None:
-    need_tools("storescu", "echoscu", "dciodvfy")
+    need_tools("storescu", "echoscu", "storescp", "dciodvfy")
 
 
 def files(folder: Path) -> list[Path]:
@@ -75,10 +86,10 @@ def test_echo_store_segment_and_forward(demo_bundle: Path, series: dict, tmp_pat
         statuses = storescu(port, *files(series["root"] / "ct"))
         assert statuses == ["0x0000"] * 8
         wait_for(lambda: list((out / "seg").glob("*.dcm")), 60, "the SEG")
-        wait_for(lambda: list((tmp_path / "pacs").glob("*")), 60, "the forwarded SEG at storescp")
+        wait_for(lambda: pacs_segs(tmp_path / "pacs"), 60, "the forwarded SEG at storescp")
     (seg_path,) = (out / "seg").glob("*.dcm")
     check_seg(seg_path, series["ct"], demo_bundle)
-    (received,) = (tmp_path / "pacs").iterdir()
+    (received,) = pacs_segs(tmp_path / "pacs")
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg_path).SOPInstanceUID
     assert dciodvfy_errors(received) == []
     events = [json.loads(ln)["event"] for ln in log.read_text().splitlines() if ln.startswith("{")]
@@ -118,7 +129,7 @@ def test_forward_destination_down_then_up(demo_bundle: Path, series: dict, tmp_p
         wait_for(lambda: "retry" in log.read_text(), 60, "a failed forward")
         assert list((out / "outbox").glob("*.dcm"))  # kept queued on disk
         with storescp(tmp_path / "pacs", port=pacs_port):
-            wait_for(lambda: list((tmp_path / "pacs").glob("*")), 90, "the SEG after the destination came up")
+            wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG after the destination came up")
     assert not list((out / "outbox").glob("*.dcm")) and list((out / "sent").glob("*.dcm"))
 
 

@@ -51,7 +51,7 @@ SPOOL = {"tmp", "incoming", "processing", "seg", "outbox", "sent", "archive", "f
 def _tools() -> None:
     from dicomnet import need_tools
 
-    need_tools("storescu", "echoscu", "dciodvfy")
+    need_tools("storescu", "echoscu", "storescp", "dciodvfy")
 
 
 @pytest.fixture(scope="module")
