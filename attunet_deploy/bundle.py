@@ -637,10 +637,18 @@ class Transaction:
         if self.done:
             return
         self.done = True
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if self.created_root:
-            _remove_if_only_internal(self.root)
-        self.lock.release()
+        try:
+            if (self.staging / _JOURNAL).is_file():
+                # The journal was written: the commit has begun and is finished, never half dropped
+                # (if even that fails, the journal stays for the next command to finish).
+                with _signals_deferred():
+                    _apply(self.root, self.staging)
+            else:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                if self.created_root:
+                    _remove_if_only_internal(self.root)
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> Transaction:
         return self
@@ -660,16 +668,34 @@ def _fsync_file(path: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    sigs = {signal.SIGINT, signal.SIGTERM}
+    """SIGINT/SIGTERM that arrive inside the block are held and re-raised after it.
+
+    The Python-level handlers are swapped, not the thread's signal mask: a process-directed signal
+    is delivered to any thread that does not block it (ONNX Runtime's and OpenMP's workers), and
+    CPython then runs the Python handler in the main thread anyway, in the middle of the block.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old: dict[int, Any] = {}
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError, OSError):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+    except (ValueError, OSError):
+        for s, h in old.items():
+            signal.signal(s, h)
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if held:
+            signal.raise_signal(held[0])  # the restored handler runs now, after the block
 
 
 def _apply(root: Path, staging: Path) -> None:

@@ -79,6 +79,14 @@ class _Group(click.Group):
                 click.echo("error: out of memory: use smaller images or batches", err=True)
                 ctx.exit(2)
             except Exception as exc:
+                # A signal that lands inside a C extension's import surfaces as "ImportError:
+                # initialization failed" wrapping the interruption: it is still an interruption.
+                cause = _interruption_in(exc)
+                if cause is not None and not debug:
+                    interrupted = isinstance(cause, KeyboardInterrupt)
+                    click.echo(f"{'interrupted' if interrupted else 'terminated'}: nothing was changed by the "
+                               "unfinished step", err=True)
+                    ctx.exit(130 if interrupted else 143)
                 if debug:
                     raise
                 click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
@@ -88,6 +96,18 @@ class _Group(click.Group):
                 if debug:
                     for w in caught:
                         click.echo(f"warning: {w.category.__name__}: {_one_line_text(str(w.message))}", err=True)
+
+
+def _interruption_in(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Interrupted in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, Interrupted)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def threading_main() -> bool:
