@@ -79,6 +79,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
     _check_bounded(path)
+    _sniff(path)
 
     if _is_torchscript(path):
         return _load_torchscript(path)
@@ -104,6 +105,21 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from exc
     return _from_object(obj, source="state_dict")
+
+
+def _sniff(path: Path) -> None:
+    """Refuse a file that is no torch.save format at all before torch's C++ readers parse it:
+    a zip archive (torch >= 1.6, TorchScript), a pickle (legacy torch.save) or a tar (torch < 0.4)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(264)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) \
+            or head[257:262] == b"ustar":
+        return
+    raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: it is neither a torch.save archive nor a "
+                          "pickle (wrong file, or damaged)")
 
 
 #: A zip checkpoint may inflate at most this many times its size once past INFLATE_FLOOR bytes.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -42,7 +41,7 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
 
 
 def test_random_bytes_checkpoint(tmp_path: Path) -> None:
-    (tmp_path / "junk.pth").write_bytes(os.urandom(10_000))
+    (tmp_path / "junk.pth").write_bytes(np.random.default_rng(44).integers(0, 256, 10_000, dtype=np.uint8).tobytes())
     code, _, err = run("export", str(tmp_path / "junk.pth"), "-o", str(tmp_path / "b"))
     assert_clean_error(code, err, "cannot read")
 

@@ -703,36 +703,45 @@ def test_a_writer_never_commits_over_a_newer_manifest(qbundle: Path) -> None:
     Bundle.load(qbundle)
 
 
-def test_a_signal_during_a_commit_is_held_until_the_commit_is_whole(qbundle: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+_SIGNAL_IN_COMMIT = """
+import os, signal, sys, threading, time
+import attunet_deploy.bundle as bundle_mod
+from attunet_deploy.bundle import Bundle
+
+root = sys.argv[1]
+b = Bundle.load(root)
+real_replace = os.replace
+fired = []
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if not fired and str(dst).endswith("model.int8.onnx"):
+        fired.append(1)
+        t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+        t.start()
+        t.join()
+        time.sleep(0.05)  # the main thread passes several bytecodes with the signal pending
+
+new = b"not really a graph, but bytes with a hash"
+try:
+    with b.transaction() as txn:
+        txn.stage("model.int8.onnx").write_bytes(new)
+        txn.add_artifact("model.int8.onnx", kind="onnx", precision="int8")
+        bundle_mod.os.replace = replace
+        txn.commit()
+except KeyboardInterrupt:
+    bundle_mod.os.replace = real_replace
+    sys.exit(0 if fired and Bundle.load(root).read_artifact("model.int8.onnx") == new else 5)
+sys.exit(4)
+"""
+
+
+def test_a_signal_during_a_commit_is_held_until_the_commit_is_whole(qbundle: Path) -> None:
     """A SIGINT that reaches another thread of the process (ONNX Runtime's workers) mid-commit used
-    to run its Python handler between two renames; the commit must finish first."""
-    import threading
-
-    import attunet_deploy.bundle as bundle_mod
-
-    b = Bundle.load(qbundle)
-    real_replace = os.replace
-    fired: list[int] = []
-
-    def replace(src: Any, dst: Any) -> None:
-        real_replace(src, dst)
-        if not fired and str(dst).endswith("model.int8.onnx"):
-            fired.append(1)
-            t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
-            t.start()
-            t.join()
-            time.sleep(0.05)  # the main thread passes several bytecodes with the signal pending
-
-    new = b"not really a graph, but bytes with a hash"
-    with pytest.raises(KeyboardInterrupt):
-        with b.transaction() as txn:
-            txn.stage("model.int8.onnx").write_bytes(new)
-            txn.add_artifact("model.int8.onnx", kind="onnx", precision="int8")
-            monkeypatch.setattr(bundle_mod.os, "replace", replace)
-            txn.commit()
-    monkeypatch.undo()
-    assert fired
-    after = Bundle.load(qbundle)  # every sha256 checked: never the new file with the old manifest
-    assert after.read_artifact("model.int8.onnx") == new
+    to run its Python handler between two renames; the commit must finish first, then the
+    interruption is raised. Run in a process of its own: it signals itself."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_COMMIT, str(qbundle)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    Bundle.load(qbundle)  # every sha256 checked: never the new file with the old manifest
     assert not list((qbundle / ".attdeploy").glob("txn-*"))
