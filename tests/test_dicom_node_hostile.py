@@ -203,7 +203,9 @@ def test_a_stored_slice_that_no_longer_decodes_is_left_out_not_the_series(demo_b
 
 # ---------------------------------------------------------------- finding 8: idle sockets
 def test_silent_sockets_do_not_lock_senders_out(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
-    with node(demo_bundle, tmp_path / "out", "--acse-timeout", "3") as (port, _, proc):
+    with storescp(tmp_path / "pacs") as pacs, \
+            node(demo_bundle, tmp_path / "out", "--acse-timeout", "3", "--forward", f"PACS@127.0.0.1:{pacs}"
+                 ) as (port, _, proc):
         socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(16)]
         try:
             t0 = time.monotonic()
@@ -218,6 +220,9 @@ def test_silent_sockets_do_not_lock_senders_out(demo_bundle: Path, series: dict,
             for s in socks:
                 s.close()
         assert proc.poll() is None and echo(port) == 0
+        wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
+    (seg,) = pacs_segs(tmp_path / "pacs")
+    check_seg(seg, series["ct8"][:1], demo_bundle)
 
 
 # ---------------------------------------------------------------- finding 9: size and disk limits
@@ -237,8 +242,9 @@ def test_size_disk_and_archive_limits(demo_bundle: Path, series: dict, tmp_path:
     huge = _padded(ct8[1].path, tmp_path / "huge.dcm", 150)
     hp = free_port()
     out = tmp_path / "out"
-    with node(demo_bundle, out, "--max-instance-mb", "4", "--keep-archive", "none", "--http-port", str(hp),
-              quiet=1.5) as (port, log, proc):
+    with storescp(tmp_path / "pacs") as pacs, \
+            node(demo_bundle, out, "--max-instance-mb", "4", "--keep-archive", "none", "--http-port", str(hp),
+                 "--forward", f"PACS@127.0.0.1:{pacs}", quiet=1.5) as (port, log, proc):
         wait_for(lambda: "ready" in log.read_text(), 60, "the worker's warm-up (its buffers are not the point here)")
         rss0 = psutil.Process(proc.pid).memory_info().rss
         assert storescu(port, big) == ["0xA700"]  # above --max-instance-mb: out of resources
@@ -252,6 +258,9 @@ def test_size_disk_and_archive_limits(demo_bundle: Path, series: dict, tmp_path:
         assert not list((out / "tmp").iterdir()) and not list((out / "incoming").rglob("*.dcm"))
         _, text = http_get(hp, "/metrics")
         assert metric(text, "attdeploy_instances_refused_total", status="0xA700") == 1
+        wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
+    (seg,) = pacs_segs(tmp_path / "pacs")  # the refused instances produced nothing
+    check_seg(seg, ct8, demo_bundle)
     with node(demo_bundle, tmp_path / "out2", "--min-free-mb", str(10**9)) as (port, _, _):
         assert storescu(port, ct8[0].path) == ["0xA700"]  # below the free-disk floor
         assert echo(port) == 0
@@ -323,7 +332,9 @@ def test_jpeg_lossless_sv1_from_dcmcjpeg(demo_bundle: Path, series: dict, tmp_pa
 # ---------------------------------------------------------------- finding 12: access control
 def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     ct8 = series["ct8"]
-    with node(demo_bundle, tmp_path / "a", "--allow-ae", "SCANNER1") as (port, log, proc):
+    with storescp(tmp_path / "pacs") as pacs, \
+            node(demo_bundle, tmp_path / "a", "--allow-ae", "SCANNER1", "--forward", f"PACS@127.0.0.1:{pacs}"
+                 ) as (port, log, proc):
         assert echo(port, "ATTDEPLOY", "-aet", "SCANNER1") == 0
         assert echo(port, "WRONG", "-aet", "SCANNER1") != 0  # called AE title must be ours
         assert echo(port, "ATTDEPLOY", "-aet", "scanner1") != 0  # exact comparison, as DICOM does
@@ -332,6 +343,9 @@ def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, s
         assert storescu(port, series["mr"][0].path, extra=("-aet", "SCANNER1")) == []
         assert storescu(port, ct8[0].path, extra=("-aet", "SCANNER1")) == ["0x0000"]
         assert proc.poll() is None
+        wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
+    (seg,) = pacs_segs(tmp_path / "pacs")  # one SEG: of the allowed sender's CT instance, nothing of the MR
+    check_seg(seg, ct8[:1], demo_bundle)
     assert log.read_text().count("rejected: association refused") >= 3
     with node(demo_bundle, tmp_path / "b", "--any-called-ae", "--allow-host", "10.0.0.0/8") as (port, log, _):
         assert echo(port, "WRONG") != 0  # 127.0.0.1 is not in --allow-host
