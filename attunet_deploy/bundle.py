@@ -43,7 +43,7 @@ from typing import Any
 
 from . import limits
 from .errors import BundleError, InputError
-from .fileio import fsync_dir, write_json_atomic
+from .fileio import dir_lock, fsync_dir, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -228,22 +228,9 @@ def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
 
 
 # ====================================================================================== locks
-@contextlib.contextmanager
-def _dir_lock(root: Path, exclusive: bool) -> Iterator[None]:
+def _dir_lock(root: Path, exclusive: bool) -> contextlib.AbstractContextManager[None]:
     """flock on the bundle directory: shared for readers, exclusive while a commit renames."""
-    try:
-        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        yield  # not lockable (e.g. some network filesystems): no reader/commit exclusion there
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+    return dir_lock(root, exclusive)
 
 
 class WriterLock:

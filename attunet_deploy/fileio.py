@@ -22,10 +22,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name is capped in bytes, not characters: 100 four-byte characters would pass the
-    # 255-byte file-name limit and fail with ENAMETOOLONG.
-    short = target.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
-    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{short_name(target.name)}.", suffix=".tmp", dir=target.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a bundle is copied and shared
     os.close(fd)
     tmp_path = Path(tmp)
@@ -39,6 +36,36 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def short_name(name: str, max_bytes: int = 80) -> str:
+    """The start of ``name`` within ``max_bytes`` bytes, for hidden temp/staging names beside it.
+
+    Capped in bytes, not characters: 100 four-byte characters pass a character cap and then fail
+    the 255-byte file-name limit with ENAMETOOLONG.
+    """
+    return name.encode("utf-8", "surrogateescape")[:max_bytes].decode("utf-8", "ignore")
+
+
+@contextlib.contextmanager
+def dir_lock(folder: str | os.PathLike[str], exclusive: bool = True) -> Iterator[None]:
+    """flock on a directory (shared or exclusive); a no-op where it cannot be opened or locked
+    (e.g. some network filesystems)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _read_umask() -> int:

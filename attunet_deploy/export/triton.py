@@ -20,17 +20,16 @@ written to a staging folder and moved into place whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..bundle import ONNX_FILES, Bundle
 from ..console import Reporter
 from ..errors import InputError
+from ..fileio import dir_lock, short_name
 
 MARKER = ".attdeploy-triton"
 MODELS_SRC = Path(__file__).with_name("triton_models")
@@ -226,26 +225,10 @@ attdeploy verify -b BUNDLE --backend triton --triton-url localhost:8000 --triton
 """
 
 
-def _short(name: str) -> str:
-    return name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
-
-
 def _check_repository_target(target: Path, out: str | os.PathLike[str]) -> None:
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
         raise InputError(f"-o {out} exists and is not a repository written by 'attdeploy triton': choose a new or "
                          "empty folder")
-
-
-@contextlib.contextmanager
-def _dir_lock(folder: Path) -> Iterator[None]:
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: list[str], *, max_batch: int = 8,
@@ -260,7 +243,7 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
     _check_repository_target(target, out)
     models = plan_repository(bundle, precisions, max_batch=max_batch, instances=instances, kind=kind,
                              tensorrt_accelerator=tensorrt_accelerator)
-    staging = target.parent / f".{_short(target.name)}.staging-{os.getpid()}"
+    staging = target.parent / f".{short_name(target.name)}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for name, model in models.items():
@@ -278,10 +261,10 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
         (staging / MARKER).write_text(json.dumps({"bundle": str(bundle.root), "models": list(models)}) + "\n")
         # Two writers of one repository take turns for the swap (a flock on the parent folder):
         # each swap is whole, the last one wins, and neither sees the other's half-moved folder.
-        with _dir_lock(target.parent):
+        with dir_lock(target.parent):
             _check_repository_target(target, out)
             if target.exists():
-                old = target.parent / f".{_short(target.name)}.old-{os.getpid()}"
+                old = target.parent / f".{short_name(target.name)}.old-{os.getpid()}"
                 os.replace(target, old)
                 os.replace(staging, target)
                 shutil.rmtree(old, ignore_errors=True)
