@@ -6,11 +6,19 @@ TensorRT with numpy alone.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .bundle import Bundle
-from .errors import AttDeployError, BackendUnavailable, BundleError, CheckpointError, InputError, VerificationFailed
-from .runtimes.base import Runner, available_backends, load_runner
+from attunet_deploy.bundle import Bundle
+from attunet_deploy.errors import (
+    AttDeployError,
+    BackendUnavailable,
+    BundleError,
+    CheckpointError,
+    InputError,
+    VerificationFailed,
+)
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import available_backends
+from attunet_deploy.runtimes.select import load_runner
+from attunet_deploy.version import __version__
 
 __all__ = [
     "AttDeployError",

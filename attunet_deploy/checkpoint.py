@@ -1,6 +1,6 @@
 """Read Attention U-Net checkpoints in every supported layout; write this project's format.
 
-Supported inputs (design.md section 2):
+Supported inputs (docs/design.md section 2):
 
 1. this project's file ``{"format": "attunet-deploy/1", "config": {...}, "state_dict": {...}}``;
 2. a bare state_dict of the popular ``AttU_Net`` code (``Conv1.conv.0.weight``,
@@ -18,14 +18,14 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .fileio import atomic_path
-from .model import AttentionUNet, AttentionUNetConfig
+from attunet_deploy.errors import CheckpointError
+from attunet_deploy.fileio import atomic_path
+from attunet_deploy.models.attunet2d import AttentionUNet, AttentionUNetConfig
 
 FORMAT = "attunet-deploy/1"
 
@@ -129,16 +129,14 @@ INFLATE_FLOOR = 64 << 20
 
 def _check_bounded(path: Path) -> None:
     """Refuse special files and checkpoints (or zip members) above the size limit before torch.load."""
-    from . import limits
-    from .errors import InputError
+    from attunet_deploy import limits
+    from attunet_deploy.errors import InputError
 
     try:
-        size = limits.check_regular_file(path, "checkpoint")
+        size = limits.check_file_size(path, limits.CHECKPOINT, "checkpoint")
     except InputError as exc:
         raise CheckpointError(str(exc)) from None
     cap = limits.CHECKPOINT.bytes()
-    if size > cap:
-        raise CheckpointError(str(limits.too_large(path, size, limits.CHECKPOINT)))
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -257,7 +255,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> AttentionUNetConfig:
 def check_model_size(config: AttentionUNetConfig) -> int:
     """Parameters the config implies, counted on the meta device (nothing allocated); a model whose
     weights would not fit the checkpoint limit is refused before it is built."""
-    from . import limits
+    from attunet_deploy import limits
 
     try:
         with torch.device("meta"):
@@ -293,7 +291,7 @@ def build_model(state_dict: Mapping[str, torch.Tensor], config: AttentionUNetCon
 
 
 def _raise_mismatch(state: Mapping[str, torch.Tensor], model: AttentionUNet,
-                    config: AttentionUNetConfig | None) -> None:
+                    config: AttentionUNetConfig | None) -> NoReturn:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]

@@ -223,7 +223,7 @@ def torch_probe() -> Probe:
 
 def versions(include_torch: bool = False) -> dict[str, str]:
     """Versions recorded with every artifact and benchmark (torch only when it is loaded)."""
-    from . import __version__
+    from attunet_deploy.version import __version__
 
     out = {"attunet_deploy": __version__, "python": platform.python_version()}
     for name in ("numpy", "onnx", "onnxruntime", "tensorrt"):

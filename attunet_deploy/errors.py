@@ -1,12 +1,25 @@
-"""Exception types that the CLI maps to exit codes (2: usage/input, 1: verification failed)."""
+"""Exception types and the exit status the CLI maps each one to."""
 
 from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """``attdeploy``'s exit statuses (docs/design.md section 5)."""
+
+    OK = 0
+    VERIFICATION_FAILED = 1
+    USAGE = 2  # bad usage or input: one line on stderr
+    INTERNAL = 3  # an unexpected error: always a bug
+    INTERRUPTED = 130  # Ctrl-C
+    TERMINATED = 143  # SIGTERM
 
 
 class AttDeployError(Exception):
     """Base class: a problem the user can fix; its message names the fix."""
 
-    exit_code = 2
+    exit_code: ExitStatus = ExitStatus.USAGE
 
 
 class InputError(AttDeployError, ValueError):
@@ -28,13 +41,13 @@ class BackendUnavailable(AttDeployError):
 class VerificationFailed(AttDeployError):
     """At least one backend missed its tolerance. Exit status 1."""
 
-    exit_code = 1
+    exit_code = ExitStatus.VERIFICATION_FAILED
 
 
 class BuildFailed(AttDeployError):
     """A TensorRT engine could not be built (or did not run the precision asked for). Exit status 1."""
 
-    exit_code = 1
+    exit_code = ExitStatus.VERIFICATION_FAILED
 
 
 class Interrupted(BaseException):

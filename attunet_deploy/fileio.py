@@ -108,6 +108,8 @@ def json_safe(obj: Any) -> Any:
     """``obj`` with NaN/Infinity replaced by None, so the JSON is valid for every consumer (CI)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if hasattr(obj, "to_dict"):  # typed records (verify rows, bench results) write their dict
+        return json_safe(obj.to_dict())
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

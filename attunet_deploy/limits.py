@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from attunet_deploy.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,15 @@ def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> int:
     if not stat.S_ISREG(st.st_mode):
         raise InputError(f"{what} {p} is not a regular file (device, FIFO or socket): refusing to read it")
     return st.st_size
+
+
+def check_file_size(path: str | os.PathLike[str], limit: Limit, what: str = "file") -> int:
+    """Size of ``path`` if it is a regular file within ``limit``, else InputError (the one size check
+    every reader makes before it decodes anything)."""
+    size = check_regular_file(path, what)
+    if size > limit.bytes():
+        raise too_large(path, size, limit)
+    return size
 
 
 def read_bounded(path: str | os.PathLike[str], limit: Limit, what: str = "file") -> bytes:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import InputError
+from attunet_deploy.errors import InputError
 
 VIRTUAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 NAME_MAX = 255  # bytes per path component on Linux filesystems
@@ -25,7 +25,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def enclosing_bundle(path: Path) -> Path | None:
     """The bundle directory ``path`` lies in (or is), if any."""
-    from .bundle import MANIFEST, is_bundle_dir
+    from attunet_deploy.bundle import MANIFEST, is_bundle_dir
 
     for p in (path, *path.parents):
         if (p / MANIFEST).is_file() and is_bundle_dir(p):

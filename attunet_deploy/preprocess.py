@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from attunet_deploy.errors import InputError
+from attunet_deploy.limits import check_pixels
 
 _NUMERIC_KINDS = "biuf"  # bool, signed/unsigned int, float
 
@@ -35,8 +36,6 @@ def check_batch(images: Any, channels: int, *, name: str = "images") -> np.ndarr
         raise InputError(f"{name} has {c} channels, the model takes {channels}: shape {tuple(arr.shape)}")
     if h == 0 or w == 0:
         raise InputError(f"{name} has an empty spatial axis: shape {tuple(arr.shape)}")
-    from .limits import check_pixels
-
     check_pixels(h, w, name)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
@@ -61,8 +60,9 @@ def pad_to_divisor(x: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, 
     if (ph, pw) == (h, w):
         return x, (h, w)
     pad = [(0, 0)] * (x.ndim - 2) + [(0, ph - h), (0, pw - w)]
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    return np.ascontiguousarray(np.pad(x, pad, mode=mode)), (h, w)
+    if min(h, w) > 1:
+        return np.ascontiguousarray(np.pad(x, pad, mode="reflect")), (h, w)
+    return np.ascontiguousarray(np.pad(x, pad, mode="edge")), (h, w)
 
 
 def crop(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -171,3 +171,21 @@ def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.nd
     if kind == "argmax":
         return np.argmax(logits, axis=1).astype(np.uint8)
     raise InputError(f"unknown postprocessing kind {kind!r} in the bundle manifest")
+
+
+def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, int]:
+    """'1x3x256x256' -> (1, 3, 256, 256); checks four positive ints, the channel count and size limits."""
+    parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or any(d < 1 for d in dims):
+        raise InputError(f"bad shape {text!r}: expected NxCxHxW with positive integers, e.g. 1x3x256x256")
+    if channels is not None and dims[1] != channels:
+        raise InputError(f"shape {text} has {dims[1]} channels, the model takes {channels}: use "
+                         f"{dims[0]}x{channels}x{dims[2]}x{dims[3]}")
+    if dims[0] > 4096:
+        raise InputError(f"shape {text}: batch {dims[0]} is above 4096")
+    check_pixels(dims[2], dims[3], f"shape {text}")
+    return dims  # type: ignore[return-value]

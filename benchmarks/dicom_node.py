@@ -42,8 +42,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from attunet_deploy import load_runner
+    from attunet_deploy.apps.dicom.series import segment_volume
     from attunet_deploy.demo.ctseries import write_ct_series
-    from attunet_deploy.dicom.series import segment_volume
     from attunet_deploy.environment import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="attdeploy-dicom-bench-"))

@@ -28,10 +28,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attunet_deploy.bench import BenchSettings, bench_many, parse_shape  # noqa: E402
 from attunet_deploy.bundle import Bundle  # noqa: E402
 from attunet_deploy.console import RichReporter  # noqa: E402
 from attunet_deploy.environment import cuda_devices, machine_info, versions  # noqa: E402
+from attunet_deploy.judge.bench import BenchSettings, bench_many  # noqa: E402
+from attunet_deploy.preprocess import parse_shape  # noqa: E402
 
 DEFAULT_SHAPES = ("1x3x256x256", "1x3x512x512", "4x3x256x256")
 
@@ -43,7 +44,7 @@ def realistic_checkpoint(path: Path, seed: int = 0) -> None:
 
     from attunet_deploy.checkpoint import save_checkpoint
     from attunet_deploy.demo import make_phantoms, window
-    from attunet_deploy.model import AttentionUNet, AttentionUNetConfig
+    from attunet_deploy.models.attunet2d import AttentionUNet, AttentionUNetConfig
 
     torch.manual_seed(seed)
     model = AttentionUNet(AttentionUNetConfig(3, 1, 64))
@@ -63,7 +64,7 @@ def conv_flops(shape: tuple[int, int, int, int]) -> float:
     """FLOPs (2 x multiply-adds) of the full-size model's convolutions at ``shape``."""
     import torch
 
-    from attunet_deploy.model import AttentionUNet, AttentionUNetConfig
+    from attunet_deploy.models.attunet2d import AttentionUNet, AttentionUNetConfig
 
     model = AttentionUNet(AttentionUNetConfig(3, 1, 64)).eval()
     total = 0
@@ -139,8 +140,8 @@ def int8_gemm_roof_gops(threads: int, sizes: tuple[int, ...] = (2048, 3072), rep
 
 def demo_bundle(path: Path, reporter: object) -> Bundle:
     """The bundled demo model exported and quantised (made on the first run, reused after)."""
-    from attunet_deploy.export.onnx import export_bundle
-    from attunet_deploy.export.quantize import quantize_bundle
+    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.quantize import quantize_bundle
 
     if not (path / "manifest.json").exists():
         export_bundle(None, path, reporter=reporter)
@@ -161,9 +162,9 @@ def main() -> None:
     parser.add_argument("--demo-iterations", type=int, default=40)
     args = parser.parse_args()
 
-    from attunet_deploy.export.onnx import export_bundle
-    from attunet_deploy.export.quantize import quantize_bundle
-    from attunet_deploy.report import bench_table, markdown_table
+    from attunet_deploy.judge.report import bench_table, markdown_table
+    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.quantize import quantize_bundle
 
     reporter = RichReporter()
     threads = os.cpu_count() or 1
@@ -174,7 +175,7 @@ def main() -> None:
             ckpt = Path(tmp) / "full.pt"
             with reporter.step("Making the full-size checkpoint (BatchNorm statistics from phantoms)"):
                 realistic_checkpoint(ckpt)
-            # design.md's FP32 tolerance: BatchNorm folded by the exporter reorders float32 sums.
+            # docs/design.md's FP32 tolerance: BatchNorm folded by the exporter reorders float32 sums.
             export_bundle(ckpt, bundle_dir, check_rel_l2=1e-4, reporter=reporter)
             from attunet_deploy.demo import make_phantoms, window
 

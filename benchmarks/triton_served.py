@@ -31,12 +31,12 @@ def main() -> int:
     args = ap.parse_args()
 
     import numpy as np
+    from tritonharness import serve
 
     from attunet_deploy import load_runner
-    from attunet_deploy.bench import BenchSettings, bench_concurrent, latency_stats, parse_shape
     from attunet_deploy.environment import machine_info
-    from attunet_deploy.export.triton_local import serve
-    from attunet_deploy.preprocess import pad_to_divisor
+    from attunet_deploy.judge.bench import BenchSettings, bench_concurrent, latency_stats
+    from attunet_deploy.preprocess import pad_to_divisor, parse_shape
 
     work = Path(tempfile.mkdtemp(prefix="attdeploy-triton-bench-"))
     bundle = Path(args.bundle) if args.bundle else work / "bundle"

@@ -1,7 +1,18 @@
-"""Shared fixtures: small popular-layout checkpoints and bundles exported once per session."""
+"""Shared fixtures (small popular-layout checkpoints and bundles exported once per session) and the
+test lanes.
+
+- ``tests/unit``: numpy only (no torch, no servers), fast: ``pytest -m "not slow"`` runs them alone.
+- ``tests/integration``: export, quantize, verify, bench, the CLI, on real bundles (torch).
+- ``tests/system``: real servers on 127.0.0.1 (the DICOM node with DCMTK, tritonserver).
+- ``tests/gpu``: TensorRT and CUDA, skipped with the reason where they are missing.
+
+Everything outside ``tests/unit`` is marked ``slow``. Without torch only ``tests/unit`` is collected,
+so the numpy-only tests run on a device that has no torch.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -9,16 +20,26 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "gpu"))  # tests/integration checks test_gpu's shapes on the CPU
 
-torch = pytest.importorskip("torch")
-
-from popular import popular_state_dict, wrap_checkpoint  # noqa: E402
+#: Lanes beside tests/unit: they export models with torch, run servers or need a GPU.
+SLOW_LANES = ("integration", "system", "gpu")
+try:
+    HAVE_TORCH = importlib.util.find_spec("torch") is not None
+except ImportError:  # an import hook that refuses torch (tests/integration/test_without_torch.py)
+    HAVE_TORCH = False
+if not HAVE_TORCH:
+    collect_ignore_glob = [f"{lane}/*" for lane in SLOW_LANES]
 
 
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-in / 2-out, base-8 popular-layout checkpoint in a DataParallel wrapper."""
+    import torch
+    from popular import popular_state_dict, wrap_checkpoint
+
     path = tmp_path_factory.mktemp("ckpt") / "attu_small.pth"
     torch.save(wrap_checkpoint(popular_state_dict(1, 2, 8, head="Conv_1x1", seed=1), "dataparallel"), path)
     return path
@@ -27,7 +48,7 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory: pytest.TempPathFactory, small_ckpt: Path) -> Path:
     """small_ckpt exported with the default exporter (read-only for tests: copy before changing)."""
-    from attunet_deploy.export.onnx import export_bundle
+    from attunet_deploy.steps.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "small"
     export_bundle(small_ckpt, out)
@@ -38,8 +59,8 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory, small_ckpt: Path) -> 
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled demo model exported and quantised (fp16 + int8 on demo phantoms)."""
     from attunet_deploy.bundle import Bundle
-    from attunet_deploy.export.onnx import export_bundle
-    from attunet_deploy.export.quantize import quantize_bundle
+    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.quantize import quantize_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "demo"
     export_bundle(None, out)
@@ -65,6 +86,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ort = onnxruntime_probe()
     ort_gpu = "CUDAExecutionProvider" in ort.extra.get("providers", []) and cuda.available
     for item in items:
+        lane = Path(str(item.fspath)).relative_to(HERE).parts[0]
+        if lane in SLOW_LANES:
+            item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords:
             needs = item.get_closest_marker("gpu").kwargs.get("needs", "tensorrt")
             if needs == "tensorrt" and not trt.available:

@@ -1,5 +1,5 @@
 """The popular AttU_Net's state_dict layout and forward pass, written independently of
-attunet_deploy.model from the published structure, so tests can check our import against it.
+attunet_deploy.models.attunet2d from the published structure, so tests can check our import against it.
 
 Structure (per the published code): conv_block = Sequential(Conv3x3, BN, ReLU, Conv3x3, BN, ReLU)
 as ``.conv``; up_conv = Sequential(Upsample x2 nearest, Conv3x3, BN, ReLU) as ``.up``;

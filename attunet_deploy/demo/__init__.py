@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .phantom import DEMO_SIZE, DEMO_WINDOW, make_phantom, make_phantoms, window
+from attunet_deploy.demo.phantom import DEMO_SIZE, DEMO_WINDOW, make_phantom, make_phantoms, window
 
 DEMO_WEIGHTS = Path(__file__).with_name("attunet_demo.pt")
 #: Normalisation recorded in the demo bundle's manifest (parse_normalization syntax).
@@ -17,7 +18,7 @@ DEMO_NORMALIZE = f"ct-window:{DEMO_WINDOW[0]:g},{DEMO_WINDOW[1]:g}"
 TRAIN_SEED, HELDOUT_SEED, GOLDEN_SEED, CALIB_SEED = 0, 1, 2, 3
 
 
-def is_demo(path: str | Path | None) -> bool:
+def is_demo(path: str | os.PathLike[str] | None) -> bool:
     return path is None or Path(path).resolve() == DEMO_WEIGHTS.resolve()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .phantom import make_phantom
+from attunet_deploy.demo.phantom import make_phantom
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -35,7 +35,7 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
     """Write ``n_slices`` phantom slices of one series into ``folder``; returns them in z order."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         hu, label = make_phantom(seed * 10_007 + k, size)
         stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPClassUID = UID(sop_class)
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_checkpoint
-from ..model import AttentionUNet, AttentionUNetConfig
-from . import HELDOUT_SEED, TRAIN_SEED
-from .phantom import DEMO_SIZE, make_phantom, make_phantoms, window
+from attunet_deploy.checkpoint import save_checkpoint
+from attunet_deploy.demo import HELDOUT_SEED, TRAIN_SEED
+from attunet_deploy.demo.phantom import DEMO_SIZE, make_phantom, make_phantoms, window
+from attunet_deploy.models.attunet2d import AttentionUNet, AttentionUNetConfig
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -39,7 +39,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 def heldout_dice(model: AttentionUNet, images: np.ndarray, labels: np.ndarray, batch: int = 25) -> float:
     """Mean Dice of thresholded predictions against phantom labels."""
     model.eval()
-    scores = []
+    scores: list[float] = []
     for i in range(0, len(images), batch):
         pred = (model(torch.from_numpy(images[i:i + batch])) > 0).numpy()[:, 0]
         lab = labels[i:i + batch].astype(bool)
@@ -112,7 +112,7 @@ def _crop(hu: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generator) 
 def multiscale(init: Path, out: Path, steps: int = 420, lr: float = 6e-4, seed: int = 4321) -> dict[int, float]:
     """Stage 2: continue from ``init`` on batches at 128 (full), 256 (full) and 512 (256-crops
     around the target), BatchNorm statistics frozen. Returns the held-out Dice per size."""
-    from ..checkpoint import load_checkpoint
+    from attunet_deploy.checkpoint import load_checkpoint
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import AUTO_ORDER, BACKEND_MODULES, Runner, available_backends, load_runner, register, runner_class
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import BACKEND_MODULES, BACKENDS, available_backends, register, runner_class
+from attunet_deploy.runtimes.select import AUTO_ORDER, load_runner, open_runner, resolve_auto
 
-__all__ = ["AUTO_ORDER", "BACKEND_MODULES", "Runner", "available_backends", "load_runner", "register",
-           "runner_class"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_MODULES", "Runner", "available_backends", "load_runner",
+           "open_runner", "register", "resolve_auto", "runner_class"]

@@ -1,14 +1,14 @@
-"""The Runner interface every backend implements, the backend registry and ``load_runner``.
+"""The Runner interface every backend implements (the ABC only: ``registry`` names backends,
+``select`` opens them).
 
-In Polygraphy's terms a Runner *runs* an artifact that a loader in ``attunet_deploy.export``
-built. All runners share the same input handling: validation, pad H/W up to the model's
+In Polygraphy's terms a Runner *runs* an artifact that a builder in ``attunet_deploy.build``
+made. All runners share the same input handling: validation, pad H/W up to the model's
 divisor, crop the logits back, so every backend sees byte-identical padded inputs.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 import os
 import threading
 import time
@@ -16,43 +16,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..bundle import PRECISIONS, Bundle
-from ..errors import BackendUnavailable, InputError
-from ..preprocess import check_batch, crop, logits_to_masks, normalize, pad_to_divisor
-
-#: backend name -> module that registers it (imported only when the backend is asked for,
-#: so importing this package never pulls in torch, onnxruntime or tensorrt).
-BACKEND_MODULES = {
-    "torch": "attunet_deploy.runtimes.torch_runner",
-    "ort": "attunet_deploy.runtimes.onnxruntime",
-    "ort-cuda": "attunet_deploy.runtimes.onnxruntime",
-    "ort-trt": "attunet_deploy.runtimes.onnxruntime",
-    "trt": "attunet_deploy.runtimes.tensorrt",
-    "ov": "attunet_deploy.runtimes.openvino",
-    "triton": "attunet_deploy.runtimes.triton",
-}
-#: ``backend="auto"`` tries these in order and takes the first that can run here; OpenVINO only
-#: where it was measured faster than ONNX Runtime CPU on this machine (runtimes.speed).
-AUTO_ORDER = ("trt", "ort-cuda", "ov", "ort")
-
-_REGISTRY: dict[str, type[Runner]] = {}
-
-
-def register(cls: type[Runner]) -> type[Runner]:
-    """Class decorator: make ``cls`` available under ``cls.backend``."""
-    _REGISTRY[cls.backend] = cls
-    return cls
-
-
-def runner_class(backend: str) -> type[Runner]:
-    if backend not in BACKEND_MODULES:
-        raise InputError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKEND_MODULES)}")
-    if backend not in _REGISTRY:
-        try:
-            importlib.import_module(BACKEND_MODULES[backend])
-        except ImportError as exc:
-            raise BackendUnavailable(f"backend {backend} cannot be imported: {exc}") from exc
-    return _REGISTRY[backend]
+from attunet_deploy.bundle import PRECISIONS, Bundle
+from attunet_deploy.errors import BackendUnavailable, InputError
+from attunet_deploy.preprocess import check_batch, crop, logits_to_masks, normalize, pad_to_divisor
 
 
 class Runner(abc.ABC):
@@ -173,6 +139,12 @@ class Runner(abc.ABC):
         self._infer_padded(padded)
         return None
 
+    def device_compute_times(self, padded: np.ndarray, iterations: int) -> list[float] | None:
+        """Optional hook: seconds of device compute alone for ``iterations`` runs of an already padded
+        batch (CUDA events around the enqueue, what trtexec calls GPU Compute Time); None where the
+        backend has no device timer."""
+        return None
+
     def bench_extras(self) -> dict[str, Any]:
         """Backend facts worth recording with a benchmark (device memory, CUDA graphs, ...)."""
         return {}
@@ -210,61 +182,3 @@ def activation_bytes(shape: tuple[int, ...], base_channels: int) -> int:
     """
     n, _, h, w = shape
     return int(n * h * w * base_channels * 4 * 8 * 4 / 3)
-
-
-def available_backends(bundle: Bundle, precision: str = "fp32") -> dict[str, str | None]:
-    """backend -> None if it can run this bundle/precision here, else the reason."""
-    out: dict[str, str | None] = {}
-    for backend in BACKEND_MODULES:
-        try:
-            cls = runner_class(backend)
-        except BackendUnavailable as exc:
-            out[backend] = str(exc)
-            continue
-        if precision not in cls.precisions:
-            out[backend] = f"{backend} does not run {precision}"
-            continue
-        out[backend] = cls.availability(bundle, precision)
-    return out
-
-
-def resolve_auto(bundle: Bundle, precision: str) -> str:
-    """The backend ``auto`` means here: the first of AUTO_ORDER that can run ``precision``."""
-    reasons = []
-    for candidate in AUTO_ORDER:
-        try:
-            cls = runner_class(candidate)
-        except BackendUnavailable as exc:
-            reasons.append(f"{candidate}: {exc}")
-            continue
-        reason = cls.availability(bundle, precision) if precision in cls.precisions else f"no {precision}"
-        if reason is None and candidate == "ov":
-            from .speed import faster
-
-            if not faster(bundle, precision, "ov", "ort"):
-                reason = "not measured faster than ort on this machine"
-        if reason is None:
-            return candidate
-        reasons.append(f"{candidate}: {reason}")
-    raise BackendUnavailable(f"no backend can run {precision} here: " + "; ".join(reasons))
-
-
-def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
-                precision: str = "fp32", **options: Any) -> Runner:
-    """The one entry point: a runner for ``bundle`` on ``backend`` at ``precision``.
-
-    ``backend="auto"`` picks TensorRT > ONNX Runtime CUDA > OpenVINO (only where measured faster
-    than ONNX Runtime CPU here) > ONNX Runtime CPU by what this machine can run. Raises
-    BackendUnavailable (with the reason) when the backend cannot run here and
-    InputError/BundleError for a bad bundle or argument. The runner is activated
-    lazily on first use, or explicitly with ``with`` / ``activate()``.
-    """
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle)
-    if backend == "auto":
-        backend = resolve_auto(bundle, precision)
-    cls = runner_class(backend)
-    reason = cls.availability(bundle, precision) if precision in cls.precisions else None
-    if reason is not None:
-        raise BackendUnavailable(f"backend {backend} unavailable: {reason}")
-    return cls(bundle, precision, **options)

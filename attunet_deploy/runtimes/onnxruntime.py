@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
-from ..environment import cuda_devices, has_module, module_version, tensorrt_major
-from ..errors import BackendUnavailable
-from .base import Runner, register
+from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, Bundle
+from attunet_deploy.environment import cuda_devices, has_module, module_version, tensorrt_major
+from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import register
 
 
 class _OrtRunner(Runner):
@@ -45,7 +46,7 @@ class _OrtRunner(Runner):
         return [self.provider]
 
     def _needs_exact_int8(self) -> bool:
-        from ..environment import cpu_has_int8_dot
+        from attunet_deploy.environment import cpu_has_int8_dot
 
         if self.precision != "int8" or self.provider != "CPUExecutionProvider":
             return False

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ENGINE_DIR, ONNX_FILES, Bundle
-from ..environment import has_module, machine_info
-from ..errors import BackendUnavailable
-from .base import Runner, register
+from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, Bundle
+from attunet_deploy.environment import has_module, machine_info
+from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import register
 
 
 def precision_plan(precision: str, isa: list[str]) -> tuple[str, str]:

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ONNX_FILES, Bundle
-from ..environment import gpu_identity, tensorrt_major, tensorrt_probe
-from ..errors import BackendUnavailable, InputError
-from .base import Runner, register
+from attunet_deploy.bundle import ONNX_FILES, ArtifactKind, Bundle
+from attunet_deploy.environment import gpu_identity, tensorrt_major, tensorrt_probe
+from attunet_deploy.errors import BackendUnavailable, InputError
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import register
 
 
 def find_engine(bundle: Bundle, precision: str, gpu: dict[str, Any] | None, trt_version: str
@@ -32,7 +33,7 @@ def find_engine(bundle: Bundle, precision: str, gpu: dict[str, Any] | None, trt_
     An engine built from an older version of the graph (re-quantised since) is stale.
     """
     engines = {n: e for n, e in bundle.artifacts.items()
-               if e.get("kind") == "tensorrt-engine" and e.get("precision") == precision}
+               if e.get("kind") == ArtifactKind.ENGINE and e.get("precision") == precision}
     if not engines:
         return None, (f"no {precision} engine in the bundle: run 'attdeploy build --precision {precision}' "
                       "on this device")
@@ -215,7 +216,7 @@ class TensorrtRunner(Runner):
             return enqueue_times(ctx, iterations)
 
     def bench_extras(self) -> dict[str, Any]:
-        from ..environment import free_device_memory_mb
+        from attunet_deploy.environment import free_device_memory_mb
 
         return {"engine_device_memory_mb": engine_device_memory_mb(self._engine),
                 "free_device_memory_mb": free_device_memory_mb(), "cuda_graphs": False,

@@ -9,15 +9,17 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle
-from ..environment import has_module
-from ..errors import BackendUnavailable
-from .base import Runner, register
+from attunet_deploy.bundle import TORCHSCRIPT_FILE, WEIGHTS_FILE, Bundle
+from attunet_deploy.environment import has_module
+from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import register
 
 
 @register
 class TorchRunner(Runner):
-    """Options: ``device`` ("cpu", "cuda", or "auto": CUDA when torch sees a GPU)."""
+    """Options: ``device`` ("cpu", "cuda", or "auto": CUDA when torch sees a GPU); ``threads``
+    (torch's intra-op threads, process-wide: torch has no per-module setting)."""
 
     backend = "torch"
     precisions = ("fp32",)
@@ -40,9 +42,12 @@ class TorchRunner(Runner):
             raise BackendUnavailable("torch was asked for CUDA but torch.cuda.is_available() is False")
         self._torch = torch
         self._device = torch.device(want)
+        threads = int(self.options.get("threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)  # same thread count as the other CPU backends
         # Loaded from the bytes whose sha256 was checked, with weights_only=True.
         if self.bundle.has(WEIGHTS_FILE):
-            from ..checkpoint import load_checkpoint_bytes
+            from attunet_deploy.checkpoint import load_checkpoint_bytes
 
             module: Any = load_checkpoint_bytes(self.bundle.read_artifact(WEIGHTS_FILE), WEIGHTS_FILE).module
         else:

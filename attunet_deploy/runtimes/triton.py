@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..environment import has_module
-from ..errors import InputError
-from .base import Runner, register
+from attunet_deploy.bundle import Bundle
+from attunet_deploy.environment import has_module
+from attunet_deploy.errors import InputError
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import register
 
 ENV_URL = "ATTDEPLOY_TRITON_URL"
 DEFAULT_TIMEOUT_S = 8.0

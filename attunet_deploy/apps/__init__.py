@@ -1,0 +1,1 @@
+"""Applications built on runners: ``predict`` on files, the ``pipeline`` demo run, the DICOM node."""

@@ -1,0 +1,236 @@
+"""The segmentation worker: one thread that segments complete series (and, while idle, slices
+of series still arriving) and writes one SEG per batch, superseding earlier SEGs of a series.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attunet_deploy.apps.dicom.checks import is_valid_uid
+from attunet_deploy.apps.dicom.series import (
+    dedupe_series,
+    order_slices,
+    segment_volume,
+    unusable_reason,
+)
+from attunet_deploy.apps.dicom.spool import Spool, instance_key, series_of
+from attunet_deploy.errors import InputError
+from attunet_deploy.fileio import atomic_path
+from attunet_deploy.io.dicom import Instance, decode_hu, dicom_header, has_pixel_data, header_of, read_dataset
+
+#: Masks computed ahead of a series' completion, at most this many bytes kept in memory.
+PRESEGMENT_CACHE_BYTES = 256 << 20
+
+
+PRESEGMENT_BATCH = 8
+
+
+#: Set to "worker" to make the worker thread die on its next job (tests of /healthz only).
+FAULT_ENV = "ATTDEPLOY_NODE_FAULT"
+
+
+class Worker(Spool):
+    """Series in, SEG out."""
+
+    # ------------------------------------------------------------------ worker
+    def _worker(self, runner: Any) -> None:
+        with runner:
+            # First-call costs now rather than on the first series: the backend's buffers for a batch of
+            # 512x512 slices, and highdicom's import (about a second).
+            runner.infer(np.zeros((PRESEGMENT_BATCH, runner.channels, 512, 512), np.float32))
+            import highdicom  # noqa: F401
+            self.log("ready", f"worker on {runner.name}", device=runner.device)
+            while not self.stop.is_set():
+                try:
+                    job = self.jobs.get(timeout=0.05)
+                except queue.Empty:
+                    try:
+                        self._presegment(runner)
+                    except Exception as exc:  # best effort: the series is segmented in full when complete
+                        self.log("note", f"segmenting ahead skipped: {str(exc)[:200]}")
+                        self.stop.wait(0.5)
+                    continue
+                if os.environ.get(FAULT_ENV) == "worker":
+                    raise RuntimeError(f"{FAULT_ENV}=worker: the worker thread dies here (a test of /healthz)")
+                try:
+                    self._process(runner, job)
+                except Exception as exc:  # one bad series must not stop the node
+                    self._fail(job, f"{type(exc).__name__}: {str(exc)[:300]}")
+                finally:
+                    self.queued.discard(job.name)
+
+    def _run_worker(self, runner: Any) -> None:
+        try:
+            self._worker(runner)
+        except BaseException as exc:
+            self.log("error", f"the worker thread stopped: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
+
+    def _presegment(self, runner: Any) -> None:
+        """While the worker is idle, segment instances of series that are still arriving, so that
+        a completed series needs little more than its SEG (the model is 2D: slices are independent)."""
+        if self.mask_bytes >= PRESEGMENT_CACHE_BYTES:
+            self.stop.wait(0.1)
+            return
+        for series in sorted(self.dirs["incoming"].iterdir()):
+            todo = []
+            for f in sorted(series.glob("*.dcm")):
+                key = instance_key(f)
+                if key is not None and key not in self.masks:
+                    todo.append((f, key))
+                if len(todo) == PRESEGMENT_BATCH:
+                    break
+            if not todo:
+                continue
+            slices: list[np.ndarray] = []
+            keys: list[tuple[str, int, int]] = []
+            for f, key in todo:
+                try:
+                    hu = decode_hu(read_dataset(f), f)
+                except (OSError, InputError):
+                    continue  # moved to processing/ meanwhile, or undecodable: the worker handles it there
+                if slices and hu.shape != slices[0].shape:
+                    break
+                slices.append(hu)
+                keys.append(key)
+            if not slices:
+                continue
+            masks = segment_volume(runner, np.stack(slices), batch=PRESEGMENT_BATCH)
+            for key, m in zip(keys, masks):
+                self.masks[key] = m
+                self.mask_bytes += m.nbytes
+            return
+        self.stop.wait(0.05)
+
+    def _take_masks(self, ordered: list[Any], runner: Any) -> tuple[list[Any], list[tuple[Any, str]], int]:
+        """Masks for ``ordered`` instances: computed ahead where possible, the rest now.
+
+        Returns (masks uint8 [H, W] per usable instance, [(instance, reason)] left out because their
+        pixels do not decode, how many masks were computed ahead)."""
+        masks: list[Any] = []
+        for inst in ordered:
+            key = instance_key(inst.path)
+            m = self.masks.pop(key, None) if key is not None else None
+            if m is not None:
+                self.mask_bytes -= m.nbytes
+            masks.append(m)
+        ahead = sum(m is not None for m in masks)
+        bad: dict[int, str] = {}
+        missing = [i for i, m in enumerate(masks) if m is None]
+        for s in range(0, len(missing), PRESEGMENT_BATCH):
+            part, slices = [], []
+            for i in missing[s:s + PRESEGMENT_BATCH]:
+                try:
+                    slices.append(decode_hu(read_dataset(ordered[i].path), ordered[i].path.name))
+                    part.append(i)
+                except Exception as exc:
+                    bad[i] = str(exc)[:200]
+            if part:
+                for i, m in zip(part, segment_volume(runner, np.stack(slices), batch=PRESEGMENT_BATCH)):
+                    masks[i] = m
+        left_out = [(ordered[i], bad[i]) for i in sorted(bad)]
+        return [m for i, m in enumerate(masks) if i not in bad], left_out, ahead
+
+    def _process(self, runner: Any, job: Path) -> None:
+        series = series_of(job)
+        if not is_valid_uid(series):
+            raise InputError(f"spool folder {job.name} is not named after a series UID")
+        archive = self.dirs["archive"] / series
+        marker = job / ".seg-written"
+        if not marker.exists():
+            self._segment_batch(runner, job, series, archive, marker)
+        done = json.loads(marker.read_text())
+        state = self._state(series)
+        if int(state["number"]) < int(done["number"]):
+            self._save_state(series, {"seg_series_uid": done["seg_series_uid"], "number": int(done["number"])})
+        self._archive(job, archive)
+
+    def _read_batch(self, job: Path, series: str, archive: Path
+                    ) -> tuple[list[Instance], dict[Path, Any], list[tuple[Path, str]], int]:
+        """Headers of a batch plus the series' archived instances: (usable instances, their datasets,
+        [(file, reason)] left out, how many came from earlier batches)."""
+        # A series that already has a SEG: its earlier instances join the new ones, so the new SEG
+        # covers the whole series and supersedes the old one.
+        files = {f.name: f for f in sorted(archive.glob("*.dcm"))} if archive.is_dir() else {}
+        earlier = len(files)
+        files.update({f.name: f for f in sorted(job.glob("*.dcm"))})
+        instances: list[Instance] = []
+        headers: dict[Path, Any] = {}
+        left_out: list[tuple[Path, str]] = []
+        for f in files.values():
+            try:
+                ds = dicom_header(f)  # one read per file; pixels stay on disk
+                inst = header_of(ds, f, has_pixel_data(ds))
+                reason = unusable_reason(inst)
+                if reason is None and inst.series_uid != series:
+                    reason = f"belongs to series {inst.series_uid}, not {series}"
+            except Exception as exc:
+                inst, reason = None, f"unreadable: {str(exc)[:160]}"
+            if reason is None and inst is not None:
+                instances.append(inst)
+                headers[f] = ds
+            else:
+                left_out.append((f, reason or "unusable"))
+        return instances, headers, left_out, earlier
+
+    def _segment_batch(self, runner: Any, job: Path, series: str, archive: Path, marker: Path) -> None:
+        """Segment one batch (with the series' earlier instances) and write its SEG; ``marker`` records it."""
+        t0 = time.perf_counter()
+        instances, headers, left_out, earlier = self._read_batch(job, series, archive)
+        if not instances:
+            raise InputError("no usable CT instances")
+        kept, _ = dedupe_series(instances)  # one file per SOP instance here: refuses position clashes
+        ordered = order_slices(kept)
+        t1 = time.perf_counter()
+        masks, bad, ahead = self._take_masks(ordered, runner)
+        t_seg = time.perf_counter() - t1
+        left_out += [(inst.path, reason) for inst, reason in bad]
+        bad_paths = {inst.path for inst, _ in bad}
+        ordered = [i for i in ordered if i.path not in bad_paths]
+        for f, reason in left_out:
+            self._leave_out(series, f, reason)
+        if not ordered:
+            raise InputError("no instance of the series could be decoded")
+        seg, seg_path, state = self._write_seg(series, [headers[i.path] for i in ordered], masks)
+        number = int(state["number"])
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps({"seg": str(seg_path), "number": number,
+                                       "seg_series_uid": state["seg_series_uid"]}))
+        self.metrics.count("segs_written")
+        self.metrics.count("segmented")
+        self.metrics.observe_inference(t_seg)
+        self.log("written", f"SEG of series {series}: {len(ordered)} slices, {int(seg.NumberOfFrames)} frame(s) "
+                 f"with mask, {time.perf_counter() - t0:.2f} s", series=series, seg=str(seg_path),
+                 slices=len(ordered), frames=int(seg.NumberOfFrames), seconds=round(time.perf_counter() - t0, 4),
+                 segment_seconds=round(t_seg, 4), segmented_ahead=ahead, seg_instance_number=number,
+                 supersedes=number - 1 if number > 1 else None, earlier_instances=earlier)
+
+    def _write_seg(self, series: str, datasets: list[Any], masks: list[Any]) -> tuple[Any, Path, dict[str, Any]]:
+        """The SEG of ``series`` (next InstanceNumber of its SEG series), in seg/ and queued in outbox/;
+        returns it, its path and the SEG series state it was numbered in (saved later, with the marker)."""
+        from attunet_deploy.apps.dicom.files import model_sha256
+        from attunet_deploy.apps.dicom.seg import build_seg, write_seg
+
+        state = self._state(series)
+        number = int(state["number"]) + 1
+        seg = build_seg(datasets, np.stack(masks), model_sha256=model_sha256(self.bundle, self.precision),
+                        num_classes=self.bundle.out_channels, label=self.segment_label,
+                        series_instance_uid=state["seg_series_uid"], instance_number=number)
+        seg_path = self.dirs["seg"] / f"SEG_{series}_{number}.dcm"
+        k = 1
+        while seg_path.exists():  # local copies are never overwritten
+            k += 1
+            seg_path = self.dirs["seg"] / f"SEG_{series}_{number}-{k}.dcm"
+        write_seg(seg, seg_path)
+        if self.forward is not None:
+            with atomic_path(self.dirs["outbox"] / seg_path.name) as tmp:
+                shutil.copyfile(seg_path, tmp)
+        return seg, seg_path, {"seg_series_uid": state["seg_series_uid"], "number": number}

@@ -1,0 +1,84 @@
+"""``attdeploy pipeline``: export -> quantize -> build (if GPU) -> verify all -> bench all -> report.
+
+Each step is its own transaction (export, quantize, build, then the verification record and the
+report), committed only when the step succeeded: a pipeline that fails or is interrupted in a
+step leaves the bundle as the previous step committed it. A verification that misses its
+tolerance is a *result* of the pipeline, not a failure of a step: it is recorded in the report
+and the manifest, and the pipeline exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from attunet_deploy.console import Reporter
+from attunet_deploy.runtimes import registry
+
+
+def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, calib: str | None = None,
+                 images: str | None = None, labels: str | None = None,
+                 trust_pickle: bool = False, force: bool = False, normalize: str | None = None,
+                 bench_iterations: int = 20, shape: str | None = None, check_rel_l2: float = 1e-5,
+                 reporter: Reporter | None = None, console: Any = None) -> int:
+    """Run every step; returns 1 if any backend failed verification, else 0."""
+    from attunet_deploy.environment import tensorrt_probe
+    from attunet_deploy.judge.bench import BenchSettings, bench_many
+    from attunet_deploy.judge.report import bench_table, render_report, verify_table
+    from attunet_deploy.judge.verify import summary_counts, verify
+    from attunet_deploy.preprocess import parse_shape
+    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.quantize import quantize_bundle
+
+    reporter = reporter or Reporter()
+    images = images if images is not None else calib  # --calib serves as --images (a quarter is held out)
+    bundle, _ = export_bundle(model, out, trust_pickle=trust_pickle, force=force, normalize=normalize,
+                              check_rel_l2=check_rel_l2, images=images, labels=labels, reporter=reporter)
+    demo = bool(bundle.manifest["model"]["source"].get("demo"))
+    precisions = ["fp16"]
+    notes: dict[str, Any] = {}
+    if demo or calib:
+        # --images alone or --calib alone: calibration takes what verification did not hold out. One
+        # image (or too few) leaves nothing: both skip INT8 with the same notice and exit 0.
+        if bundle.golden_info.get("kind") == "user-images" and not bundle.golden_info.get("calibration_candidates") \
+                and (calib is None or calib == images):
+            reporter.notice("INT8 skipped:", "every image is held out for verification; give more images")
+            notes["INT8"] = "Skipped: every image was held out for verification (give more images)."
+        else:
+            precisions.append("int8")
+    else:
+        reporter.notice("INT8 skipped:", "a user model needs calibration images, pass --calib PATH")
+        notes["INT8"] = "Skipped: a user model needs calibration images (--calib PATH)."
+    bundle = quantize_bundle(bundle, calib=calib, precisions=precisions, reporter=reporter, verify=False).bundle
+
+    trt = tensorrt_probe()
+    if trt.available:
+        from attunet_deploy.steps.engines import build_engines
+
+        bundle = build_engines(bundle, ["fp32", *precisions], reporter=reporter).bundle
+    else:
+        reporter.notice("TensorRT engines skipped:", trt.detail)
+        notes["TensorRT"] = f"Engines not built on this machine: {trt.detail}."
+
+    rows = verify(bundle, ["all"], ["all"], reporter=reporter)
+    shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
+    settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
+    runnable = sorted({r["backend"] for r in rows if r["status"] != "unavailable"}, key=registry.BACKENDS.index)
+    results, _ = bench_many(bundle, runnable, ["fp32", "fp16", "int8"], settings, reporter=reporter)
+    data, md = render_report(bundle, rows, results, extra=notes)
+    with bundle.transaction() as txn:
+        txn.record_verification(rows)
+        from attunet_deploy.fileio import dumps
+
+        txn.stage("report.json").write_text(dumps(data) + "\n", encoding="utf-8")
+        txn.stage("report.md").write_text(md, encoding="utf-8")
+        bundle = txn.commit()
+    if console is not None:
+        console.print(verify_table(rows))
+        if results:
+            console.print(bench_table(results, title=f"Latency at {'x'.join(map(str, shp))} "
+                                      f"(ratio vs {results[0]['backend']}/{results[0]['precision']})"))
+        counts = summary_counts(rows)
+        console.print(f"[bold]{counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} "
+                      f"unavailable here[/bold] · report: {bundle.path('report.md')}", highlight=False)
+    return 1 if summary_counts(rows)["fail"] else 0

@@ -1,0 +1,52 @@
+"""``attdeploy quantize``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from attunet_deploy.build.int8 import METHODS
+from attunet_deploy.cli.app import main
+from attunet_deploy.cli.options import bundle_option, load_bundle, reporter
+from attunet_deploy.cli.render import print_accuracy_aware, stdout
+
+
+@main.command()
+@bundle_option
+@click.option("--calib", type=click.Path(exists=False), default=None, metavar="PATH",
+              help="Calibration images: a directory or file (.npy/.npz, PNG/TIFF, DICOM, NIfTI); held-out golden "
+                   "images are excluded by content. Default: the --images export held out from, or demo phantoms.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="percentile",
+              show_default=True, help="Activation calibration method.")
+@click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration images used at most.")
+@click.option("--quantize-all", is_flag=True, help="Also quantise the attention gates' psi branch and the head.")
+@click.option("--precision", "precisions", type=click.Choice(["fp16", "int8"]), multiple=True,
+              help="Make only these (default both).")
+@click.option("--full-range-weights", is_flag=True,
+              help="8-bit instead of 7-bit INT8 weights: for GPU-only targets (x86 CPUs without VNNI then run "
+                   "ONNX Runtime's slower exact int8 path).")
+@click.option("--fp16-keep-fp32", "keep_fp32", multiple=True, metavar="NODE",
+              help="Run this ONNX node in FP32 inside the FP16 graph (repeatable), e.g. where activations "
+                   "overflow FP16.")
+@click.option("--no-verify", is_flag=True, help="Write the graphs without checking them on ONNX Runtime first.")
+@click.option("--max-dice-drop", type=float, default=None, metavar="X",
+              help="Accuracy-aware INT8: while the held-out golden images' mean Dice vs FP32 is below 1 - X, return "
+                   "the most sensitive convolutions to float, one at a time.")
+def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
+             precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...],
+             no_verify: bool, max_dice_drop: float | None) -> None:
+    """Write model.fp16.onnx and model.int8.onnx (Q/DQ), verified on ONNX Runtime CPU, in one commit."""
+    from attunet_deploy.judge.report import verify_table
+    from attunet_deploy.judge.verify import check_dice_drop
+    from attunet_deploy.steps.quantize import check_quantize_options, quantize_bundle
+
+    check_quantize_options(method, max_samples, list(precisions) or ["fp16", "int8"])
+    check_dice_drop(max_dice_drop)
+    bundle = load_bundle(bundle_dir)
+    done = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
+                           quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
+                           full_range_weights=full_range_weights, fp16_keep_fp32=list(keep_fp32),
+                           verify=not no_verify, reporter=reporter(), max_dice_drop=max_dice_drop)
+    if done.rows:
+        stdout().print(verify_table(done.rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
+    print_accuracy_aware(done.bundle)

@@ -1,0 +1,81 @@
+"""``attdeploy serve-dicom``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from attunet_deploy.bundle import PRECISIONS
+from attunet_deploy.cli.app import main
+from attunet_deploy.cli.options import backend_choice, bundle_option, load_bundle, require_extra
+
+
+@main.command("serve-dicom")
+@bundle_option
+@click.option("--out", required=True, metavar="OUT", help="Folder for received instances, SEGs and the queue.")
+@click.option("--port", type=int, default=11112, show_default=True, help="TCP port to listen on.")
+@click.option("--ae-title", default="ATTDEPLOY", show_default=True, help="This node's AE title.")
+@click.option("--bind", default="0.0.0.0", show_default=True, metavar="ADDR",
+              help="Address to listen on. The default, all interfaces, is what scanners expect of a DICOM node; "
+                   "use 127.0.0.1 to accept local connections only.")
+@click.option("--allow-ae", multiple=True, metavar="AET", help="Accept associations only from these calling AE "
+              "titles (repeatable; compared as DICOM does: case-sensitive, surrounding spaces ignored; default: any).")
+@click.option("--any-called-ae", is_flag=True, help="Accept associations whatever called AE title they name "
+              "(default: it must equal --ae-title).")
+@click.option("--allow-host", multiple=True, metavar="ADDR[/BITS]", help="Accept connections only from these "
+              "addresses or networks (repeatable; default: any).")
+@click.option("--tls-cert", default=None, metavar="PEM", help="DICOM TLS (PS3.15 Annex B): this node's certificate.")
+@click.option("--tls-key", default=None, metavar="PEM", help="DICOM TLS: the certificate's private key.")
+@click.option("--tls-ca", default=None, metavar="PEM", help="DICOM TLS: require client certificates signed by "
+              "this CA.")
+@click.option("--quiet-seconds", type=float, default=5.0, show_default=True,
+              help="A series is complete when none of its instances arrived for this long.")
+@click.option("--forward", default=None, metavar="AET@HOST:PORT", help="Send each SEG on by C-STORE (retried with "
+              "back-off; kept queued on disk until it is accepted).")
+@click.option("--max-instance-mb", type=float, default=64.0, show_default=True,
+              help="Larger instances are refused with 0xA700 (out of resources).")
+@click.option("--min-free-mb", type=float, default=1024.0, show_default=True,
+              help="Below this much free disk under --out, stores are refused with 0xA700.")
+@click.option("--keep-archive", default="7", show_default=True, metavar="DAYS|none",
+              help="How long archive/ (segmented instances) and sent/ keep their files; none: delete a series' "
+                   "instances once its SEG is written.")
+@click.option("--max-associations", type=int, default=32, show_default=True,
+              help="Concurrent associations; more are rejected (transient) until one ends.")
+@click.option("--acse-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a connection may take to request an association (also the TLS handshake); "
+                   "silent sockets are dropped after it.")
+@click.option("--dimse-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for a DIMSE message within an association.")
+@click.option("--network-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds an idle association is kept open.")
+@click.option("--http-port", type=int, default=None, metavar="PORT",
+              help="Serve /healthz and Prometheus /metrics on this port (bound like --bind).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.option("--backend", type=backend_choice(all_=False, auto=True), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
+                any_called_ae: bool, allow_host: tuple[str, ...], tls_cert: str | None, tls_key: str | None,
+                tls_ca: str | None, quiet_seconds: float, forward: str | None, max_instance_mb: float,
+                min_free_mb: float, keep_archive: str, max_associations: int, acse_timeout: float,
+                dimse_timeout: float, network_timeout: float, http_port: int | None, log_json: bool, backend: str,
+                precision: str, segment_label: str) -> None:
+    """A DICOM node beside the scanner: CT series in by C-STORE, a DICOM SEG out per series.
+
+    Each instance is checked (UIDs, pixel data, size) and on disk before Success is returned; a
+    non-CT or unusable instance gets a failure status. Stop with SIGTERM (or Ctrl-C): unfinished
+    work is picked up on the next start.
+    """
+    require_extra("serve-dicom", ("pydicom", "pynetdicom", "highdicom"), "dicom")
+    from attunet_deploy.apps.dicom.node import DicomNode, NodeLimits, parse_keep
+
+    limits = NodeLimits(max_instance_mb=max_instance_mb, min_free_mb=min_free_mb,
+                        keep_archive_days=parse_keep(keep_archive), max_associations=max_associations,
+                        acse_timeout=acse_timeout, dimse_timeout=dimse_timeout, network_timeout=network_timeout)
+    node = DicomNode(load_bundle(bundle_dir), out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
+                     quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
+                     precision=precision, segment_label=segment_label, limits=limits, any_called_ae=any_called_ae,
+                     allow_host=list(allow_host), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                     http_port=http_port)
+    node.serve()

@@ -1,0 +1,104 @@
+"""``attdeploy verify``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+from attunet_deploy.cli.app import main
+from attunet_deploy.cli.options import (
+    PRECISION_CHOICES,
+    backend_choice,
+    bundle_option,
+    check_json_path,
+    load_bundle,
+    parse_tolerances,
+    reporter,
+    runner_options,
+    tolerance_options,
+    triton_options,
+    verify_image_options,
+    write_json,
+)
+from attunet_deploy.cli.render import stdout
+from attunet_deploy.errors import InputError
+
+
+@main.command()
+@bundle_option
+@click.option("--backend", "backends", type=backend_choice(all_=True, auto=False), multiple=True,
+              default=("all",), show_default=True, help="Backend(s) to verify (repeatable).")
+@click.option("--precision", "precisions", type=click.Choice(PRECISION_CHOICES), multiple=True,
+              default=("all",), show_default=True, help="Precision(s) to verify (repeatable).")
+@verify_image_options
+@click.option("--max-dice-drop", type=float, default=None, metavar="X",
+              help="Fail a row whose Dice against the ground truth is more than X below the reference's.")
+@click.option("--save-diff", default=None, metavar="DIR",
+              help="Write a PNG per worst image of each row: agreement, reference-only and backend-only pixels.")
+@triton_options
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
+@tolerance_options
+def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], images: str | None,
+           labels: str | None, max_dice_drop: float | None, save_diff: str | None, triton_url: str | None,
+           triton_model: str | None, triton_timeout: float | None, json_path: str | None,
+           **tols: tuple[str, ...]) -> None:
+    """Judge backends against the reference: the bundle's golden set, or --images (exit 1 on a miss).
+
+    Passing runs on the golden set are recorded in the manifest; --images runs change nothing.
+    """
+    from attunet_deploy.errors import VerificationFailed
+    from attunet_deploy.judge.report import verify_table
+    from attunet_deploy.judge.verify import check_dice_drop, summary_counts, verify_images
+    from attunet_deploy.judge.verify import verify as run_verify
+
+    tolerances = parse_tolerances(**tols)
+    check_dice_drop(max_dice_drop)
+    check_json_path(json_path, bundle_dir)
+    if labels is not None and images is None:
+        raise InputError("--labels needs --images (the images the labels belong to)")
+    if save_diff is not None:
+        from attunet_deploy.outputs import check_output
+
+        check_output(save_diff, "--save-diff", kind="dir", empty=True, bundles=[bundle_dir])
+    bundle = load_bundle(bundle_dir)
+    backend_list = ["all"] if "all" in backends else list(backends)
+    precision_list = ["all"] if "all" in precisions else list(precisions)
+    opts = runner_options(triton_url, triton_model, triton_timeout)
+    if images is not None:
+        rows = verify_images(bundle, images, labels, backend_list, precision_list, tolerances, reporter=reporter(),
+                             max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
+    else:
+        rows = run_verify(bundle, backend_list, precision_list, tolerances, reporter=reporter(),
+                          max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
+    if json_path != "-":
+        ref = rows[0]["reference"] if rows else "reference"
+        stdout().print(verify_table(rows, title=f"Verification against {ref}"))
+        if save_diff is not None:
+            from attunet_deploy.judge.diffimages import LEGEND
+
+            stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
+    write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": rows})
+    counts = summary_counts(rows)
+    if counts["pass"] + counts["fail"] == 0:
+        raise InputError("no requested backend can run here: " + "; ".join(
+            f"{r['backend']}/{r['precision']}: {r['reason']}" for r in rows)[:500])
+    if counts["fail"]:
+        failed = ", ".join(f"{r['backend']}/{r['precision']}" for r in rows if r["status"] == "fail")
+        raise VerificationFailed(f"{counts['fail']} backend(s) missed tolerance: {failed} (bundle not changed)")
+    if images is None:
+        _record_verification(bundle, rows)
+
+
+def _record_verification(bundle: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Record a passing run in the manifest; a busy or read-only bundle is only a notice."""
+    from attunet_deploy.errors import BundleError
+
+    try:
+        with bundle.transaction() as txn:
+            txn.record_verification(rows)
+            txn.commit()
+    except BundleError as exc:
+        reporter().notice("not recorded in the manifest:", str(exc))

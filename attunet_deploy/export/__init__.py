@@ -1,1 +1,0 @@
-"""Loaders: things that BUILD artifacts (ONNX export, quantised graphs, TensorRT engines)."""

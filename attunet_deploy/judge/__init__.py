@@ -1,0 +1,1 @@
+"""Judging artifacts: verification against the reference, benchmarks, difference images, reports."""

@@ -1,0 +1,156 @@
+"""Opening runners: :func:`load_runner` (the one public entry), what ``backend="auto"`` means
+here, and the measured-speed cache behind it.
+
+``auto`` picks OpenVINO over ONNX Runtime CPU only where it was measured faster on this
+machine, for this graph and precision.
+
+A measurement (a few runs of each at 1xCx256x256, interleaved) is made the first time it is
+needed and kept in a small per-machine cache (``$ATTDEPLOY_CACHE_DIR``, else
+``$XDG_CACHE_HOME/attunet-deploy``, else ``~/.cache/attunet-deploy``), keyed by CPU, graph
+sha256, precision and library versions. ``ATTDEPLOY_AUTO_MEASURE=0`` turns measuring off
+(auto then keeps ONNX Runtime unless a cached measurement says otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attunet_deploy.bundle import ONNX_FILES, Bundle
+from attunet_deploy.environment import machine_info, module_version, versions
+from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes.base import Runner
+from attunet_deploy.runtimes.registry import check, runner_class
+
+#: ``backend="auto"`` tries these in order and takes the first that can run here; OpenVINO only
+#: where it was measured faster than ONNX Runtime CPU on this machine.
+AUTO_ORDER = ("trt", "ort-cuda", "ov", "ort")
+CACHE_FILE = "auto-backend.json"
+MEASURE_SHAPE_HW = (256, 256)
+MEASURE_RUNS = 4
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("ATTDEPLOY_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "attunet-deploy"
+
+
+def cache_key(bundle: Bundle, precision: str, a: str, b: str) -> str:
+    m = machine_info()
+    v = versions()
+    payload = {"cpu": m["cpu_model"], "cores": m["cores"], "isa": m["isa"], "a": a, "b": b, "precision": precision,
+               "graph": bundle.artifacts.get(ONNX_FILES[precision], {}).get("sha256"),
+               "onnxruntime": v.get("onnxruntime"), "openvino": _ov_version()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _ov_version() -> str | None:
+    return module_version("openvino")
+
+
+def _load() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record(key: str, timings: dict[str, float]) -> None:
+    """Keep a measurement; a cache that cannot be written is simply not kept."""
+    from attunet_deploy.fileio import write_json_atomic
+
+    data = _load()
+    data[key] = {"p50_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_json_atomic(cache_dir() / CACHE_FILE, data)
+    except OSError:
+        pass
+
+
+def measure(bundle: Bundle, precision: str, backends: tuple[str, ...]) -> dict[str, float]:
+    """p50 seconds of each backend at 1xCx256x256, a few interleaved runs after one warm-up."""
+    x = np.random.default_rng(0).random((1, bundle.in_channels, *MEASURE_SHAPE_HW), dtype=np.float32)
+    runners = [runner_class(b)(bundle, precision).activate() for b in backends]
+    try:
+        times: dict[str, list[float]] = {b: [] for b in backends}
+        for r in runners:
+            r.infer(x)
+        for _ in range(MEASURE_RUNS):
+            for b, r in zip(backends, runners):
+                t0 = time.perf_counter()
+                r.infer(x)
+                times[b].append(time.perf_counter() - t0)
+    finally:
+        for r in runners:
+            r.deactivate()
+    return {b: float(np.median(t)) for b, t in times.items()}
+
+
+def faster(bundle: Bundle, precision: str, candidate: str = "ov", baseline: str = "ort") -> bool:
+    """True when ``candidate`` was measured faster than ``baseline`` here (measuring if needed)."""
+    key = cache_key(bundle, precision, candidate, baseline)
+    entry = _load().get(key)
+    if entry is None:
+        if os.environ.get("ATTDEPLOY_AUTO_MEASURE", "1") == "0":
+            return False
+        try:
+            timings = measure(bundle, precision, (candidate, baseline))
+        except Exception:
+            return False  # a backend that fails to run is not faster
+        record(key, timings)
+        entry = {"p50_s": timings}
+    p50 = entry.get("p50_s", {})
+    try:
+        return float(p50[candidate]) < float(p50[baseline])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def resolve_auto(bundle: Bundle, precision: str) -> str:
+    """The backend ``auto`` means here: the first of AUTO_ORDER that can run ``precision``."""
+    reasons = []
+    for candidate in AUTO_ORDER:
+        reason = check(bundle, candidate, precision)
+        if reason is None and candidate == "ov" and not faster(bundle, precision, "ov", "ort"):
+            reason = "not measured faster than ort on this machine"
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    raise BackendUnavailable(f"no backend can run {precision} here: " + "; ".join(reasons))
+
+
+def open_runner(bundle: Bundle, backend: str, precision: str, **options: Any) -> Runner:
+    """A runner (not yet activated) for a named backend; BackendUnavailable with the reason when
+    it cannot run here."""
+    reason = check(bundle, backend, precision)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend} unavailable: {reason}")
+    return runner_class(backend)(bundle, precision, **options)
+
+
+def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
+                precision: str = "fp32", **options: Any) -> Runner:
+    """The one entry point: a runner for ``bundle`` on ``backend`` at ``precision``.
+
+    ``backend="auto"`` picks TensorRT > ONNX Runtime CUDA > OpenVINO (only where measured faster
+    than ONNX Runtime CPU here) > ONNX Runtime CPU by what this machine can run. Raises
+    BackendUnavailable (with the reason) when the backend cannot run here and
+    InputError/BundleError for a bad bundle or argument. The runner is activated
+    lazily on first use, or explicitly with ``with`` / ``activate()``.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    if backend == "auto":
+        backend = resolve_auto(bundle, precision)
+    runner_class(backend)  # an unknown name is a usage error (InputError), not "unavailable"
+    return open_runner(bundle, backend, precision, **options)

@@ -1,0 +1,124 @@
+"""The ``build`` step: one TensorRT engine per precision for this GPU and TensorRT version, reused
+from the bundle when its cache key matches, committed together (or nothing is written).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any, NamedTuple
+
+from attunet_deploy.build.tensorrt import (
+    BuildPlan,
+    BuildSettings,
+    Profile,
+    build_plan,
+    build_with_polygraphy,
+    check_layer_precision,
+    check_workspace_mb,
+    default_profile,
+    default_workspace_mb,
+    engine_cache_key,
+    engine_name,
+    is_polygraphy_exception,
+    layer_precisions,
+    require_tensorrt,
+)
+from attunet_deploy.bundle import ENGINE_DIR, ArtifactKind, Bundle
+from attunet_deploy.console import Reporter
+from attunet_deploy.environment import (
+    free_device_memory_mb,
+    module_version,
+)
+from attunet_deploy.errors import BackendUnavailable, BuildFailed, InputError
+
+
+class Built(NamedTuple):
+    """What ``build`` committed: the bundle and one record per engine (built or reused from the cache)."""
+
+    bundle: Bundle
+    engines: list[dict[str, Any]]
+
+
+def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile] | None = None,
+                  workspace_mb: int | None = None, force: bool = False,
+                  reporter: Reporter | None = None) -> Built:
+    """Build (or reuse from the cache) one engine per precision for this GPU and TensorRT.
+
+    All engines of one call are committed together at the end; a failed build leaves the
+    bundle as it was.
+    """
+    reporter = reporter or Reporter()
+    check_workspace_mb(workspace_mb)
+    trt_version, gpu = require_tensorrt()
+    profiles = profiles or [default_profile(bundle.in_channels)]
+    explicit = workspace_mb is not None
+    if workspace_mb is None:
+        workspace_mb = default_workspace_mb(free_device_memory_mb())
+    plans = [build_plan(p, trt_version) for p in precisions]
+    for plan in plans:
+        bundle.onnx_path(plan.precision)  # BundleError says to run quantize, before any work
+    results = []
+    with bundle.transaction() as txn:
+        for plan in plans:
+            precision = plan.precision
+            graph_sha = bundle.artifacts[plan.graph]["sha256"]
+            settings = BuildSettings(precision, profiles, workspace_mb, plan.strongly_typed, plan.flags,
+                                     workspace_explicit=explicit)
+            key = engine_cache_key(graph_sha, settings, gpu, trt_version)
+            name = engine_name(precision, gpu, trt_version, key)
+            stale = [n for n, e in bundle.artifacts.items() if e.get("kind") == ArtifactKind.ENGINE
+                     and e.get("precision") == precision and e.get("gpu", {}).get("name") == gpu["name"]
+                     and e.get("tensorrt") == trt_version and n != name]
+            if not force and bundle.has(name) and bundle.artifacts[name].get("cache_key") == key:
+                results.append({"precision": precision, "engine": name, "status": "cached",
+                                "layer_precisions": bundle.artifacts[name].get("layer_precisions", {})})
+                continue
+            for old in stale:
+                reporter.info(f"rebuilding {precision}: {old} is stale (graph or build settings changed)")
+                txn.remove(old)
+            t0 = time.perf_counter()
+            with reporter.step(f"Building TensorRT {trt_version} {precision} engine on {gpu['name']} "
+                               f"({'strongly typed' if plan.strongly_typed else 'flags ' + ','.join(plan.flags)})"):
+                engine_bytes, info = _build_guarded(bundle, txn, plan, settings, trt_version)
+            counts = layer_precisions(info)
+            problem = check_layer_precision(plan.expect, counts)
+            if problem:
+                raise BuildFailed(f"{precision} engine not kept: {problem}")
+            txn.stage(name).write_bytes(engine_bytes)
+            txn.add_artifact(name, kind=ArtifactKind.ENGINE, precision=precision,
+                             producer={"tensorrt": trt_version, "polygraphy": module_version("polygraphy") or ""},
+                             gpu=gpu, tensorrt=trt_version, cache_key=key, graph=plan.graph, graph_sha256=graph_sha,
+                             profiles=[p.to_dict() for p in profiles], settings=settings.canonical(),
+                             layer_precisions=dict(counts))
+            results.append({"precision": precision, "engine": name, "status": "built",
+                            "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
+        return Built(txn.commit(), results)
+
+
+def _build_guarded(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
+                   trt_version: str) -> tuple[bytes, dict[str, Any]]:
+    """_build_with_polygraphy, with Polygraphy's and TensorRT's failures as one-line BuildFailed."""
+    try:
+        return _build_with_polygraphy(bundle, txn, plan, settings, trt_version)
+    except (BuildFailed, BackendUnavailable, InputError):
+        raise
+    except Exception as exc:
+        # Polygraphy reports a failed build by raising PolygraphyException (G_LOGGER.critical),
+        # not by returning None; TensorRT's python bindings raise RuntimeError/TypeError.
+        if is_polygraphy_exception(exc) or isinstance(exc, (RuntimeError, TypeError, ValueError)):
+            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise BuildFailed(f"TensorRT could not build the {plan.precision} engine: {text} (rerun with --debug "
+                              "for TensorRT's log)") from exc
+        raise
+
+
+def _build_with_polygraphy(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
+                           trt_version: str) -> tuple[bytes, dict[str, Any]]:
+    """Build one engine from the bundle's graph, with TensorRT's timing cache staged in ``txn``."""
+    cache_name = f"{ENGINE_DIR}/timing-trt{trt_version}.cache"
+    live_cache = bundle.root / cache_name
+    staged_cache = txn.writes.get(cache_name) or txn.stage(cache_name)
+    if live_cache.is_file() and not live_cache.is_symlink() and not staged_cache.exists():
+        shutil.copyfile(live_cache, staged_cache)  # Polygraphy loads and re-saves the staged copy
+    return build_with_polygraphy(bundle.onnx_path(plan.precision), plan, settings, staged_cache)

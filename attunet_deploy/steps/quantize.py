@@ -1,0 +1,223 @@
+"""The ``quantize`` step: FP16 and INT8 graphs built from the bundle's FP32 ONNX and a calibration
+set that never overlaps the held-out golden images, linted for TensorRT, verified on ONNX
+Runtime CPU, and committed together (or nothing is written).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from attunet_deploy.build.fp16 import check_node_names, convert_fp16
+from attunet_deploy.build.int8 import METHODS, calibrate, quantize_int8
+from attunet_deploy.build.int8_search import accuracy_aware_int8
+from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, ArtifactKind, Bundle
+from attunet_deploy.console import Reporter
+from attunet_deploy.environment import versions
+from attunet_deploy.errors import InputError, VerificationFailed
+from attunet_deploy.judge.results import VerifyRow
+from attunet_deploy.preprocess import crop, pad_to_divisor
+
+
+# ------------------------------------------------------------------------------------ bundle step
+def golden_shas(bundle: Bundle) -> dict[str, set[int] | None]:
+    """sha256 of each held-out golden file -> its held-out image indices (None: the whole file)."""
+    out: dict[str, set[int] | None] = {}
+    for s in bundle.golden_info.get("source", []):
+        if isinstance(s, dict) and isinstance(s.get("sha256"), str):
+            idx = s.get("indices")
+            out[s["sha256"]] = {int(i) for i in idx} if isinstance(idx, list) else None
+    return out
+
+
+def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
+                       ) -> tuple[list[np.ndarray], str, list[str]]:
+    """Model-space calibration inputs, a description, and the calibration files (relative names).
+
+    Files whose content is one of the held-out golden images are never used for calibration,
+    whatever folder they come from: calibration and verification stay disjoint.
+    """
+    from attunet_deploy.io.files import file_sha256, list_image_files, relative_name
+    from attunet_deploy.io.images import check_held, model_inputs, read_file, sample_files, subsample
+
+    if calib is None:
+        root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-images" else None
+        if root and Path(root).exists():
+            calib = root  # the images export held out a quarter of; the rest calibrate
+        elif not bundle.manifest["model"]["source"].get("demo"):
+            raise InputError("INT8 needs calibration images for a user model: pass --calib DIR_OR_FILE "
+                             "(a few dozen representative slices)")
+        else:
+            from attunet_deploy.demo import CALIB_SEED, DEMO_SIZE, make_phantoms
+            from attunet_deploy.preprocess import normalize
+
+            hu, _ = make_phantoms(max_samples, seed=CALIB_SEED, size=DEMO_SIZE)
+            x = normalize(hu, bundle.preprocessing)
+            return ([x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})",
+                    [f"demo phantom seed {CALIB_SEED}"])
+    root = Path(calib)
+    files = list_image_files(root)
+    held = golden_shas(bundle)
+    records = []
+    skipped = 0
+    usable = []
+    for f in files:  # hashing streams the file; nothing is decoded yet
+        sha = file_sha256(f) if held else ""
+        if sha in held and held[sha] is None:
+            skipped += 1
+            continue
+        usable.append((f, sha))
+    # Sampled by file before decoding: about max_samples images are ever held, whatever the folder size.
+    chosen, per_file = sample_files([f for f, _ in usable], max_samples)
+    shas = dict(usable)
+    for f in chosen:
+        recs = read_file(f, bundle.in_channels, relative_name(f, root))
+        sha = shas[f]
+        if sha in held:  # a volume part of which is held out: only its other slices calibrate
+            recs = [r for r in recs if r.index not in (held[sha] or set())]
+            skipped += 1
+        records += subsample(recs, per_file)
+        del recs
+        check_held(records)
+    if not records:
+        raise InputError(f"every image in {calib} is a held-out golden image: calibration needs other images "
+                         "(give a larger --calib set)")
+    records = subsample(records, max_samples)
+    used_files = sorted({r.rel for r in records})
+    described = f"{len(records)} images from {calib}" + (f" (held-out golden images excluded from {skipped} "
+                                                          "file(s))" if skipped else "")
+    return model_inputs(records, bundle.preprocessing, bundle.divisor), described, used_files
+
+
+def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], threads: int = 0
+                  ) -> tuple[float, float]:
+    """(mean Dice vs the golden reference, p50 latency in ms on the first case) of an INT8 graph on
+    ONNX Runtime CPU."""
+    import onnxruntime as ort
+
+    from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, compare
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    outs = []
+    for c in cases:
+        xp, size = pad_to_divisor(c.inputs, 16)
+        outs.append(crop(sess.run(None, {"image": xp})[0], size))
+    row = compare(outs, cases, postprocessing, DEFAULT_TOLERANCES["int8"])
+    xp, _ = pad_to_divisor(cases[0].inputs, 16)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sess.run(None, {"image": xp})
+        times.append(time.perf_counter() - t0)
+    return float(row["mean_dice"]), 1000.0 * float(np.median(times))
+
+
+def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or not 1 <= max_samples <= 100_000:
+        raise InputError(f"--max-samples {max_samples!r}: must be an integer in 1..100000")
+    bad = [p for p in precisions if p not in ("fp16", "int8")]
+    if bad:
+        raise InputError(f"--precision {bad[0]!r}: quantize makes fp16 and int8")
+
+
+class Quantized(NamedTuple):
+    """What ``quantize`` committed: the bundle and the graphs' verification rows (none with verify=False)."""
+
+    bundle: Bundle
+    rows: list[VerifyRow]
+
+
+def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "percentile", max_samples: int = 64,
+                    quantize_all: bool = False, precisions: list[str] | None = None,
+                    reporter: Reporter | None = None, verify: bool = True,
+                    full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None,
+                    max_dice_drop: float | None = None) -> Quantized:
+    """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
+    ONNX Runtime CPU, then commit them together. A graph that misses its tolerance (exit 1),
+    bad input (exit 2) or an interruption leaves the bundle as it was. Returns the committed
+    bundle and the verification rows."""
+    from attunet_deploy.build.trt_lint import lint_onnx
+
+    reporter = reporter or Reporter()
+    precisions = precisions or ["fp16", "int8"]
+    check_quantize_options(method, max_samples, precisions)
+    if max_dice_drop is not None:
+        from attunet_deploy.judge.verify import check_dice_drop
+
+        check_dice_drop(max_dice_drop)
+        if "int8" not in precisions:
+            raise InputError("--max-dice-drop drives accuracy-aware INT8 (convolutions return to float until the "
+                             "Dice target holds); it does nothing for FP16: add --precision int8 or drop it")
+    src = bundle.onnx_path("fp32")
+    keep = set(fp16_keep_fp32 or ())
+    if keep and "fp16" in precisions:
+        check_node_names(src, keep)  # before any work: a typo is exit 2 with the bundle untouched
+    if "int8" in precisions:  # read the calibration set first: a bad --calib fails before any work
+        inputs, described, used = calibration_inputs(bundle, calib, max_samples)
+    producer = versions()
+    done = []
+    with bundle.transaction() as txn:
+        if "fp16" in precisions:
+            name = ONNX_FILES["fp16"]
+            with reporter.step("Converting to FP16 (float32 I/O)"):
+                info = convert_fp16(src, txn.stage(name), keep)
+            txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="fp16", producer={**producer, **info})
+            done.append("fp16")
+        if "int8" in precisions:
+            name = ONNX_FILES["int8"]
+            ranges = calibrate(src, inputs, method, reporter)
+            if max_dice_drop is None:
+                info = quantize_int8(src, txn.stage(name), inputs, method=method, quantize_all=quantize_all,
+                                     full_range_weights=full_range_weights, reporter=reporter, ranges=ranges)
+            else:
+                from attunet_deploy.io.golden import load_golden
+
+                cases = load_golden(bundle)
+                info = accuracy_aware_int8(src, txn.stage(name), ranges, method=method, target=1.0 - max_dice_drop,
+                                           evaluate=lambda p: evaluate_int8(p, cases, bundle.postprocessing),
+                                           quantize_all=quantize_all, full_range_weights=full_range_weights,
+                                           reporter=reporter)
+            info["calibration_images"] = len(inputs)
+            txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
+                             producer={**producer, **info, "calibration": described, "calibration_files": used})
+            done.append("int8")
+        for precision in done:
+            issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
+            if issues:
+                reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
+            txn.manifest["artifacts"][ONNX_FILES[precision]]["trt_lint"] = issues
+            _drop_engines_of(bundle, txn, precision)
+        rows: list[VerifyRow] = []
+        if verify:
+            from attunet_deploy.judge.verify import verify as run_verify
+
+            rows = run_verify(txn.view(), ["ort"], done, reporter=reporter)
+            if any(r["status"] == "fail" for r in rows):
+                from attunet_deploy.judge.report import verify_table
+
+                reporter.table(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU (not written)"))
+                failed = ", ".join(f"{r['precision']} ({r['reason']})" for r in rows if r["status"] == "fail")
+                raise VerificationFailed(f"{failed}: nothing was written; try another --method, a more representative "
+                                         "--calib set, or --no-verify to keep unverified graphs")
+            txn.record_verification(rows)
+        return Quantized(txn.commit(), rows)
+
+
+def _drop_engines_of(bundle: Bundle, txn: Any, precision: str) -> None:
+    """Engines and ONNX Runtime TensorRT-EP caches built from the old graph are stale now."""
+    for name, entry in bundle.artifacts.items():
+        if entry.get("kind") == ArtifactKind.ENGINE and entry.get("precision") == precision:
+            txn.remove(name)
+    cache_root = bundle.root / ENGINE_DIR / "ort-trt"
+    if cache_root.is_dir() and not cache_root.is_symlink():
+        for d in cache_root.iterdir():
+            if d.is_dir() and (d.name == precision or d.name.startswith(precision + "-")):
+                txn.remove_dir(f"{ENGINE_DIR}/ort-trt/{d.name}")

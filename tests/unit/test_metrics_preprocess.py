@@ -1,0 +1,138 @@
+"""Agreement metrics, tolerance gates, padding/cropping and normalisation (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attunet_deploy.errors import InputError
+from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, GoldenCase, Tolerance, compare, judge
+from attunet_deploy.metrics import abs_errors, confident_flips, dice, iou, per_image_overlap, rel_l2
+from attunet_deploy.preprocess import crop, logits_to_masks, normalize, pad_to_divisor, padded_size, parse_normalization
+
+
+def test_rel_l2_and_abs_errors_by_hand() -> None:
+    ref = np.array([3.0, 4.0])  # norm 5
+    out = np.array([3.0, 5.0])  # diff norm 1
+    assert rel_l2(out, ref) == pytest.approx(0.2)
+    assert abs_errors(out, ref) == (1.0, 0.5)
+    assert rel_l2(np.zeros(3), np.zeros(3)) == 0.0
+    assert rel_l2(np.ones(3), np.zeros(3)) == float("inf")
+
+
+def test_dice_and_iou_by_hand() -> None:
+    a = np.array([[1, 1, 0, 0]], bool)
+    b = np.array([[1, 0, 1, 0]], bool)
+    assert dice(a, b) == pytest.approx(2 * 1 / 4)  # |A∩B|=1, |A|+|B|=4
+    assert iou(a, b) == pytest.approx(1 / 3)
+    empty = np.zeros((2, 2), bool)
+    assert dice(empty, empty) == 1.0 and iou(empty, empty) == 1.0
+    assert dice(empty, np.ones((2, 2), bool)) == 0.0
+
+
+def test_multiclass_overlap_averages_foreground_classes() -> None:
+    m = np.array([[[0, 1, 2, 2]]])
+    r = np.array([[[0, 1, 2, 1]]])
+    d, j = per_image_overlap(m, r, 3)
+    # class 1: A={1}, B={1,3} -> 2/3; class 2: A={2,3}, B={2} -> 2/3
+    assert d == [pytest.approx(2 / 3)]
+    assert j == [pytest.approx(0.5)]
+
+
+def test_confident_flips() -> None:
+    ref_logits = np.array([[[[5.0, -0.5, 0.1, -3.0]]]])
+    ref = (ref_logits[:, 0] > 0).astype(np.uint8)
+    out = 1 - ref  # everything flipped
+    assert confident_flips(out, ref, ref_logits) == 2  # |5| and |-3| are > 2
+    two = np.array([[[[4.0, 0.0]], [[0.0, 1.0]]]])  # margins 4 and 1
+    ref2 = np.argmax(two, axis=1)
+    assert confident_flips(1 - ref2, ref2, two) == 1
+
+
+def _case(seed: int = 0) -> GoldenCase:
+    rng = np.random.default_rng(seed)
+    return GoldenCase(rng.standard_normal((2, 1, 16, 16)).astype(np.float32) * 0,
+                      rng.standard_normal((2, 1, 16, 16)).astype(np.float32) * 3)
+
+
+def test_compare_exact_passes_and_perturbed_fails() -> None:
+    case = _case()
+    post = {"kind": "sigmoid_threshold", "threshold": 0.5}
+    row = compare([case.logits.copy()], [case], post, DEFAULT_TOLERANCES["fp32"])
+    assert row["status"] == "pass" and row["rel_l2"] == 0.0 and row["mean_dice"] == 1.0
+    assert row["flipped_pixels"] == 0 and row["pixel_agreement"] == 1.0
+    noisy = case.logits + np.random.default_rng(1).standard_normal(case.logits.shape).astype(np.float32) * 0.5
+    bad = compare([noisy], [case], post, DEFAULT_TOLERANCES["fp32"])
+    assert bad["status"] == "fail"
+    assert "rel_l2" in bad["reason"] and "pixel agreement" in bad["reason"]
+    assert bad["flipped_pixels"] > 0 and bad["confident_flips"] <= bad["flipped_pixels"]
+
+
+def test_tolerance_gates_each_criterion() -> None:
+    row = {"rel_l2": 2e-2, "pixel_agreement": 0.99, "mean_dice": 0.97, "worst_dice": 0.9}
+    assert len(judge(row, DEFAULT_TOLERANCES["fp16"])) == 3  # rel_l2, mean, worst
+    assert len(judge(row, DEFAULT_TOLERANCES["int8"])) == 2  # rel_l2 only reported for int8
+    assert judge(row, Tolerance()) == []
+    assert judge({**row, "rel_l2": float("nan")}, Tolerance(rel_l2=1.0))  # NaN never passes
+
+
+def test_gt_dice_reported_when_labels_present() -> None:
+    case = _case()
+    case.labels = (case.logits[:, 0] > 0).astype(np.uint8)
+    row = compare([case.logits], [case], {"kind": "sigmoid_threshold"}, Tolerance())
+    assert row["gt_dice"] == 1.0
+
+
+@pytest.mark.parametrize(("h", "w"), [(250, 300), (16, 16), (1, 7), (17, 1), (3, 3)])
+def test_pad_and_crop_roundtrip(h: int, w: int) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, h, w)).astype(np.float32)
+    xp, size = pad_to_divisor(x, 16)
+    assert xp.shape[2:] == padded_size(h, w, 16) and xp.shape[2] % 16 == 0 and xp.shape[3] % 16 == 0
+    assert np.array_equal(xp[:, :, :h, :w], x)
+    assert np.array_equal(crop(xp, size), x)
+
+
+def test_pad_reflects_instead_of_zero() -> None:
+    x = np.arange(1, 5, dtype=np.float32).reshape(1, 1, 1, 4) + np.zeros((1, 1, 2, 1), np.float32)
+    xp, _ = pad_to_divisor(x, 8)
+    assert xp[0, 0, 0].tolist() == [1, 2, 3, 4, 3, 2, 1, 2]
+
+
+def test_normalisation_specs() -> None:
+    ct = parse_normalization("ct-window:40,400")
+    x = np.array([[[[-160.0, 40.0, 240.0, 1000.0]]]], np.float32)
+    assert normalize(x, ct).ravel().tolist() == [0.0, 0.5, 1.0, 1.0]
+    ms = parse_normalization("mean-std:1/2,2/4")
+    y = normalize(np.ones((1, 2, 1, 1), np.float32) * 5, ms)
+    assert y.ravel().tolist() == [2.0, 0.75]
+    assert normalize(x, parse_normalization("scale:2")).ravel()[1] == 20.0
+    mm = normalize(x, parse_normalization("minmax")).ravel()
+    assert mm.min() == 0.0 and mm.max() == 1.0
+    assert normalize(x, parse_normalization(None)) is not None
+    for bad in ("ct-window:40", "mean-std:1,0", "scale:0", "foo", "minmax:3"):
+        with pytest.raises(InputError, match="bad --normalize"):
+            parse_normalization(bad)
+
+
+def test_masks_from_logits() -> None:
+    logits = np.array([[[[-1.0, 0.5]]]], np.float32)
+    assert logits_to_masks(logits, {"kind": "sigmoid_threshold", "threshold": 0.5}).tolist() == [[[0, 1]]]
+    # sigmoid(0.5) = 0.62: below a 0.7 threshold
+    assert logits_to_masks(logits, {"kind": "sigmoid_threshold", "threshold": 0.7}).tolist() == [[[0, 0]]]
+    two = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]], np.float32)
+    assert logits_to_masks(two, {"kind": "argmax"}).tolist() == [[[0, 1]]]
+
+
+def test_streamed_errors_equal_the_concatenated_ones() -> None:
+    from attunet_deploy.metrics import abs_errors, rel_l2, streamed_errors
+
+    rng = np.random.default_rng(5)
+    pairs = [(rng.normal(size=(2, 1, 7, 9)).astype(np.float32), rng.normal(size=(2, 1, 7, 9)).astype(np.float32))
+             for _ in range(5)]
+    out = np.concatenate([o.ravel() for o, _ in pairs])
+    ref = np.concatenate([r.ravel() for _, r in pairs])
+    rel, mx, mean = streamed_errors(pairs)
+    assert rel == pytest.approx(rel_l2(out, ref), rel=1e-12)
+    assert (mx, mean) == pytest.approx(abs_errors(out, ref), rel=1e-12)
+    assert streamed_errors([(np.zeros(3), np.zeros(3))])[0] == 0.0
+    assert streamed_errors([(np.ones(3), np.zeros(3))])[0] == float("inf")
