@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: The server harness the Triton tests use (starts and stops tritonserver on 127.0.0.1).
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 def main() -> int:
