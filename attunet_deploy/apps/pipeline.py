@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from attunet_deploy.console import Reporter
+from attunet_deploy.judge.results import Status
 from attunet_deploy.runtimes import registry
 
 
@@ -63,8 +64,8 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)
     shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
-    runnable = sorted({r["backend"] for r in rows if r["status"] != "unavailable"}, key=registry.BACKENDS.index)
-    results, _ = bench_many(bundle, runnable, ["fp32", "fp16", "int8"], settings, reporter=reporter)
+    runnable = sorted({r["backend"] for r in rows if r["status"] != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
+    results, _ = bench_many(bundle, runnable, ["all"], settings, reporter=reporter)
     data, md = render_report(bundle, rows, results, extra=notes)
     with bundle.transaction() as txn:
         txn.record_verification(rows)
@@ -81,4 +82,4 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
         counts = summary_counts(rows)
         console.print(f"[bold]{counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} "
                       f"unavailable here[/bold] · report: {bundle.path('report.md')}", highlight=False)
-    return 1 if summary_counts(rows)["fail"] else 0
+    return 1 if summary_counts(rows)[Status.FAIL] else 0

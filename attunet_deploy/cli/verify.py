@@ -25,6 +25,7 @@ from attunet_deploy.cli.options import (
 )
 from attunet_deploy.cli.render import stdout
 from attunet_deploy.errors import InputError
+from attunet_deploy.judge.results import Status
 
 
 @main.command()
@@ -82,11 +83,11 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
             stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
     write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": rows})
     counts = summary_counts(rows)
-    if counts["pass"] + counts["fail"] == 0:
+    if counts[Status.PASS] + counts[Status.FAIL] == 0:
         raise InputError("no requested backend can run here: " + "; ".join(
             f"{r['backend']}/{r['precision']}: {r['reason']}" for r in rows)[:500])
-    if counts["fail"]:
-        failed = ", ".join(f"{r['backend']}/{r['precision']}" for r in rows if r["status"] == "fail")
+    if counts[Status.FAIL]:
+        failed = ", ".join(f"{r['backend']}/{r['precision']}" for r in rows if r["status"] == Status.FAIL)
         raise VerificationFailed(f"{counts['fail']} backend(s) missed tolerance: {failed} (bundle not changed)")
     if images is None:
         _record_verification(bundle, rows)

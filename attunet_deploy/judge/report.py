@@ -6,9 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from attunet_deploy.bundle import Bundle, now_iso
+from attunet_deploy.judge.results import Status
 
-_STATUS_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]",
-                 "unavailable": "[dim]unavailable[/dim]"}
+_STATUS_STYLE = {Status.PASS.value: "[green]pass[/green]", Status.FAIL.value: "[bold red]FAIL[/bold red]",
+                 Status.UNAVAILABLE.value: "[dim]unavailable[/dim]"}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -49,10 +50,10 @@ def verify_table(rows: Sequence[Mapping[str, Any]], title: str = "Verification a
     from rich.markup import escape
     from rich.table import Table
 
-    ran = [r for r in rows if r["status"] != "unavailable"]
+    ran = [r for r in rows if r["status"] != Status.UNAVAILABLE]
     grouped: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        if r["status"] == "unavailable":
+        if r["status"] == Status.UNAVAILABLE:
             grouped.setdefault((r["backend"], r.get("reason", "")), []).append(r["precision"])
     caption = "\n".join(f"unavailable here: {b} ({', '.join(p)}): {escape(reason)}"
                         for (b, reason), p in grouped.items()) or None

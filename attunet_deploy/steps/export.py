@@ -34,7 +34,7 @@ from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
 from attunet_deploy.fileio import sha256_file
 from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
-from attunet_deploy.judge.results import VerifyRow
+from attunet_deploy.judge.results import Status, VerifyRow
 from attunet_deploy.preprocess import default_postprocessing, parse_normalization
 
 #: ONNX Runtime must reproduce PyTorch this closely right after export.
@@ -235,7 +235,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
             from attunet_deploy.judge.verify import Tolerance, run_backend
 
             row = run_backend(txn.view(), "ort", "fp32", cases, Tolerance(rel_l2=check_rel_l2))
-        if row["status"] != "pass":
+        if row.status != Status.PASS:
             raise VerificationFailed(f"ONNX Runtime differs from PyTorch: {row.get('reason') or row['status']}; "
                                      "nothing was written (--check-rel-l2 sets this check's tolerance)")
         txn.record_verification([row])

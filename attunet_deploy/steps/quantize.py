@@ -18,7 +18,7 @@ from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, ArtifactKind, Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
-from attunet_deploy.judge.results import VerifyRow
+from attunet_deploy.judge.results import Status, VerifyRow
 from attunet_deploy.preprocess import crop, pad_to_divisor
 
 
@@ -200,11 +200,11 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
             from attunet_deploy.judge.verify import verify as run_verify
 
             rows = run_verify(txn.view(), ["ort"], done, reporter=reporter)
-            if any(r["status"] == "fail" for r in rows):
+            if any(r.status == Status.FAIL for r in rows):
                 from attunet_deploy.judge.report import verify_table
 
                 reporter.table(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU (not written)"))
-                failed = ", ".join(f"{r['precision']} ({r['reason']})" for r in rows if r["status"] == "fail")
+                failed = ", ".join(f"{r['precision']} ({r['reason']})" for r in rows if r.status == Status.FAIL)
                 raise VerificationFailed(f"{failed}: nothing was written; try another --method, a more representative "
                                          "--calib set, or --no-verify to keep unverified graphs")
             txn.record_verification(rows)

@@ -93,3 +93,10 @@ def test_encapsulated_pixel_data_is_decoded_on_receipt() -> None:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = RLELossless
     assert "cannot decode" in pixel_problem(ds, RLELossless, 10**6)
+
+
+def test_ct_image_storage_is_pydicoms_uid() -> None:
+    """The literal kept in io.dicom (importable without pydicom) is pydicom's CT Image Storage."""
+    from pydicom.uid import CTImageStorage
+
+    assert CT_IMAGE_STORAGE == CTImageStorage

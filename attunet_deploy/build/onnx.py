@@ -1,0 +1,163 @@
+"""ONNX graphs: export a torch module with dynamic N/H/W, name its axes, add metadata, save
+atomically, list the nodes that stay in float, and compute reference logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attunet_deploy.errors import InputError
+from attunet_deploy.fileio import atomic_path
+from attunet_deploy.preprocess import crop, pad_to_divisor
+
+DEFAULT_OPSET = 18
+
+
+#: opsets the exporter and TensorRT's parser both handle well for this model.
+SUPPORTED_OPSETS = range(13, 22)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters log many lines (missing torchvision ops, deprecations) that mean nothing here."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, lvl in zip(loggers, levels):
+                lg.setLevel(lvl)
+
+
+def export_onnx(module: Any, in_channels: int, path: Path, opset: int = DEFAULT_OPSET,
+                exporter: str = "auto") -> dict[str, Any]:
+    """Write a self-contained ONNX graph: input ``image`` [N,C,H,W], output ``logits``, N/H/W dynamic.
+
+    ``exporter``: "dynamo" (torch.export), "torchscript" (the legacy tracer) or "auto" (dynamo,
+    falling back to torchscript; TorchScript modules always use the legacy path).
+    """
+    import onnx
+    import torch
+
+    if opset not in SUPPORTED_OPSETS:
+        raise InputError(f"--opset {opset} unsupported: choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    sample = torch.zeros(2, in_channels, 64, 64)
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    order = ["torchscript"] if scripted else (["dynamo", "torchscript"] if exporter == "auto" else [exporter])
+    errors: list[str] = []
+    used = None
+    with atomic_path(path) as tmp, _quiet_exporter():
+        for kind in order:
+            try:
+                if kind == "dynamo":
+                    from torch.export import Dim
+
+                    n, hk, wk = Dim("N", min=1, max=4096), Dim("hk", min=1, max=1024), Dim("wk", min=1, max=1024)
+                    program = torch.onnx.export(module, (sample,), input_names=["image"], output_names=["logits"],
+                                                dynamo=True, opset_version=opset, verbose=False,
+                                                dynamic_shapes={"x": {0: n, 2: 16 * hk, 3: 16 * wk}})
+                    if program is None:
+                        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+                    program.save(str(tmp), external_data=False)
+                else:
+                    torch.onnx.export(module, (sample,), str(tmp), input_names=["image"], output_names=["logits"],
+                                      dynamo=False, opset_version=opset, do_constant_folding=True,
+                                      dynamic_axes={"image": {0: "N", 2: "H", 3: "W"},
+                                                    "logits": {0: "N", 2: "H", 3: "W"}})
+                used = kind
+                break
+            except Exception as exc:
+                errors.append(f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
+        if used is None:
+            raise InputError("ONNX export failed: " + " | ".join(errors))
+        model = onnx.load(str(tmp))
+        _name_dynamic_axes(model)
+        model.producer_name = "attunet-deploy"
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(tmp))  # one file: far below the 2 GB external-data limit
+    return {"exporter": used, "opset": opset, "fallback_reasons": errors}
+
+
+def _name_dynamic_axes(model: Any) -> None:
+    """Give graph I/O the dim names N, H, W (the dynamo exporter writes 'N', '16*hk', '16*wk')."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, name in zip(dims, ("N", None, "H", "W")):
+            if name is not None:
+                dim.ClearField("dim_value")
+                dim.dim_param = name
+
+
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Store key/value metadata (config, divisor, preprocessing) in the ONNX file itself."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
+def reference_logits(module: Any, x: np.ndarray, divisor: int) -> np.ndarray:
+    """PyTorch FP32 logits with the same pad-and-crop the runners apply."""
+    import torch
+
+    xp, size = pad_to_divisor(x, divisor)
+    with torch.inference_mode():
+        y = module(torch.from_numpy(xp)).float().numpy()
+    return crop(y, size)
+
+
+def save_model(model: Any, dst: Path) -> None:
+    import onnx
+
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
+def float_nodes(onnx_path: Path) -> list[str]:
+    """Conv nodes kept in float by default: each attention gate's psi conv and the logits head.
+
+    Found structurally (no names needed): a psi conv has 1 output channel and feeds a Sigmoid
+    (through its folded BatchNorm); the head is the Conv that produces the graph output.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {o: n for n in graph.node for o in n.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        nexts = consumers.get(node.output[0], [])
+        # walk through a BatchNormalization (exported unfused by the legacy exporter in train-less graphs)
+        while len(nexts) == 1 and nexts[0].op_type == "BatchNormalization":
+            nexts = consumers.get(nexts[0].output[0], [])
+        if any(n.op_type == "Sigmoid" for n in nexts):
+            keep.append(node.name)
+    out = graph.output[0].name
+    node = producers.get(out)
+    while node is not None and node.op_type != "Conv" and node.input:
+        node = producers.get(node.input[0])
+    if node is not None:
+        keep.append(node.name)
+    return keep
