@@ -5,11 +5,15 @@ device, and TensorRT >= 10 strongly typed (TensorRT 11 has no FP16 builder flag)
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
+
 import numpy as np
+
 from attunet_deploy.build.onnx import save_model
 from attunet_deploy.errors import InputError
+
 #: ONNX ops whose float inputs at these indices must stay float32 (shape/scale arguments).
 _KEEP_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 

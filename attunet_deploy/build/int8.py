@@ -7,6 +7,7 @@ decides what is kept) and the final logits conv stay in float.
 """
 
 from __future__ import annotations
+
 import contextlib
 import io
 import logging
@@ -15,11 +16,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
 import numpy as np
-from attunet_deploy.build.onnx import float_nodes, save_model
+
+from attunet_deploy.build.onnx import float_nodes
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
+
 #: Calibration methods (CLI name -> onnxruntime CalibrationMethod member).
 METHODS = {"entropy": "Entropy", "percentile": "Percentile", "minmax": "MinMax"}
 

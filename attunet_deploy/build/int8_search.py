@@ -3,16 +3,15 @@ images meet a Dice target (``quantize --max-dice-drop``).
 """
 
 from __future__ import annotations
+
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-import numpy as np
+
 from attunet_deploy.build.int8 import quantize_int8, revert_units
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import VerificationFailed
-
 
 #: The validation function: an INT8 graph's path -> (mean Dice vs the reference, p50 latency in ms).
 Evaluate = Callable[[Path], tuple[float, float]]

@@ -11,6 +11,7 @@ Engines are keyed by sha256 of the graph + build settings + GPU + TensorRT versi
 """
 
 from __future__ import annotations
+
 import hashlib
 import json
 import re
@@ -18,6 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES
 from attunet_deploy.environment import (
     gpu_identity,
@@ -25,6 +27,7 @@ from attunet_deploy.environment import (
     tensorrt_probe,
 )
 from attunet_deploy.errors import BackendUnavailable, BuildFailed, InputError
+
 Shape = tuple[int, int, int, int]
 #: Default profile: covers the golden set (batch <= 8, 64..512 px) with an optimum at 256.
 DEFAULT_PROFILE_HW = (64, 256, 512)

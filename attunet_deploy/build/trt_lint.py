@@ -8,9 +8,12 @@ N/H/W must be dynamic.
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
+
 import numpy as np
+
 #: Ops TensorRT's ONNX parser supports that an Attention U-Net graph may contain.
 TRT_SUPPORTED_OPS = frozenset({
     "Conv", "ConvTranspose", "Relu", "MaxPool", "Resize", "Upsample", "Add", "Mul", "Sigmoid", "Concat",
@@ -30,7 +33,7 @@ def lint_onnx(path: str | Path) -> list[str]:
 
 
 def lint_model(model: Any) -> list[str]:
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     issues: list[str] = []

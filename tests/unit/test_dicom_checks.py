@@ -99,4 +99,4 @@ def test_ct_image_storage_is_pydicoms_uid() -> None:
     """The literal kept in io.dicom (importable without pydicom) is pydicom's CT Image Storage."""
     from pydicom.uid import CTImageStorage
 
-    assert CT_IMAGE_STORAGE == CTImageStorage
+    assert CTImageStorage == CT_IMAGE_STORAGE
