@@ -7,6 +7,7 @@ and returns logits of the caller's H and W. numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,9 @@ from attunet_deploy.limits import check_pixels
 _NUMERIC_KINDS = "biuf"  # bool, signed/unsigned int, float
 
 
-def check_batch(images: Any, channels: int, *, name: str = "images") -> np.ndarray:
-    """Validate a model-space batch and return it as C-contiguous float32 [N, C, H, W].
+def check_batch(images: Any, channels: int, *, name: str = "images", spatial_dims: int = 2) -> np.ndarray:
+    """Validate a model-space batch and return it as C-contiguous float32 [N, C, *spatial]
+    ([N, C, H, W] for 2D models, [N, C, D, H, W] for 3D ones).
 
     Raises :class:`InputError` (a ``ValueError``) for a wrong rank, channel count, an empty
     batch or empty spatial axes, a non-numeric dtype, or non-finite values.
@@ -26,16 +28,18 @@ def check_batch(images: Any, channels: int, *, name: str = "images") -> np.ndarr
     arr = np.asarray(images)
     if arr.dtype.kind not in _NUMERIC_KINDS:
         raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
-    if arr.ndim != 4:
-        hint = " (add a batch axis: x[None])" if arr.ndim == 3 else ""
-        raise InputError(f"{name} must be [N, C, H, W], got shape {tuple(arr.shape)}{hint}")
-    n, c, h, w = arr.shape
+    axes = "N, C, " + ", ".join("DHW"[-spatial_dims:])
+    if arr.ndim != spatial_dims + 2:
+        hint = " (add a batch axis: x[None])" if arr.ndim == spatial_dims + 1 else ""
+        raise InputError(f"{name} must be [{axes}], got shape {tuple(arr.shape)}{hint}")
+    n, c = arr.shape[:2]
     if n == 0:
         raise InputError(f"{name} is an empty batch (N=0)")
     if c != channels:
         raise InputError(f"{name} has {c} channels, the model takes {channels}: shape {tuple(arr.shape)}")
-    if h == 0 or w == 0:
+    if 0 in arr.shape[2:]:
         raise InputError(f"{name} has an empty spatial axis: shape {tuple(arr.shape)}")
+    h, w = arr.shape[-2:]
     check_pixels(h, w, name)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
@@ -48,28 +52,35 @@ def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
     return (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
 
 
-def pad_to_divisor(x: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad H and W (bottom/right) up to multiples of ``divisor``; return the padded array and
-    the original (H, W) for :func:`crop`.
+def divisors_for(divisor: int | Sequence[int]) -> tuple[int, ...]:
+    """A divisor per padded axis: an int means the last two axes (H, W)."""
+    return (int(divisor),) * 2 if isinstance(divisor, int) else tuple(int(d) for d in divisor)
+
+
+def pad_to_divisor(x: np.ndarray, divisor: int | Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Pad the last axes (bottom/right) up to multiples of ``divisor`` (an int: H and W; a sequence:
+    one per trailing spatial axis); return the padded array and the original sizes for :func:`crop`.
 
     Reflection keeps image statistics at the border (zeros may be a meaningful intensity);
     a 1-pixel axis cannot reflect, so it is replicated.
     """
-    h, w = x.shape[-2:]
-    ph, pw = padded_size(h, w, divisor)
-    if (ph, pw) == (h, w):
-        return x, (h, w)
-    pad = [(0, 0)] * (x.ndim - 2) + [(0, ph - h), (0, pw - w)]
-    if min(h, w) > 1:
-        return np.ascontiguousarray(np.pad(x, pad, mode="reflect")), (h, w)
-    return np.ascontiguousarray(np.pad(x, pad, mode="edge")), (h, w)
+    divs = divisors_for(divisor)
+    size = tuple(int(v) for v in x.shape[-len(divs):])
+    padded = tuple(-(-v // d) * d for v, d in zip(size, divs))
+    if padded == size:
+        return x, size
+    pad = [(0, 0)] * (x.ndim - len(divs)) + [(0, p - v) for v, p in zip(size, padded)]
+    if min(size) > 1:
+        return np.ascontiguousarray(np.pad(x, pad, mode="reflect")), size
+    return np.ascontiguousarray(np.pad(x, pad, mode="edge")), size
 
 
-def crop(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if y.shape[-2:] == (h, w):
+def crop(y: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """The first ``size`` voxels of the last ``len(size)`` axes (undoes :func:`pad_to_divisor`)."""
+    if tuple(y.shape[-len(size):]) == tuple(size):
         return y
-    return np.ascontiguousarray(y[..., :h, :w])
+    index: tuple[Any, ...] = (Ellipsis, *(slice(0, v) for v in size))
+    return np.ascontiguousarray(y[index])
 
 
 # --------------------------------------------------------------------- normalisation
@@ -118,7 +129,7 @@ def parse_normalization(spec: str | None) -> dict[str, Any]:
 
 
 def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
-    """Apply the bundle's intensity normalisation to raw [N, C, H, W] images (float32 out)."""
+    """Apply the bundle's intensity normalisation to raw [N, C, *spatial] images (float32 out)."""
     spec = preprocessing.get("normalize", {"kind": "none"})
     kind = spec.get("kind", "none")
     x = np.asarray(images, dtype=np.float32)
@@ -128,14 +139,16 @@ def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
         lo = spec["level"] - spec["width"] / 2.0
         return np.clip((x - lo) / spec["width"], 0.0, 1.0).astype(np.float32)
     if kind == "mean_std":
-        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(shape)
+        std = np.asarray(spec["std"], dtype=np.float32).reshape(shape)
         return ((x - mean) / std).astype(np.float32)
     if kind == "scale":
         return (x / np.float32(spec["divisor"])).astype(np.float32)
     if kind == "minmax":
-        lo = x.min(axis=(2, 3), keepdims=True)
-        hi = x.max(axis=(2, 3), keepdims=True)
+        spatial = tuple(range(2, x.ndim))
+        lo = x.min(axis=spatial, keepdims=True)
+        hi = x.max(axis=spatial, keepdims=True)
         return ((x - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
     raise InputError(f"unknown normalisation kind {kind!r} in the bundle manifest")
 
@@ -160,7 +173,7 @@ def default_postprocessing(out_channels: int) -> dict[str, Any]:
 
 
 def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.ndarray:
-    """[N, K, H, W] logits -> uint8 [N, H, W] masks (sigmoid > threshold, or argmax)."""
+    """[N, K, *spatial] logits -> uint8 [N, *spatial] masks (sigmoid > threshold, or argmax)."""
     kind = postprocessing.get("kind", "sigmoid_threshold" if logits.shape[1] == 1 else "argmax")
     if kind == "sigmoid_threshold":
         t = float(postprocessing.get("threshold", 0.5))
@@ -189,3 +202,48 @@ def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, 
         raise InputError(f"shape {text}: batch {dims[0]} is above 4096")
     check_pixels(dims[2], dims[3], f"shape {text}")
     return dims  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------- voxel spacing
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Voxel counts that cover the same extent at ``target`` spacing (at least 1 per axis)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def _axis_positions(n_in: int, n_out: int) -> np.ndarray:
+    # Voxel centres of the output in input coordinates (half-voxel aligned, as
+    # torch.nn.functional.interpolate with align_corners=False), clipped to the input.
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(pos, 0.0, n_in - 1.0)
+
+
+def resample_linear(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear interpolation of the last ``len(shape)`` axes of ``x`` to ``shape`` (float32), one
+    axis at a time (separable, so memory stays at one copy of the larger array)."""
+    out = np.asarray(x, dtype=np.float32)
+    first = out.ndim - len(shape)
+    for k, n_out in enumerate(shape):
+        axis = first + k
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        pos = _axis_positions(n_in, n_out)
+        lo = np.floor(pos).astype(np.intp)
+        hi = np.minimum(lo + 1, n_in - 1)
+        w = (pos - lo).astype(np.float32).reshape((-1,) + (1,) * (out.ndim - axis - 1))
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def resample_nearest(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resampling of the last ``len(shape)`` axes (labels keep their values)."""
+    out = np.asarray(x)
+    first = out.ndim - len(shape)
+    for k, n_out in enumerate(shape):
+        axis = first + k
+        n_in = out.shape[axis]
+        if n_in != n_out:
+            idx = np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
+            out = np.take(out, idx, axis=axis)
+    return np.ascontiguousarray(out)
+

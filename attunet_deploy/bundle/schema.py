@@ -22,6 +22,12 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FORMAT_NAME = "attunet-deploy-bundle"
 PRECISIONS = ("fp32", "fp16", "int8")
+#: Model families a bundle can hold (models/): the 2D AttU_Net, the paper's 3D networks, MONAI's AttentionUnet.
+FAMILIES = ("attunet2d", "oktay3d", "monai")
+#: ``model.architecture`` written for each family (readers go by ``model.family``).
+ARCHITECTURES = {"attunet2d": "AttentionUNet", "oktay3d": "Oktay3D", "monai": "monai.AttentionUnet"}
+#: Input layouts: 2D slices, or 3D volumes run through a sliding window.
+LAYOUTS = ("NCHW", "NCDHW")
 
 
 class ArtifactKind(str, enum.Enum):
@@ -125,6 +131,12 @@ class _Checker:
 
 def validate_preprocessing(pre: Any, channels: int, ck: _Checker) -> None:
     pre = ck.obj(pre, "preprocessing")
+    if "spacing" in pre:
+        spacing = pre["spacing"]
+        if not isinstance(spacing, list) or len(spacing) != 3:
+            ck.fail("preprocessing.spacing", "must be a list of 3 numbers (z, y, x) in mm")
+        for v in spacing:
+            ck.num(v, "preprocessing.spacing[]", lo=0.0, hi=1000.0, lo_open=True)
     norm = ck.obj(pre.get("normalize", {"kind": "none"}), "preprocessing.normalize")
     kind = norm.get("kind", "none")
     if kind not in _NORMALIZE_KINDS:
@@ -173,19 +185,57 @@ def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
 def validate_model_io(m: dict[str, Any], ck: _Checker) -> int:
     """The ``model``, ``input`` and ``output`` sections; returns the input channel count."""
     model = ck.obj(m.get("model"), "model")
+    family = model.get("family", "attunet2d")
+    if family not in FAMILIES:
+        ck.fail("model.family", f"{str(family)[:40]!r} is not one of {', '.join(FAMILIES)}")
     cfg = ck.obj(model.get("config"), "model.config")
     cin = ck.int_(cfg.get("in_channels"), "model.config.in_channels", 1, _MAX_CHANNELS)
     cout = ck.int_(cfg.get("out_channels"), "model.config.out_channels", 1, _MAX_CHANNELS)
-    ck.int_(cfg.get("base_channels"), "model.config.base_channels", 1, _MAX_CHANNELS)
+    if family == "attunet2d":
+        ck.int_(cfg.get("base_channels"), "model.config.base_channels", 1, _MAX_CHANNELS)
     ck.obj(model.get("source", {}), "model.source")
     inp = ck.obj(m.get("input"), "input")
     if ck.int_(inp.get("channels"), "input.channels", 1, _MAX_CHANNELS) != cin:
         ck.fail("input.channels", f"disagrees with model.config.in_channels ({cin})")
-    ck.int_(inp.get("spatial_divisor", 16), "input.spatial_divisor", 1, 1024)
+    layout = inp.get("layout", "NCHW")
+    if layout not in LAYOUTS:
+        ck.fail("input.layout", f"{str(layout)[:20]!r} is not one of {', '.join(LAYOUTS)}")
+    divisors = _divisors(inp.get("spatial_divisor", 16), len(layout) - 2, ck)
     out = ck.obj(m.get("output"), "output")
     if ck.int_(out.get("channels"), "output.channels", 1, _MAX_CHANNELS) != cout:
         ck.fail("output.channels", f"disagrees with model.config.out_channels ({cout})")
+    window = ck.obj(m.get("inference", {}), "inference").get("sliding_window")
+    if window is not None or layout == "NCDHW":
+        validate_sliding_window(window, divisors, ck)
     return cin
+
+
+def _divisors(value: Any, spatial_dims: int, ck: _Checker) -> tuple[int, ...]:
+    """``input.spatial_divisor``: one int for every spatial axis (2D bundles), or one per axis."""
+    if isinstance(value, list):
+        if len(value) != spatial_dims:
+            ck.fail("input.spatial_divisor", f"must hold {spatial_dims} numbers, one per spatial axis")
+        return tuple(ck.int_(v, "input.spatial_divisor[]", 1, 1024) for v in value)
+    return (ck.int_(value, "input.spatial_divisor", 1, 1024),) * spatial_dims
+
+
+def validate_sliding_window(window: Any, divisors: tuple[int, ...], ck: _Checker) -> None:
+    """``inference.sliding_window`` of a 3D bundle: roi (a multiple of the divisor on every axis),
+    overlap in [0, 1), mode, sigma_scale and windows per call."""
+    w = ck.obj(window, "inference.sliding_window")
+    roi = w.get("roi")
+    if not isinstance(roi, list) or len(roi) != len(divisors):
+        ck.fail("inference.sliding_window.roi", f"must be a list of {len(divisors)} integers (D, H, W)")
+    for r, d in zip(roi, divisors):
+        if ck.int_(r, "inference.sliding_window.roi[]", 1, 4096) % d:
+            ck.fail("inference.sliding_window.roi", f"{roi} must be a multiple of {list(divisors)} on every axis")
+    ck.num(w.get("overlap", 0.5), "inference.sliding_window.overlap", lo=0.0, hi=1.0)
+    if w.get("overlap", 0.5) == 1.0:
+        ck.fail("inference.sliding_window.overlap", "must be below 1")
+    if w.get("mode", "gaussian") not in ("gaussian", "constant"):
+        ck.fail("inference.sliding_window.mode", "must be gaussian or constant")
+    ck.num(w.get("sigma_scale", 0.125), "inference.sliding_window.sigma_scale", lo=0.0, lo_open=True)
+    ck.int_(w.get("batch", 1), "inference.sliding_window.batch", 1, 4096)
 
 
 def validate_postprocessing(post: Any, ck: _Checker) -> None:

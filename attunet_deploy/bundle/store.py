@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from attunet_deploy.bundle.schema import (
+    ARCHITECTURES,
     ENGINE_DIR,
     FORMAT_NAME,
     MANIFEST,
@@ -64,23 +65,31 @@ class Bundle:
 
     # ----------------------------------------------------------------- creation / loading
     @staticmethod
-    def new_manifest(*, config: dict[str, int], preprocessing: dict[str, Any], postprocessing: dict[str, Any],
-                     source: dict[str, Any], spatial_divisor: int = 16) -> dict[str, Any]:
-        return {
+    def new_manifest(*, config: dict[str, Any], preprocessing: dict[str, Any], postprocessing: dict[str, Any],
+                     source: dict[str, Any], spatial_divisor: int | list[int] = 16, family: str = "attunet2d",
+                     sliding_window: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A manifest for a new bundle. 3D families (``layout`` NCDHW) take a divisor per spatial axis
+        and the ``sliding_window`` settings their runners tile volumes with."""
+        three_d = sliding_window is not None
+        manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,
             "created": now_iso(),
             "updated": now_iso(),
-            "model": {"architecture": "AttentionUNet", "config": dict(config), "source": source},
-            "input": {"name": "image", "layout": "NCHW", "channels": config["in_channels"],
+            "model": {"architecture": ARCHITECTURES.get(family, family), "family": family, "config": dict(config),
+                      "source": source},
+            "input": {"name": "image", "layout": "NCDHW" if three_d else "NCHW", "channels": config["in_channels"],
                       "dtype": "float32", "spatial_divisor": spatial_divisor,
-                      "dynamic_axes": ["N", "H", "W"]},
+                      "dynamic_axes": ["N", "D", "H", "W"] if three_d else ["N", "H", "W"]},
             "output": {"name": "logits", "channels": config["out_channels"], "dtype": "float32"},
             "preprocessing": preprocessing,
             "postprocessing": postprocessing,
             "artifacts": {},
             "verification": {},
         }
+        if three_d:
+            manifest["inference"] = {"sliding_window": dict(sliding_window or {})}
+        return manifest
 
     @classmethod
     def load(cls, root: str | os.PathLike[str], check_hashes: bool = True) -> Bundle:
@@ -162,8 +171,40 @@ class Bundle:
         return int(self.manifest["output"]["channels"])
 
     @property
+    def family(self) -> str:
+        return str(self.manifest["model"].get("family", "attunet2d"))
+
+    @property
+    def layout(self) -> str:
+        return str(self.manifest["input"].get("layout", "NCHW"))
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slices ([N, C, H, W]), 3 for volumes ([N, C, D, H, W])."""
+        return len(self.layout) - 2
+
+    @property
+    def divisors(self) -> tuple[int, ...]:
+        """What each spatial axis is padded up to a multiple of (one int in 2D manifests: both axes)."""
+        value = self.manifest["input"].get("spatial_divisor", 16)
+        return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),) * self.spatial_dims
+
+    @property
     def divisor(self) -> int:
-        return int(self.manifest["input"].get("spatial_divisor", 16))
+        """The in-plane (W) divisor; 2D bundles use the same one on H."""
+        return self.divisors[-1]
+
+    @property
+    def sliding_window(self) -> dict[str, Any] | None:
+        """3D bundles: roi, overlap, mode, sigma_scale and batch of the runners' sliding window."""
+        window = self.manifest.get("inference", {}).get("sliding_window")
+        return dict(window) if isinstance(window, dict) else None
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The voxel spacing (z, y, x) in mm that volumes are resampled to before inference, if any."""
+        value = self.manifest["preprocessing"].get("spacing")
+        return (float(value[0]), float(value[1]), float(value[2])) if isinstance(value, list) else None
 
     @property
     def preprocessing(self) -> dict[str, Any]:

@@ -18,7 +18,16 @@ import numpy as np
 
 from attunet_deploy.bundle import PRECISIONS, Bundle
 from attunet_deploy.errors import BackendUnavailable, InputError
-from attunet_deploy.preprocess import check_batch, crop, logits_to_masks, normalize, pad_to_divisor
+from attunet_deploy.preprocess import (
+    check_batch,
+    crop,
+    logits_to_masks,
+    normalize,
+    pad_to_divisor,
+    resample_linear,
+    resample_nearest,
+    resampled_shape,
+)
 
 
 class Runner(abc.ABC):
@@ -45,6 +54,8 @@ class Runner(abc.ABC):
         self.channels = bundle.in_channels
         self.out_channels = bundle.out_channels
         self.divisor = bundle.divisor
+        self.spatial_dims = bundle.spatial_dims
+        self.divisors = bundle.divisors
         self.is_active = False
         self._activate_lock = threading.Lock()
         self._local = threading.local()
@@ -88,7 +99,7 @@ class Runner(abc.ABC):
         return "cpu"
 
     def get_input_metadata(self) -> dict[str, dict[str, Any]]:
-        return {"image": {"dtype": "float32", "shape": ("N", self.channels, "H", "W")}}
+        return {"image": {"dtype": "float32", "shape": ("N", self.channels, *"DHW"[-self.spatial_dims:])}}
 
     def last_inference_time(self) -> float | None:
         """Seconds the calling thread's last ``infer`` spent in the backend (after padding)."""
@@ -96,9 +107,10 @@ class Runner(abc.ABC):
 
     # ------------------------------------------------------------------ inference
     def infer(self, images: Any) -> np.ndarray:
-        """Logits for a model-space batch; any H and W (padded and cropped here)."""
-        x = check_batch(images, self.channels)
-        xp, size = pad_to_divisor(x, self.divisor)
+        """Logits for a model-space batch [N, C, H, W] (3D bundles: [N, C, D, H, W]) of any spatial size
+        (padded up to the divisors and cropped back here)."""
+        x = check_batch(images, self.channels, spatial_dims=self.spatial_dims)
+        xp, size = pad_to_divisor(x, self.divisors)
         self.check_memory(xp.shape)
         if not self.is_active:
             self.activate()
@@ -106,9 +118,11 @@ class Runner(abc.ABC):
         y = self._infer_padded(xp)
         self._local.last_time = time.perf_counter() - t0
         y = np.asarray(y, dtype=np.float32)
-        if y.ndim != 4 or y.shape[0] != xp.shape[0] or y.shape[1] != self.out_channels or y.shape[2:] != xp.shape[2:]:
+        if y.ndim != xp.ndim or y.shape[0] != xp.shape[0] or y.shape[1] != self.out_channels \
+                or y.shape[2:] != xp.shape[2:]:
             raise BackendUnavailable(f"{self.name} returned logits of shape {tuple(y.shape)} for input "
-                                     f"{tuple(xp.shape)}: expected [N, {self.out_channels}, H, W]")
+                                     f"{tuple(xp.shape)}: expected [N, {self.out_channels}, "
+                                     f"{', '.join('DHW'[-self.spatial_dims:])}]")
         return crop(y, size)
 
     def check_memory(self, shape: tuple[int, ...]) -> None:
@@ -116,7 +130,7 @@ class Runner(abc.ABC):
         backends), instead of swapping or dying in the backend's allocator."""
         if not self.device.startswith("cpu") or os.environ.get("ATTDEPLOY_MEMORY_CHECK", "1") == "0":
             return
-        need = activation_bytes(shape, int(self.bundle.config.get("base_channels", 64)))
+        need = activation_bytes(shape, first_width(self.bundle.config))
         try:
             import psutil
 
@@ -124,9 +138,8 @@ class Runner(abc.ABC):
         except Exception:
             return
         if need > free:
-            n, c, h, w = shape
-            raise InputError(f"input {n}x{c}x{h}x{w} needs about {need / 2**30:.1f} GB for activations, this machine "
-                             f"has {free / 2**30:.1f} GB available: split the batch or tile the image "
+            raise InputError(f"input {'x'.join(map(str, shape))} needs about {need / 2**30:.1f} GB for activations, "
+                             f"this machine has {free / 2**30:.1f} GB available: split the batch or tile the image "
                              "(ATTDEPLOY_MEMORY_CHECK=0 skips this check)")
 
     def timed_infer(self, padded: np.ndarray) -> float | None:
@@ -150,18 +163,54 @@ class Runner(abc.ABC):
         return {}
 
     def preprocess(self, raw: Any) -> np.ndarray:
-        """Raw images ([N,C,H,W], [C,H,W] or [H,W] for one channel) -> model space [N,C,H,W]."""
+        """Raw images ([N,C,H,W], [C,H,W] or [H,W] for one channel) -> model space [N,C,H,W];
+        3D bundles: raw volumes ([N,C,D,H,W], [C,D,H,W] or [D,H,W]) -> [N,C,D,H,W]."""
         arr = np.asarray(raw)
-        if arr.ndim == 2 and self.channels == 1:
+        dims = self.spatial_dims
+        if arr.ndim == dims and self.channels == 1:
             arr = arr[None, None]
-        elif arr.ndim == 3 and arr.shape[0] == self.channels:
+        elif arr.ndim == dims + 1 and arr.shape[0] == self.channels:
             arr = arr[None]
-        arr = check_batch(arr, self.channels)
+        arr = check_batch(arr, self.channels, spatial_dims=dims)
         return normalize(arr, self.bundle.preprocessing)
 
     def segment(self, raw: Any) -> np.ndarray:
         """Normalise raw images, infer, post-process: uint8 masks [N, H, W]."""
         return logits_to_masks(self.infer(self.preprocess(raw)), self.bundle.postprocessing)
+
+    def infer_volume(self, volume: Any) -> np.ndarray:
+        """Logits of model-space volumes [N, C, D, H, W] of any size, by the bundle's sliding window
+        (roi, overlap, mode, sigma_scale, windows per call): [N, K, D, H, W]."""
+        from attunet_deploy.runtimes.window import sliding_window
+
+        window = self.bundle.sliding_window
+        if window is None or self.spatial_dims != 3:
+            raise InputError(f"infer_volume needs a 3D bundle (layout NCDHW); this one is {self.bundle.layout}: "
+                             "use infer() or segment()")
+        x = check_batch(volume, self.channels, spatial_dims=3, name="volume")
+        return sliding_window(self.infer, x, window["roi"], overlap=float(window.get("overlap", 0.5)),
+                              mode=str(window.get("mode", "gaussian")),
+                              sigma_scale=float(window.get("sigma_scale", 0.125)), batch=int(window.get("batch", 1)))
+
+    def segment_volume(self, raw: Any, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+        """Raw volume [D, H, W] (or [C, D, H, W]) -> uint8 labels [D, H, W] (class index, or 0/1 for one
+        output channel). With ``spacing`` (z, y, x in mm) and a bundle spacing, the volume is resampled
+        to the model's spacing (linear) and the labels back to the volume's grid (nearest)."""
+        arr = np.asarray(raw)
+        if arr.ndim not in (3, 4):
+            raise InputError(f"segment_volume takes one volume [D, H, W] or [C, D, H, W], got shape {arr.shape}")
+        x = self.preprocess(arr)
+        size = x.shape[2:]
+        target = self.bundle.spacing
+        if spacing is not None:
+            if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+                raise InputError(f"spacing {spacing!r}: three positive numbers (z, y, x) in mm")
+            if target is not None:
+                x = resample_linear(x, resampled_shape(size, spacing, target))
+        masks = logits_to_masks(self.infer_volume(x), self.bundle.postprocessing)[0]
+        if masks.shape != size:
+            masks = resample_nearest(masks, size)
+        return masks.astype(np.uint8)
 
     @abc.abstractmethod
     def _activate(self) -> None: ...
@@ -174,11 +223,20 @@ class Runner(abc.ABC):
         """Run the backend on float32 [N, C, H, W] with H, W multiples of ``divisor``."""
 
 
+def first_width(config: dict[str, Any]) -> int:
+    """Channels of a model's full-resolution level, whatever its family's config calls it."""
+    if "base_channels" in config:
+        return int(config["base_channels"])
+    if "channels" in config:  # MONAI
+        return int(config["channels"][0])
+    return max(1, int(64 / float(config.get("feature_scale", 1))))  # the paper's 3D networks
+
+
 def activation_bytes(shape: tuple[int, ...], base_channels: int) -> int:
     """Rough peak activation memory of an Attention U-Net forward pass on CPU backends.
 
     The full-resolution level holds about 8 tensors of ``base_channels`` x H x W float32 at the
     peak (skip, decoder concat, convolution workspace); deeper levels add about a third more.
     """
-    n, _, h, w = shape
-    return int(n * h * w * base_channels * 4 * 8 * 4 / 3)
+    voxels = int(np.prod(shape[2:], dtype=np.float64))
+    return int(shape[0] * voxels * base_channels * 4 * 8 * 4 / 3)

@@ -136,3 +136,27 @@ def test_streamed_errors_equal_the_concatenated_ones() -> None:
     assert (mx, mean) == pytest.approx(abs_errors(out, ref), rel=1e-12)
     assert streamed_errors([(np.zeros(3), np.zeros(3))])[0] == 0.0
     assert streamed_errors([(np.ones(3), np.zeros(3))])[0] == float("inf")
+
+
+def test_padding_and_cropping_per_axis() -> None:
+    x = np.arange(2 * 1 * 5 * 17 * 33, dtype=np.float32).reshape(2, 1, 5, 17, 33)
+    xp, size = pad_to_divisor(x, (1, 16, 16))
+    assert xp.shape == (2, 1, 5, 32, 48) and size == (5, 17, 33)
+    np.testing.assert_array_equal(crop(xp, size), x)
+    two_d, size2 = pad_to_divisor(x[:, :, 0], 16)  # an int: H and W, as 2D bundles have always used
+    assert two_d.shape == (2, 1, 32, 48) and size2 == (17, 33)
+
+
+def test_resampling_keeps_extent_values_and_labels() -> None:
+    from attunet_deploy.preprocess import resample_linear, resample_nearest, resampled_shape
+
+    assert resampled_shape((24, 40, 36), (1.0, 0.8, 0.8), (2.0, 1.0, 1.0)) == (12, 32, 29)
+    ramp = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None], (8, 4, 4))
+    up = resample_linear(ramp, (16, 4, 4))
+    assert up.shape == (16, 4, 4) and up.min() >= 0 and up.max() <= 7
+    assert np.all(np.diff(up[:, 0, 0]) >= 0)  # monotone in, monotone out
+    np.testing.assert_allclose(resample_linear(up, (8, 4, 4)), ramp, atol=0.26)
+    labels = np.random.default_rng(0).integers(0, 3, (6, 10, 10)).astype(np.uint8)
+    back = resample_nearest(resample_nearest(labels, (12, 20, 20)), (6, 10, 10))
+    np.testing.assert_array_equal(back, labels)  # integer zoom: nearest there and back is exact
+    assert set(np.unique(resample_nearest(labels, (5, 7, 9)))) <= {0, 1, 2}
