@@ -44,35 +44,54 @@ _RENAMES = (
 _SHOW = 5  # how many keys of each kind an error lists
 
 
+#: Model families (models/): the popular 2D AttU_Net, the paper's 3D networks, MONAI's AttentionUnet.
+FAMILIES = ("attunet2d", "oktay3d", "monai")
+
+
 @dataclass
 class LoadedCheckpoint:
-    """A model ready for export: either our AttentionUNet or an opaque module (TorchScript)."""
+    """A model ready for export: one of our families (weights can be re-saved in our format) or an
+    opaque module (TorchScript, a foreign pickled module) exported as it is."""
 
     module: nn.Module
-    config: AttentionUNetConfig
+    config: Any  # AttentionUNetConfig | Oktay3DConfig | MonaiConfig: each has in_channels, out_channels
     source: str  # "attunet-deploy" | "state_dict" | "torchscript" | "pickle"
     notes: list[str] = field(default_factory=list)
+    family: str = "attunet2d"
 
     @property
     def is_reference(self) -> bool:
-        """True when ``module`` is this project's AttentionUNet (weights can be re-saved)."""
-        return isinstance(self.module, AttentionUNet)
+        """True when ``module`` is one of this project's family modules (weights can be re-saved)."""
+        return isinstance(self.module, AttentionUNet) or getattr(self.module, "family", None) in FAMILIES[1:]
 
 
-def save_checkpoint(model: AttentionUNet, path: str | Path, meta: Mapping[str, str] | None = None) -> None:
-    """Write ``model`` in this project's checkpoint format (atomically)."""
+def save_checkpoint(model: nn.Module, path: str | Path, meta: Mapping[str, str] | None = None) -> None:
+    """Write a family module in this project's checkpoint format (atomically). 3D families keep
+    their original networks' state_dict keys (the authors' or MONAI's)."""
+    family = "attunet2d" if isinstance(model, AttentionUNet) else str(getattr(model, "family", ""))
+    if family not in FAMILIES:
+        raise CheckpointError(f"cannot save a {type(model).__name__}: not one of {', '.join(FAMILIES)}")
+    net: Any = model if family == "attunet2d" else model.net  # 3D families: their original networks' keys
+    state = net.state_dict()
+    config: Any = model.config
     payload = {
         "format": FORMAT,
-        "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "family": family,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
         "meta": {str(k): str(v) for k, v in (meta or {}).items()},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Read ``path`` in any supported layout and return an eval-mode CPU model."""
+def load_checkpoint(path: str | Path, trust_pickle: bool = False, arch: str | None = None,
+                    monai_args: str | None = None) -> LoadedCheckpoint:
+    """Read ``path`` in any supported layout and return an eval-mode CPU model. The family is read
+    from the state_dict's keys; ``arch`` (attunet2d | oktay3d | monai) overrides that, and
+    ``monai_args`` gives MONAI arguments the weights do not show (``"strides=2,2,1"``)."""
+    if arch is not None and arch not in FAMILIES:
+        raise CheckpointError(f"--arch {arch!r}: choose one of {', '.join(FAMILIES)}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -98,13 +117,13 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:
             raise CheckpointError(f"cannot unpickle {path}: {_first_line(inner)}") from inner
-        return _from_object(obj, source="pickle")
+        return _from_object(obj, source="pickle", arch=arch, monai_args=monai_args)
     except MemoryError:
         raise
     except Exception as exc:  # weights_only unpickling: any failure of a damaged or foreign file lands here
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from exc
-    return _from_object(obj, source="state_dict")
+    return _from_object(obj, source="state_dict", arch=arch, monai_args=monai_args)
 
 
 def _sniff(path: Path) -> None:
@@ -163,13 +182,18 @@ def load_checkpoint_bytes(data: bytes, name: str) -> LoadedCheckpoint:
     return _from_object(obj, source="state_dict")
 
 
-def _from_object(obj: Any, source: str) -> LoadedCheckpoint:
+def _from_object(obj: Any, source: str, arch: str | None = None, monai_args: str | None = None) -> LoadedCheckpoint:
     if isinstance(obj, nn.Module):
         return _from_module(obj, source)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"checkpoint holds a {type(obj).__name__}, expected a state_dict (a dict of tensors)"
         )
+    if obj.get("format") == FORMAT and obj.get("family", "attunet2d") != "attunet2d":
+        state = obj.get("state_dict")
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError("attunet-deploy checkpoint's state_dict is not a mapping of names to tensors")
+        return load_family(str(obj["family"]), dict(state), "attunet-deploy", config=obj.get("config"))
     if obj.get("format") == FORMAT:
         try:
             config = AttentionUNetConfig.from_dict(obj["config"])
@@ -184,6 +208,10 @@ def _from_object(obj: Any, source: str) -> LoadedCheckpoint:
     state_dict = unwrap_state_dict(obj)
     if isinstance(state_dict, nn.Module):
         return _from_module(state_dict, source)
+    stripped = strip_prefixes(state_dict)
+    family = arch or detect_family(set(stripped))
+    if family != "attunet2d":
+        return load_family(family, stripped, source, monai_args=monai_args)
     renamed = convert_state_dict(state_dict)
     config = infer_config(renamed)
     model = build_model(renamed, config)
@@ -362,3 +390,75 @@ def _needs_full_pickle(exc: Exception) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict without DataParallel / torch.compile prefixes."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            for prefix in _PREFIXES:
+                while key.startswith(prefix):
+                    key = key[len(prefix):]
+            out[key] = value
+    return out
+
+
+def detect_family(keys: set[str]) -> str:
+    """The model family a state_dict's keys belong to (the 2D AttU_Net unless they say otherwise)."""
+    from attunet_deploy.models.monai import is_monai_attention_unet
+    from attunet_deploy.models.oktay3d import variant_of
+
+    if variant_of(keys) is not None:
+        return "oktay3d"
+    if is_monai_attention_unet(keys):
+        return "monai"
+    return "attunet2d"
+
+
+def load_family(family: str, state: dict[str, torch.Tensor], source: str, *, config: Any = None,
+                monai_args: str | None = None) -> LoadedCheckpoint:
+    """A 3D (or MONAI) family module with ``state`` loaded: the config from ``config`` (our own
+    checkpoints) or read off the tensor shapes; CheckpointError names what does not fit."""
+    cfg: Any
+    module: Any
+    try:
+        if family == "oktay3d":
+            from attunet_deploy.models import oktay3d
+
+            variant = oktay3d.variant_of(set(state))
+            if config is None and variant is None:
+                raise CheckpointError("checkpoint is not one of the authors' 3D networks (unet_CT_multi_att_dsv_3D, "
+                                      "unet_grid_attention_3D): their keys conv1.conv1.0.weight, gating.*, final.* "
+                                      "are missing")
+            cfg = oktay3d.Oktay3DConfig.from_dict(config) if config is not None else \
+                oktay3d.infer_config(state, str(variant))
+            module = oktay3d.Oktay3D(cfg)
+        elif family == "monai":
+            from attunet_deploy.models import monai
+
+            cfg = monai.MonaiConfig.from_dict(config) if config is not None else \
+                monai.infer_config(state, monai.parse_monai_args(monai_args))
+            module = monai.MonaiAttentionUnet(cfg)
+        else:
+            raise CheckpointError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the {family} model's configuration from the checkpoint: "
+                              f"{_first_line(exc)}") from exc
+    except ImportError as exc:
+        raise CheckpointError(str(exc)) from exc
+    expected = module.net.state_dict()
+    for key, value in expected.items():  # BatchNorm's step counter does not affect inference
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)}!={tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} ({', '.join(v[:_SHOW])}{', ...' if len(v) > _SHOW else ''})"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if v]
+        raise CheckpointError(f"checkpoint does not match the {family} model it looks like: " + "; ".join(parts))
+    module.net.load_state_dict(state, strict=True)
+    return LoadedCheckpoint(module.eval(), cfg, source, family=family)
+

@@ -19,6 +19,8 @@ TRT_SUPPORTED_OPS = frozenset({
     "Conv", "ConvTranspose", "Relu", "MaxPool", "Resize", "Upsample", "Add", "Mul", "Sigmoid", "Concat",
     "Cast", "QuantizeLinear", "DequantizeLinear", "Constant", "BatchNormalization", "Identity",
     "Shape", "Gather", "Slice", "Unsqueeze", "Reshape", "Div", "Floor", "Sub",
+    # the 3D families: the NCDHW <-> authors' axis order, expand_as of the gate, MONAI's shape plumbing
+    "Transpose", "Expand", "Squeeze",
 })
 #: Weight input index and per-channel (output channel) axis for each quantisable op.
 _WEIGHT_AXIS = {"Conv": (1, 0), "ConvTranspose": (1, 1)}
@@ -104,7 +106,8 @@ def lint_model(model: Any) -> list[str]:
 
 
 def _io_issues(graph: Any) -> list[str]:
-    """Inputs and outputs: float32, [N, C, H, W] with N, H, W dynamic and C fixed."""
+    """Inputs and outputs: float32, [N, C, H, W] (or [N, C, D, H, W]) with N and the spatial axes
+    dynamic and C fixed."""
     from onnx import TensorProto
 
     issues: list[str] = []
@@ -113,10 +116,10 @@ def _io_issues(graph: Any) -> list[str]:
         if tt.elem_type != TensorProto.FLOAT:
             issues.append(f"{value.name}: I/O must be float32, is {TensorProto.DataType.Name(tt.elem_type)}")
         dims = tt.shape.dim
-        if len(dims) != 4:
-            issues.append(f"{value.name}: expected 4 dims [N,C,H,W], has {len(dims)}")
+        if len(dims) not in (4, 5):
+            issues.append(f"{value.name}: expected 4 dims [N,C,H,W] or 5 [N,C,D,H,W], has {len(dims)}")
             continue
-        for axis, label in ((0, "N"), (2, "H"), (3, "W")):
+        for axis, label in ((0, "N"), *((2 + i, a) for i, a in enumerate("DHW"[-(len(dims) - 2):]))):
             if not dims[axis].dim_param:
                 issues.append(f"{value.name}: dim {label} is fixed ({dims[axis].dim_value}); must be dynamic")
         if dims[1].dim_param or dims[1].dim_value < 1:

@@ -170,6 +170,20 @@ class Bundle:
     def out_channels(self) -> int:
         return int(self.manifest["output"]["channels"])
 
+    def describe_model(self) -> str:
+        """One line: the architecture and the config that tells it apart (reports and ``info``)."""
+        m = self.manifest["model"]
+        cfg = m["config"]
+        head = f"{m.get('architecture', 'AttentionUNet')} in={cfg['in_channels']} out={cfg['out_channels']}"
+        if self.family == "attunet2d":
+            return f"{head} base={cfg.get('base_channels', '?')}"
+        extra = {"oktay3d": ("variant", "feature_scale"), "monai": ("channels", "strides")}[self.family]
+        text = f"{head} " + " ".join(f"{k}={cfg.get(k)}" for k in extra)
+        window = self.sliding_window
+        if window is not None:
+            text += f" · {self.layout}, window {'x'.join(map(str, window['roi']))}"
+        return text
+
     @property
     def family(self) -> str:
         return str(self.manifest["model"].get("family", "attunet2d"))

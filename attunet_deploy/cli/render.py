@@ -26,7 +26,6 @@ def print_bundle_summary(bundle: Any) -> None:
     from attunet_deploy.preprocess import describe_normalization
 
     m = bundle.manifest
-    cfg = m["model"]["config"]
     table = Table(title=f"Bundle {escape(str(bundle.root))}", title_justify="left", show_header=True)
     table.add_column("artifact")
     table.add_column("precision")
@@ -43,9 +42,8 @@ def print_bundle_summary(bundle: Any) -> None:
     out = stdout()
     src = m["model"]["source"]
     params = src.get("parameters", "?")
-    out.print(escape(f"AttentionUNet in={cfg['in_channels']} out={cfg['out_channels']} base={cfg['base_channels']}"
-                     f" · {params:,} parameters · from {src.get('layout')} " if isinstance(params, int) else
-                     f"AttentionUNet in={cfg['in_channels']} out={cfg['out_channels']} base={cfg['base_channels']} · ")
+    out.print(escape(f"{bundle.describe_model()} · {params:,} parameters · from {src.get('layout')} "
+                     if isinstance(params, int) else f"{bundle.describe_model()} · ")
               + escape(f"{Path(str(src.get('path', ''))).name} · normalisation: "
                        f"{describe_normalization(m['preprocessing'])} · post: {m['postprocessing']['kind']}"),
               highlight=False)

@@ -26,9 +26,9 @@ CASE_BATCH = 8
 
 @dataclass
 class GoldenCase:
-    inputs: np.ndarray  # model space, float32 [N, C, H, W]
-    logits: np.ndarray  # reference logits [N, K, H, W]
-    labels: np.ndarray | None = None  # ground-truth masks [N, H, W]
+    inputs: np.ndarray  # model space, float32 [N, C, H, W] (3D bundles: [N, C, D, H, W])
+    logits: np.ndarray  # reference logits [N, K, *spatial]
+    labels: np.ndarray | None = None  # ground-truth masks [N, *spatial]
     names: list[str] = field(default_factory=list)
 
     def image_names(self) -> list[str]:
@@ -62,7 +62,8 @@ def load_golden(bundle: Bundle) -> list[GoldenCase]:
     if not cases:
         raise BundleError(f"{path} holds no golden cases; re-export the bundle")
     for c in cases:
-        if (c.inputs.ndim != 4 or c.logits.ndim != 4 or c.inputs.shape[0] != c.logits.shape[0]
+        rank = bundle.spatial_dims + 2
+        if (c.inputs.ndim != rank or c.logits.ndim != rank or c.inputs.shape[0] != c.logits.shape[0]
                 or c.inputs.shape[2:] != c.logits.shape[2:] or c.inputs.shape[1] != bundle.in_channels
                 or c.logits.shape[1] != bundle.out_channels
                 or (c.labels is not None and c.labels.shape != (c.inputs.shape[0], *c.inputs.shape[2:]))):

@@ -116,11 +116,9 @@ def render_report(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], benc
     data = {"bundle": str(bundle.root), "generated": now_iso(), "model": m["model"],
             "preprocessing": m["preprocessing"], "golden": m.get("golden", {}), "verification": verify_rows,
             "benchmarks": bench_rows, **(extra or {})}
-    cfg = m["model"]["config"]
     ref = verify_rows[0].get("reference", "torch/fp32") if verify_rows else "torch/fp32"
     md = [f"# attunet-deploy report: {bundle.root.name}", "",
-          f"Generated {data['generated']}. Model: AttentionUNet in={cfg['in_channels']} "
-          f"out={cfg['out_channels']} base={cfg['base_channels']} "
+          f"Generated {data['generated']}. Model: {bundle.describe_model()} "
           f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
           "", describe(m.get("golden") or {}).capitalize() + ".", ""]
     if verify_rows:

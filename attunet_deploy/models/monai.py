@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 #: Keys every MONAI AttentionUnet state_dict has (level 0's first conv, level 1's attention gate).
 _FIRST = "model.0.conv.0.conv.weight"
 _GATE = "model.1.attention.W_g.0.conv.weight"
@@ -107,7 +110,7 @@ def infer_config(state: Mapping[str, Any], overrides: Mapping[str, tuple[int, ..
                        kernel_size=int(first.shape[-1]), up_kernel_size=int(up.shape[-1]) if up is not None else 3)
 
 
-def build(cfg: MonaiConfig) -> Any:
+def build(cfg: MonaiConfig) -> Any:  # -> monai.networks.nets.AttentionUnet
     """MONAI's own AttentionUnet for ``cfg`` (ImportError names the extra when MONAI is missing)."""
     try:
         from monai.networks.nets import AttentionUnet
@@ -116,3 +119,18 @@ def build(cfg: MonaiConfig) -> Any:
     return AttentionUnet(spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                          channels=cfg.channels, strides=cfg.strides, kernel_size=cfg.kernel_size,
                          up_kernel_size=cfg.up_kernel_size)
+
+
+class MonaiAttentionUnet(nn.Module):
+    """MONAI's AttentionUnet under ``.net`` (its state_dict keys are MONAI's, under ``net.``) with the
+    :class:`MonaiConfig` it was built from (what checkpoints and bundles keep); MONAI's own forward."""
+
+    family = "monai"
+
+    def __init__(self, cfg: MonaiConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.net = build(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -276,6 +276,8 @@ class Oktay3D(nn.Module):
     the axes are reversed on the way in and out, [D, H, W] <-> the authors' [X, Y, Z].
     """
 
+    family = "oktay3d"
+
     def __init__(self, cfg: Oktay3DConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -36,6 +36,7 @@ from attunet_deploy.fileio import sha256_file
 from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
 from attunet_deploy.judge.results import Status, VerifyRow
 from attunet_deploy.preprocess import default_postprocessing, parse_normalization
+from attunet_deploy.steps.model_space import ModelSpace, space_of, synthetic_volumes
 
 #: ONNX Runtime must reproduce PyTorch this closely right after export.
 EXPORT_REL_L2 = 1e-5
@@ -190,13 +191,19 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
                   opset: int = DEFAULT_OPSET, trust_pickle: bool = False, force: bool = False,
                   normalize: str | None = None, exporter: str = "auto", check_rel_l2: float = EXPORT_REL_L2,
                   images: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
-                  reporter: Reporter | None = None) -> Exported:
+                  reporter: Reporter | None = None, arch: str | None = None, monai_args: str | None = None,
+                  roi: tuple[int, ...] | None = None, overlap: float = 0.5, sw_mode: str = "gaussian",
+                  spacing: tuple[float, ...] | None = None) -> Exported:
     """Export ``model_path`` (None: the bundled demo) to a verified bundle at ``out``.
 
     ``images`` (a file or folder) gives the golden set: a deterministic quarter is held out
     (the rest is for calibration); ``labels`` adds their ground-truth masks. Returns the
     committed bundle and its ONNX Runtime parity row. Raises VerificationFailed, with nothing
     written, when ONNX Runtime differs from PyTorch by more than ``check_rel_l2`` in relative L2.
+
+    The model family is read from the checkpoint (``arch`` overrides it; ``monai_args`` gives MONAI
+    strides). 3D families make an NCDHW bundle with the sliding window ``roi``/``overlap``/``sw_mode``
+    and, if given, the voxel ``spacing`` (z, y, x mm) volumes are resampled to.
     """
     from attunet_deploy.checkpoint import load_checkpoint
     from attunet_deploy.demo import DEMO_NORMALIZE, DEMO_WEIGHTS, is_demo
@@ -215,10 +222,16 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     preprocessing = parse_normalization(normalize if normalize is not None else (DEMO_NORMALIZE if demo else None))
 
     with reporter.step(f"Loading {src.name}"):
-        loaded = load_checkpoint(src, trust_pickle=trust_pickle)
+        loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, monai_args=monai_args)
     for note in loaded.notes:
         reporter.notice("note:", note)
     _check_normalization_channels(preprocessing, loaded.config.in_channels)
+    space = space_of(loaded, roi=roi, overlap=overlap, sw_mode=sw_mode, spacing=spacing)
+    if space.spacing is not None:
+        preprocessing["spacing"] = space.spacing
+    if space.three_d and images is not None:
+        raise InputError("--images holds 2D images; a 3D model's golden set is made of volumes, which export "
+                         "does not read yet: leave --images out (synthetic volumes are used)")
     user = None
     if images is not None:
         with reporter.step(f"Reading held-out images from {images}"):
@@ -229,8 +242,9 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
 
     _root, _mode, txn = open_export_target(out, force, writes)
     with txn:
-        _stage_model(txn, loaded, src, demo, preprocessing, opset, exporter, reporter)
-        cases = _stage_golden(txn, loaded.module, loaded.config.in_channels, preprocessing, user, demo, reporter)
+        _stage_model(txn, loaded, src, demo, preprocessing, opset, exporter, space, reporter)
+        cases = _stage_golden(txn, loaded.module, loaded.config.in_channels, preprocessing, user, demo, space,
+                              reporter)
         with reporter.step("Checking ONNX Runtime CPU against PyTorch"):
             from attunet_deploy.judge.verify import Tolerance, run_backend
 
@@ -251,20 +265,21 @@ def _check_normalization_channels(preprocessing: dict[str, Any], channels: int) 
 
 
 def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preprocessing: dict[str, Any], opset: int,
-                 exporter: str, reporter: Reporter) -> None:
+                 exporter: str, space: ModelSpace, reporter: Reporter) -> None:
     """The new manifest, the reference weights (or TorchScript) and the linted FP32 ONNX, staged."""
     import torch
 
     from attunet_deploy.build.trt_lint import lint_onnx
     from attunet_deploy.checkpoint import save_checkpoint
-    from attunet_deploy.models.attunet2d import SPATIAL_DIVISOR, count_parameters
+    from attunet_deploy.models.attunet2d import count_parameters
 
     config = loaded.config
     source = {"path": str(src.resolve()), "sha256": sha256_file(src), "layout": loaded.source,
               "demo": demo, "parameters": count_parameters(loaded.module)}
     txn.manifest = Bundle.new_manifest(config=config.to_dict(), preprocessing=preprocessing,
                                        postprocessing=default_postprocessing(config.out_channels), source=source,
-                                       spatial_divisor=SPATIAL_DIVISOR)
+                                       spatial_divisor=space.spatial_divisor, family=loaded.family,
+                                       sliding_window=space.sliding_window)
     producer = versions(include_torch=True)
     if loaded.is_reference:
         save_checkpoint(loaded.module, txn.stage(WEIGHTS_FILE), meta={"source": src.name})
@@ -275,10 +290,13 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
         torch.jit.save(scripted, str(txn.stage(TORCHSCRIPT_FILE)))
         txn.add_artifact(TORCHSCRIPT_FILE, kind=ArtifactKind.TORCHSCRIPT, precision="fp32", producer=producer)
     onnx_path = txn.stage(ONNX_FILES["fp32"])
-    with reporter.step(f"Exporting ONNX (opset {opset}, dynamic N/H/W)"):
-        info = export_onnx(loaded.module, config.in_channels, onnx_path, opset=opset, exporter=exporter)
+    axes = "N/D/H/W" if space.three_d else "N/H/W"
+    with reporter.step(f"Exporting ONNX (opset {opset}, dynamic {axes})"):
+        info = export_onnx(loaded.module, config.in_channels, onnx_path, opset=opset, exporter=exporter,
+                           divisors=space.divisors)
         add_metadata(onnx_path, {"attunet_deploy.config": json.dumps(config.to_dict()),
-                                 "attunet_deploy.spatial_divisor": str(SPATIAL_DIVISOR),
+                                 "attunet_deploy.family": loaded.family,
+                                 "attunet_deploy.spatial_divisor": json.dumps(space.spatial_divisor),
                                  "attunet_deploy.preprocessing": json.dumps(preprocessing)})
     if info["fallback_reasons"]:
         reporter.notice("note:", f"used the {info['exporter']} exporter ({'; '.join(info['fallback_reasons'])})")
@@ -290,18 +308,18 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
 
 
 def _stage_golden(txn: Transaction, module: Any, in_channels: int, preprocessing: dict[str, Any],
-                  user: UserImages | None, demo: bool, reporter: Reporter) -> list[GoldenCase]:
+                  user: UserImages | None, demo: bool, space: ModelSpace, reporter: Reporter) -> list[GoldenCase]:
     """golden.npz: held-out user images (or synthetic cases) with PyTorch FP32 logits, staged."""
-    from attunet_deploy.models.attunet2d import SPATIAL_DIVISOR
-
     if user is not None:
-        groups, synthetic = user_golden_cases(user, preprocessing, SPATIAL_DIVISOR)
+        groups, synthetic = user_golden_cases(user, preprocessing, space.divisors[-1])
+    elif space.three_d:
+        groups, synthetic = synthetic_volumes(in_channels, preprocessing, space.divisors), 0
     else:
         groups, synthetic = synthetic_cases(in_channels, preprocessing, demo), 0
     cases: list[GoldenCase] = []
     with reporter.progress("Computing PyTorch FP32 golden outputs", len(groups)) as advance:
         for x, y, names in groups:
-            cases.append(GoldenCase(x, reference_logits(module, x, SPATIAL_DIVISOR), y, names))
+            cases.append(GoldenCase(x, reference_logits(module, x, space.divisors), y, names))
             advance()
     with open(txn.stage(GOLDEN_FILE), "wb") as fh:
         save_golden(fh, cases)

@@ -1,0 +1,112 @@
+"""Export of every model family from the checkpoints people have: the authors' 3D networks (their raw
+state_dict in a DataParallel {"state_dict": ...} wrapper) and MONAI's AttentionUnet (2D and 3D). Each
+is built with random weights and non-trivial BatchNorm statistics; export itself checks ONNX Runtime
+against PyTorch on three shapes, one a multiple of no divisor (rel L2 <= 1e-5), and verify then judges
+every CPU backend on the golden volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from attunet_deploy.bundle import Bundle  # noqa: E402
+from attunet_deploy.cli import main  # noqa: E402
+from attunet_deploy.models.oktay3d import Oktay3D, Oktay3DConfig  # noqa: E402
+
+
+def _randomise_bn(net: torch.nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.7, 1.3)
+
+
+def _oktay(path: Path, variant: str) -> None:
+    torch.manual_seed(1)
+    net = Oktay3D(Oktay3DConfig(variant=variant, in_channels=1, out_channels=2, feature_scale=16)).net
+    _randomise_bn(net)
+    # as the authors' training saves it: DataParallel keys inside a {"state_dict": ...} wrapper
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+
+
+def _monai(path: Path, dims: int) -> None:
+    from monai.networks.nets import AttentionUnet
+
+    torch.manual_seed(2)
+    net = AttentionUnet(spatial_dims=dims, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2))
+    _randomise_bn(net)
+    torch.save(net.state_dict(), path)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args), catch_exceptions=True)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("name, make, extra, layout, divisors", [
+    ("oktay multi_att_dsv", lambda p: _oktay(p, "multi_att_dsv"), ["--roi", "32x32x32"], "NCDHW", (16, 16, 16)),
+    ("oktay grid_attention", lambda p: _oktay(p, "grid_attention"), ["--roi", "16x32x32"], "NCDHW", (1, 16, 16)),
+    ("monai 3D", lambda p: _monai(p, 3), ["--roi", "16x16x16", "--spacing", "2x1x1"], "NCDHW", (4, 4, 4)),
+    ("monai 2D", lambda p: _monai(p, 2), [], "NCHW", (4, 4)),
+])
+def test_export_and_verify_each_family(tmp_path: Path, name: str, make, extra: list[str], layout: str,
+                                       divisors: tuple[int, ...]) -> None:
+    pytest.importorskip("monai")
+    make(tmp_path / "ck.pth")
+    code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), *extra)
+    assert code == 0, err
+    b = Bundle.load(tmp_path / "b")
+    assert (b.layout, b.divisors) == (layout, divisors)
+    assert b.family == ("oktay3d" if name.startswith("oktay") else "monai")
+    assert b.manifest["verification"]["ort/fp32"]["rel_l2"] <= 1e-5
+    shapes = [s[2:] for s in b.artifacts["golden.npz"]["shapes"]]
+    assert any(any(v % d for v, d in zip(s, divisors)) for s in shapes)  # one size a multiple of no divisor
+    code, out, err = run("verify", "-b", str(tmp_path / "b"), "--backend", "torch", "--backend", "ort",
+                         "--backend", "ov", "--precision", "fp32", "--json", "-")
+    assert code == 0, err
+    rows = {r["backend"]: r for r in json.loads(out)["results"]}
+    assert rows["torch"]["status"] == "pass" and rows["ort"]["status"] == "pass"
+    assert rows["ov"]["status"] in ("pass", "unavailable")
+    if layout == "NCDHW":
+        assert b.sliding_window is not None and b.sliding_window["roi"] == [int(v) for v in extra[1].split("x")]
+
+
+def test_3d_options_are_checked(tmp_path: Path) -> None:
+    _oktay(tmp_path / "ck.pth", "multi_att_dsv")
+    for args, match in [(["--roi", "30x32x32"], "multiple of the model's divisor"),
+                        (["--roi", "32x32"], "three positive numbers"),
+                        (["--overlap", "1.0"], "overlap"),
+                        (["--spacing", "1x0x1"], "three positive numbers"),
+                        (["--arch", "monai"], "monai"),
+                        (["--images", str(tmp_path)], "volumes")]:
+        code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), *args)
+        assert code == 2 and match in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "b").exists()
+
+
+def test_2d_checkpoint_refuses_3d_options(tmp_path: Path, small_ckpt: Path) -> None:
+    code, _, err = run("export", str(small_ckpt), "-o", str(tmp_path / "b"), "--roi", "32x32x32")
+    assert code == 2 and "3D models" in err
+
+
+def test_3d_weights_round_trip_through_the_bundle(tmp_path: Path) -> None:
+    """weights.pt keeps the family, its config and the authors' keys; the torch runner reads it back."""
+    from attunet_deploy import load_runner
+
+    _oktay(tmp_path / "ck.pth", "grid_attention")
+    code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), "--roi", "16x32x32")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "b" / "weights.pt", weights_only=True)
+    assert saved["family"] == "oktay3d" and saved["config"]["variant"] == "grid_attention"
+    assert "attentionblock2.theta.weight" in saved["state_dict"]
+    x = np.random.default_rng(0).standard_normal((1, 1, 16, 40, 24)).astype(np.float32)
+    with load_runner(tmp_path / "b", backend="torch") as t, load_runner(tmp_path / "b", backend="ort") as o:
+        a, c = t.infer_volume(x), o.infer_volume(x)
+    assert np.linalg.norm(a - c) / np.linalg.norm(a) <= 1e-5
