@@ -186,22 +186,26 @@ def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.nd
     raise InputError(f"unknown postprocessing kind {kind!r} in the bundle manifest")
 
 
-def parse_shape(text: str, channels: int | None = None) -> tuple[int, int, int, int]:
-    """'1x3x256x256' -> (1, 3, 256, 256); checks four positive ints, the channel count and size limits."""
+def parse_shape(text: str, channels: int | None = None, spatial_dims: int | None = None) -> tuple[int, ...]:
+    """'1x3x256x256' -> (1, 3, 256, 256), '1x1x96x96x96' for 3D models; checks positive ints, the
+    rank (``spatial_dims`` + 2 when given), the channel count and size limits."""
     parts = text.lower().replace("*", "x").replace(",", "x").split("x")
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         dims = ()
-    if len(dims) != 4 or any(d < 1 for d in dims):
-        raise InputError(f"bad shape {text!r}: expected NxCxHxW with positive integers, e.g. 1x3x256x256")
+    ranks = (spatial_dims + 2,) if spatial_dims is not None else (4, 5)
+    if len(dims) not in ranks or any(d < 1 for d in dims):
+        want = {4: "NxCxHxW, e.g. 1x3x256x256", 5: "NxCxDxHxW, e.g. 1x1x96x96x96"}
+        raise InputError(f"bad shape {text!r}: expected " + " or ".join(want[r] for r in ranks)
+                         + " (positive integers)")
     if channels is not None and dims[1] != channels:
         raise InputError(f"shape {text} has {dims[1]} channels, the model takes {channels}: use "
-                         f"{dims[0]}x{channels}x{dims[2]}x{dims[3]}")
+                         f"{'x'.join(map(str, (dims[0], channels, *dims[2:])))}")
     if dims[0] > 4096:
         raise InputError(f"shape {text}: batch {dims[0]} is above 4096")
-    check_pixels(dims[2], dims[3], f"shape {text}")
-    return dims  # type: ignore[return-value]
+    check_pixels(dims[-2], dims[-1], f"shape {text}")
+    return dims
 
 
 # --------------------------------------------------------------------- voxel spacing

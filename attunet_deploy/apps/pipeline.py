@@ -24,7 +24,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
                  reporter: Reporter | None = None, console: Any = None) -> int:
     """Run every step; returns 1 if any backend failed verification, else 0."""
     from attunet_deploy.environment import tensorrt_probe
-    from attunet_deploy.judge.bench import BenchSettings, bench_many
+    from attunet_deploy.judge.bench import BenchSettings, bench_many, default_shape
     from attunet_deploy.judge.report import bench_table, render_report, verify_table
     from attunet_deploy.judge.verify import summary_counts, verify
     from attunet_deploy.preprocess import parse_shape
@@ -62,7 +62,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
         notes["TensorRT"] = f"Engines not built on this machine: {trt.detail}."
 
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)
-    shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
+    shp = parse_shape(shape, bundle.in_channels, bundle.spatial_dims) if shape else default_shape(bundle)
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
     runnable = sorted({r["backend"] for r in rows if r["status"] != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
     results, _ = bench_many(bundle, runnable, ["all"], settings, reporter=reporter)

@@ -80,8 +80,8 @@ def parse_profiles(mins: tuple[str, ...] | list[str], opts: tuple[str, ...] | li
                          f"got {len(mins)} min, {len(opts)} opt, {len(maxs)} max")
     profiles = []
     for i, (lo_s, hi_s) in enumerate(zip(mins, maxs)):
-        lo, hi = parse_shape(lo_s, channels), parse_shape(hi_s, channels)
-        opt = parse_shape(opts[i], channels) if opts else hi
+        lo, hi = parse_shape(lo_s, channels, 2), parse_shape(hi_s, channels, 2)
+        opt = parse_shape(opts[i], channels, 2) if opts else hi
         for name, shp in (("min", lo), ("opt", opt), ("max", hi)):
             if shp[2] % divisor or shp[3] % divisor:
                 raise InputError(f"profile {i + 1} {name} shape {'x'.join(map(str, shp))}: H and W must be "
@@ -89,7 +89,7 @@ def parse_profiles(mins: tuple[str, ...] | list[str], opts: tuple[str, ...] | li
         if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
             raise InputError(f"profile {i + 1}: need min <= opt <= max in every dimension, got "
                              f"{'x'.join(map(str, lo))} / {'x'.join(map(str, opt))} / {'x'.join(map(str, hi))}")
-        profiles.append(Profile(lo, opt, hi))
+        profiles.append(Profile(lo, opt, hi))  # type: ignore[arg-type]  # rank 4 checked by parse_shape
     return profiles
 
 

@@ -44,7 +44,7 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
           triton_url: str | None, triton_model: str | None, triton_timeout: float | None,
           json_path: str | None) -> None:
     """Measure latency and throughput with one method for every backend."""
-    from attunet_deploy.judge.bench import BenchSettings, bench_many
+    from attunet_deploy.judge.bench import BenchSettings, bench_many, default_shape
     from attunet_deploy.preprocess import parse_shape
 
     if iterations is not None and duration is not None:
@@ -53,7 +53,7 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
                                 concurrency=concurrency)
     check_json_path(json_path, bundle_dir)
     bundle = load_bundle(bundle_dir)
-    shp = parse_shape(shape, bundle.in_channels) if shape else (1, bundle.in_channels, 256, 256)
+    shp = parse_shape(shape, bundle.in_channels, bundle.spatial_dims) if shape else default_shape(bundle)
     settings = BenchSettings(shape=shp, warmup=warmup, iterations=iterations, duration=duration,
                              end_to_end=end_to_end, threads=threads, concurrency=concurrency)
     results, skipped = bench_many(bundle, list(backends), list(precisions), settings, reporter=reporter(),

@@ -33,7 +33,7 @@ COV_WARNING = 0.05
 
 @dataclass
 class BenchSettings:
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]
     warmup: int = 5
     iterations: int | None = None
     duration: float | None = None
@@ -63,6 +63,14 @@ class BenchSettings:
         c = concurrency
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1024:
             raise InputError("--concurrency must be an integer in 1..1024")
+
+
+def default_shape(bundle: Bundle) -> tuple[int, ...]:
+    """What ``bench`` times without --shape: one 256x256 image, or one sliding window of a 3D bundle."""
+    window = bundle.sliding_window
+    if window is not None:
+        return (1, bundle.in_channels, *(int(r) for r in window["roi"]))
+    return (1, bundle.in_channels, 256, 256)
 
 
 def latency_stats(seconds: list[float] | np.ndarray) -> dict[str, float]:
@@ -153,13 +161,16 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
     load on a shared machine hits every backend alike and their ratios stay fair. With
     ``concurrency`` > 1 each runner is loaded by that many clients at once, one runner after the other."""
     reporter = reporter or Reporter()
-    n, c, h, w = settings.shape
+    c = settings.shape[1]
     for runner in runners:
         if c != runner.channels:
             raise InputError(f"--shape has {c} channels, the model takes {runner.channels}")
+        if len(settings.shape) != runner.spatial_dims + 2:
+            raise InputError(f"--shape {'x'.join(map(str, settings.shape))}: the model takes "
+                             f"N x C x {' x '.join('DHW'[-runner.spatial_dims:])}")
     rng = np.random.default_rng(seed)
-    raw = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    padded, _ = pad_to_divisor(raw, runners[0].divisor)
+    raw = rng.standard_normal(settings.shape).astype(np.float32)
+    padded, _ = pad_to_divisor(raw, runners[0].divisors)
     for runner in runners:
         runner.check_memory(padded.shape)
 
