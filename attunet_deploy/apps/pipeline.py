@@ -41,7 +41,8 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     if demo or calib:
         # --images alone or --calib alone: calibration takes what verification did not hold out. One
         # image (or too few) leaves nothing: both skip INT8 with the same notice and exit 0.
-        if bundle.golden_info.get("kind") == "user-images" and not bundle.golden_info.get("calibration_candidates") \
+        if bundle.golden_info.get("kind") in ("user-images", "user-volumes") \
+                and not bundle.golden_info.get("calibration_candidates") \
                 and (calib is None or calib == images):
             reporter.notice("INT8 skipped:", "every image is held out for verification; give more images")
             notes["INT8"] = "Skipped: every image was held out for verification (give more images)."

@@ -37,6 +37,12 @@ from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, no
 from attunet_deploy.judge.results import Status, VerifyRow
 from attunet_deploy.preprocess import default_postprocessing, parse_normalization
 from attunet_deploy.steps.model_space import ModelSpace, space_of, synthetic_volumes
+from attunet_deploy.steps.volume_data import (
+    UserVolumes,
+    golden_volume_cases,
+    golden_volumes_manifest,
+    prepare_user_volumes,
+)
 
 #: ONNX Runtime must reproduce PyTorch this closely right after export.
 EXPORT_REL_L2 = 1e-5
@@ -229,11 +235,11 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     space = space_of(loaded, roi=roi, overlap=overlap, sw_mode=sw_mode, spacing=spacing)
     if space.spacing is not None:
         preprocessing["spacing"] = space.spacing
-    if space.three_d and images is not None:
-        raise InputError("--images holds 2D images; a 3D model's golden set is made of volumes, which export "
-                         "does not read yet: leave --images out (synthetic volumes are used)")
-    user = None
-    if images is not None:
+    user: UserImages | UserVolumes | None = None
+    if images is not None and space.three_d:
+        with reporter.step(f"Reading held-out volumes from {images}"):
+            user = prepare_user_volumes(images, labels, loaded.config.in_channels, loaded.config.out_channels)
+    elif images is not None:
         with reporter.step(f"Reading held-out images from {images}"):
             user = prepare_user_images(images, labels, loaded.config.in_channels, loaded.config.out_channels)
     elif not demo:
@@ -308,9 +314,13 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
 
 
 def _stage_golden(txn: Transaction, module: Any, in_channels: int, preprocessing: dict[str, Any],
-                  user: UserImages | None, demo: bool, space: ModelSpace, reporter: Reporter) -> list[GoldenCase]:
+                  user: UserImages | UserVolumes | None, demo: bool, space: ModelSpace, reporter: Reporter
+                  ) -> list[GoldenCase]:
     """golden.npz: held-out user images (or synthetic cases) with PyTorch FP32 logits, staged."""
-    if user is not None:
+    if isinstance(user, UserVolumes):
+        assert space.sliding_window is not None  # volumes are read for 3D models only
+        groups, synthetic = golden_volume_cases(user, preprocessing, space.sliding_window["roi"]), 0
+    elif user is not None:
         groups, synthetic = user_golden_cases(user, preprocessing, space.divisors[-1])
     elif space.three_d:
         groups, synthetic = synthetic_volumes(in_channels, preprocessing, space.divisors), 0
@@ -325,5 +335,10 @@ def _stage_golden(txn: Transaction, module: Any, in_channels: int, preprocessing
         save_golden(fh, cases)
     txn.add_artifact(GOLDEN_FILE, kind=ArtifactKind.GOLDEN, producer=versions(include_torch=True),
                      shapes=[list(c.inputs.shape) for c in cases])
-    txn.manifest["golden"] = golden_manifest(user, demo, synthetic if user is not None else len(cases), len(cases))
+    if isinstance(user, UserVolumes):
+        assert space.sliding_window is not None
+        txn.manifest["golden"] = golden_volumes_manifest(user, space.sliding_window["roi"])
+    else:
+        txn.manifest["golden"] = golden_manifest(user, demo, synthetic if user is not None else len(cases),
+                                                 len(cases))
     return cases

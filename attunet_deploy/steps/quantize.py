@@ -43,6 +43,8 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
     from attunet_deploy.io.files import file_sha256, list_image_files, relative_name
     from attunet_deploy.io.images import check_held, model_inputs, read_file, sample_files, subsample
 
+    if bundle.spatial_dims == 3:
+        return _calibration_volumes(bundle, calib, max_samples)
     if calib is None:
         root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-images" else None
         if root and Path(root).exists():
@@ -116,6 +118,30 @@ def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], 
         sess.run(None, {"image": xp})
         times.append(time.perf_counter() - t0)
     return float(row["mean_dice"]), 1000.0 * float(np.median(times))
+
+
+def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
+                         ) -> tuple[list[np.ndarray], str, list[str]]:
+    """3D bundles: roi-sized patches of the calibration volumes (never a held-out golden volume)."""
+    from attunet_deploy.io.files import file_sha256
+    from attunet_deploy.io.volumes import list_volumes
+    from attunet_deploy.steps.volume_data import calibration_patches
+
+    if calib is None:
+        root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-volumes" else None
+        if not root or not Path(root).exists():
+            raise InputError("INT8 for a 3D model needs calibration volumes: pass --calib DIR_OR_FILE (NIfTI or .npy "
+                             "volumes; a few are enough, several windows are taken from each)")
+        calib = root
+    held = golden_shas(bundle)
+    files = [f for f in list_volumes(calib) if not held or file_sha256(f) not in held]
+    if not files:
+        raise InputError(f"every volume in {calib} is a held-out golden volume: calibration needs other volumes "
+                         "(give a larger --calib set)")
+    window = bundle.sliding_window or {}
+    inputs, used = calibration_patches(files, bundle.in_channels, bundle.preprocessing, list(window.get("roi", [])),
+                                       max_samples, bundle.divisors)
+    return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used
 
 
 def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:

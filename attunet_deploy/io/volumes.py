@@ -1,0 +1,91 @@
+"""Volumes for 3D bundles: NIfTI (``.nii``/``.nii.gz``) and ``.npy`` ([D, H, W] or [C, D, H, W]),
+read as float32 [C, D, H, W] with their voxel spacing (z, y, x) in mm where the file has one.
+
+NIfTI arrays come in nibabel's voxel order (i, j, k) = (x, y, z); a volume here is [D, H, W] =
+(z, y, x), the reverse, which is also the order the paper's 3D networks are given back their own
+[X, Y, Z] in (:class:`attunet_deploy.models.oktay3d.Oktay3D`). Sizes are checked from the header
+before any voxel is decoded (``ATTDEPLOY_MAX_IMAGE_FILE_MB``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attunet_deploy import limits
+from attunet_deploy.errors import InputError
+from attunet_deploy.io.arrays import check_numeric, load_npy
+from attunet_deploy.io.files import NIFTI_EXT, list_image_files, reading, relative_name, suffix_of
+
+VOLUME_EXT = (".npy", *NIFTI_EXT)
+
+
+@dataclass
+class Volume:
+    """One volume: voxels [C, D, H, W] (raw intensities), spacing (z, y, x) mm if known, its name."""
+
+    voxels: np.ndarray
+    spacing: tuple[float, float, float] | None
+    source: Path
+    rel: str
+
+
+def list_volumes(path: str | os.PathLike[str]) -> list[Path]:
+    """Volume files at ``path`` (a file, or a folder searched recursively), sorted."""
+    return list_image_files(path, exts=VOLUME_EXT)
+
+
+def _nifti_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    import nibabel as nib
+
+    limits.check_file_size(path, limits.IMAGE_FILE, "NIfTI file")
+    img: Any = nib.load(str(path))  # a NIfTI image (nibabel types it as the generic file image)
+    header: Any = img.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    check_numeric(np.dtype(header.get_data_dtype()), path)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(f"{path}: NIfTI of shape {shape} is not a 3D volume")
+    if int(np.prod(shape, dtype=np.float64)) * 4 > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, int(np.prod(shape, dtype=np.float64)) * 4, limits.IMAGE_FILE)
+    data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    zooms = [float(z) for z in header.get_zooms()[:3]]
+    spacing = (zooms[2], zooms[1], zooms[0]) if all(z > 0 for z in zooms) else None
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), spacing
+
+
+def read_volume(path: Path, channels: int, root: Path | None = None) -> Volume:
+    """One volume file as float32 [C, D, H, W]; InputError naming the file and the fix otherwise."""
+    rel = relative_name(path, root) if root is not None else path.name
+    with reading(path):
+        if suffix_of(path) == ".npy":
+            arr, spacing = np.asarray(load_npy(path), dtype=np.float32), None
+        elif suffix_of(path) in NIFTI_EXT:
+            arr, spacing = _nifti_volume(path)
+        else:
+            raise InputError(f"{path}: a volume is .npy, .nii or .nii.gz")
+    if arr.ndim == 3 and channels == 1:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != channels:
+        raise InputError(f"{path}: volume of shape {arr.shape} is not [D, H, W] (one channel) or "
+                         f"[{channels}, D, H, W]")
+    if min(arr.shape[1:]) < 1 or not np.isfinite(arr).all():
+        raise InputError(f"{path}: empty axis or NaN/Inf voxels")
+    return Volume(np.ascontiguousarray(arr), spacing, path, rel)
+
+
+def read_label_volume(path: Path, num_classes: int) -> np.ndarray:
+    """A label volume as uint8 [D, H, W]: binary (> 0) for one output channel, class indices otherwise."""
+    vol = read_volume(path, 1).voxels[0]
+    if num_classes <= 2:
+        return (vol > 0).astype(np.uint8)
+    values = np.unique(vol)
+    if values.min() < 0 or values.max() >= num_classes or not np.all(values == np.round(values)):
+        raise InputError(f"label {path} holds values {values[:6].tolist()}: expected class indices "
+                         f"0..{num_classes - 1}")
+    return vol.astype(np.uint8)
