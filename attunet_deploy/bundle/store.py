@@ -181,7 +181,10 @@ class Bundle:
         text = f"{head} " + " ".join(f"{k}={cfg.get(k)}" for k in extra)
         window = self.sliding_window
         if window is not None:
-            text += f" · {self.layout}, window {'x'.join(map(str, window['roi']))}"
+            roi = "x".join(map(str, window["roi"]))
+            text += f" · {self.layout}, window {roi} (overlap {window.get('overlap', 0.5)}, {window.get('mode')})"
+        if self.spacing is not None:
+            text += f" · spacing {'x'.join(f'{v:g}' for v in self.spacing)} mm"
         return text
 
     @property

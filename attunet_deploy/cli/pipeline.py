@@ -23,12 +23,22 @@ def _check_iterations(n: int) -> None:
 @click.option("--bench-iterations", type=int, default=20, show_default=True, callback=validated(_check_iterations),
               help="Timed iterations per backend.")
 @shape_option
+@click.option("--demo", type=click.Choice(["2d", "3d"]), default=None,
+              help="Run on a bundled demo model instead of MODEL: 2d (the default without MODEL), or 3d (the paper's "
+                   "3D network on synthetic CT volumes, through the sliding window).")
 def pipeline(model: str | None, out: str, calib: str | None, images: str | None, labels: str | None,
              trust_pickle: bool, force: bool, normalize: str | None, bench_iterations: int, shape: str | None,
-             check_rel_l2: float) -> None:
+             check_rel_l2: float, demo: str | None) -> None:
     """export -> quantize -> build (if GPU) -> verify all -> bench all -> report."""
     from attunet_deploy.apps.pipeline import run_pipeline
+    from attunet_deploy.errors import InputError
 
+    if demo is not None and model is not None:
+        raise InputError("give MODEL or --demo, not both")
+    if demo == "3d":
+        from attunet_deploy.demo import DEMO3D_WEIGHTS
+
+        model = str(DEMO3D_WEIGHTS)
     require_torch("pipeline")
     rc = run_pipeline(model, out, calib=calib, images=images, labels=labels, trust_pickle=trust_pickle, force=force,
                       normalize=normalize, bench_iterations=bench_iterations, shape=shape,

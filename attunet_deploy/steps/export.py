@@ -36,7 +36,7 @@ from attunet_deploy.fileio import sha256_file
 from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
 from attunet_deploy.judge.results import Status, VerifyRow
 from attunet_deploy.preprocess import default_postprocessing, parse_normalization
-from attunet_deploy.steps.model_space import ModelSpace, space_of, synthetic_volumes
+from attunet_deploy.steps.model_space import ModelSpace, demo_volumes, space_of, synthetic_volumes
 from attunet_deploy.steps.volume_data import (
     UserVolumes,
     golden_volume_cases,
@@ -232,6 +232,11 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     for note in loaded.notes:
         reporter.notice("note:", note)
     _check_normalization_channels(preprocessing, loaded.config.in_channels)
+    if demo and loaded.family == "oktay3d":
+        from attunet_deploy.demo import DEMO3D_ROI
+        from attunet_deploy.demo.phantom3d import DEMO3D_SPACING
+
+        roi, spacing = roi or DEMO3D_ROI, spacing or DEMO3D_SPACING
     space = space_of(loaded, roi=roi, overlap=overlap, sw_mode=sw_mode, spacing=spacing)
     if space.spacing is not None:
         preprocessing["spacing"] = space.spacing
@@ -323,7 +328,8 @@ def _stage_golden(txn: Transaction, module: Any, in_channels: int, preprocessing
     elif user is not None:
         groups, synthetic = user_golden_cases(user, preprocessing, space.divisors[-1])
     elif space.three_d:
-        groups, synthetic = synthetic_volumes(in_channels, preprocessing, space.divisors), 0
+        groups = demo_volumes(preprocessing) if demo else synthetic_volumes(in_channels, preprocessing, space.divisors)
+        synthetic = 0
     else:
         groups, synthetic = synthetic_cases(in_channels, preprocessing, demo), 0
     cases: list[GoldenCase] = []

@@ -68,6 +68,21 @@ def space_of(loaded: Any, *, roi: tuple[int, ...] | None = None, overlap: float 
                       [float(s) for s in spacing] if spacing is not None else None)
 
 
+def demo_volumes(preprocessing: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+    """Golden cases of the 3D demo: 8 phantom volumes with labels, and 2 cropped to a size that is a
+    multiple of no divisor."""
+    from attunet_deploy.demo import GOLDEN_SEED
+    from attunet_deploy.demo.phantom3d import make_volumes
+    from attunet_deploy.preprocess import normalize
+
+    hu, labels = make_volumes(8, seed=GOLDEN_SEED)
+    x = normalize(hu, preprocessing)
+    crop = (slice(None), slice(None), slice(0, 27), slice(3, 58), slice(2, 61))
+    return [(x, labels, [f"phantom volume {k}" for k in range(8)]),
+            (np.ascontiguousarray(x[:2][crop]), np.ascontiguousarray(labels[:2][crop[1:]]),
+             [f"phantom volume {k} (27x55x59 crop)" for k in range(2)])]
+
+
 def synthetic_volumes(in_channels: int, preprocessing: dict[str, Any], divisors: tuple[int, ...]
                       ) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """Golden cases for a 3D model without user volumes: smooth random fields at two window-like

@@ -127,6 +127,16 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
     from attunet_deploy.io.volumes import list_volumes
     from attunet_deploy.steps.volume_data import calibration_patches
 
+    window = bundle.sliding_window or {}
+    if calib is None and bundle.manifest["model"]["source"].get("demo"):
+        from attunet_deploy.demo import CALIB_SEED
+        from attunet_deploy.demo.phantom3d import make_volumes
+        from attunet_deploy.preprocess import normalize
+
+        hu, _ = make_volumes(max(1, min(max_samples, 8)), seed=CALIB_SEED)
+        x = normalize(hu, bundle.preprocessing)
+        return ([x[i:i + 1] for i in range(len(x))], f"{len(x)} demo phantom volumes (seed {CALIB_SEED})",
+                [f"demo phantom volumes seed {CALIB_SEED}"])
     if calib is None:
         root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-volumes" else None
         if not root or not Path(root).exists():
@@ -138,7 +148,6 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
     if not files:
         raise InputError(f"every volume in {calib} is a held-out golden volume: calibration needs other volumes "
                          "(give a larger --calib set)")
-    window = bundle.sliding_window or {}
     inputs, used = calibration_patches(files, bundle.in_channels, bundle.preprocessing, list(window.get("roi", [])),
                                        max_samples, bundle.divisors)
     return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used

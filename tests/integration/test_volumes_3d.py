@@ -14,10 +14,11 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 nib = pytest.importorskip("nibabel")
 
+from test_export_families import _oktay  # noqa: E402
+
 from attunet_deploy.bundle import Bundle  # noqa: E402
 from attunet_deploy.cli import main  # noqa: E402
 from attunet_deploy.io.volumes import read_volume  # noqa: E402
-from test_export_families import _oktay  # noqa: E402
 
 
 def _volumes(root: Path, n: int = 6) -> tuple[Path, Path]:
