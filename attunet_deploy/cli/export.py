@@ -48,11 +48,11 @@ def export(model: str | None, out: str, images: str | None, labels: str | None, 
            force: bool, normalize: str | None, exporter: str, check_rel_l2: float, arch: str | None,
            monai_args: str | None, roi: str | None, overlap: float, sw_mode: str, spacing: str | None) -> None:
     """Export MODEL (default: the bundled demo) to a bundle: weights, ONNX, golden set, manifest."""
+    require_torch("export")  # before importing the export step, which needs torch
     from attunet_deploy.judge.report import verify_table
     from attunet_deploy.steps.export import export_bundle
     from attunet_deploy.steps.model_space import parse_triple
 
-    require_torch("export")
     bundle, row = export_bundle(model, out, opset=opset, trust_pickle=trust_pickle, force=force,
                                 normalize=normalize, exporter=exporter, check_rel_l2=check_rel_l2,
                                 images=images, labels=labels, reporter=reporter(), arch=arch, monai_args=monai_args,

@@ -224,7 +224,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     src = Path(model_path) if model_path is not None else DEMO_WEIGHTS
     if demo and not src.is_file():
         raise InputError(f"demo weights missing at {src}: reinstall attunet-deploy or run "
-                         "'python -m attunet_deploy.demo.train'")
+                         f"'python -m attunet_deploy.demo.{'train3d' if 'oktay3d' in src.name else 'train'}'")
     preprocessing = parse_normalization(normalize if normalize is not None else (DEMO_NORMALIZE if demo else None))
 
     with reporter.step(f"Loading {src.name}"):

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.errors import InputError
-from attunet_deploy.models.attunet2d import SPATIAL_DIVISOR
 from attunet_deploy.runtimes.window import check_window
 
 #: The default window edge (voxels): MONAI's and nnU-Net's usual CT patch, rounded to the divisor.
@@ -51,6 +50,8 @@ def parse_triple(text: str, what: str, kind: type = int) -> tuple[Any, ...]:
 def space_of(loaded: Any, *, roi: tuple[int, ...] | None = None, overlap: float = 0.5, sw_mode: str = "gaussian",
                 spacing: tuple[float, ...] | None = None, batch: int = 1) -> ModelSpace:
     """Divisors (and for 3D the sliding window and spacing) of a loaded checkpoint's model."""
+    from attunet_deploy.models.attunet2d import SPATIAL_DIVISOR
+
     divisors: tuple[int, ...] = tuple(getattr(loaded.config, "divisor", (SPATIAL_DIVISOR, SPATIAL_DIVISOR)))
     if len(divisors) != 3:
         if roi is not None or spacing is not None:

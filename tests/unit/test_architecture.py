@@ -27,7 +27,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("errors", "fileio", "limits", "console", "environment", "metrics", "version", "models", "demo",
          "demo.phantom", "demo.ctseries")),
     (1, ("checkpoint", "bundle", "io", "preprocess", "outputs")),
-    (2, ("runtimes", "build", "demo.train")),
+    (2, ("runtimes", "build", "demo.train", "demo.train3d")),
     (3, ("judge",)),
     (4, ("steps", "apps")),
     (5, ("cli",)),
