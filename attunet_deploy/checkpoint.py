@@ -298,21 +298,27 @@ def check_model_size(config: AttentionUNetConfig) -> int:
     return params
 
 
-def build_model(state_dict: Mapping[str, torch.Tensor], config: AttentionUNetConfig) -> AttentionUNet:
-    """An eval-mode AttentionUNet with ``state_dict`` loaded; a readable error on mismatch."""
-    check_model_size(config)
-    model = AttentionUNet(config)
-    expected = model.state_dict()
-    # BatchNorm's step counter does not affect inference; older exports lack it.
-    state = dict(state_dict)
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor]
+                   ) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, shape mismatches) of ``state`` against a model's own state_dict.
+    BatchNorm step counters the state lacks are filled in (they do not affect inference; older
+    exports lack them)."""
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = value
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+    shapes = [f"{k} {tuple(state[k].shape)}!={tuple(v.shape)}" for k, v in expected.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
+    return missing, unexpected, shapes
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], config: AttentionUNetConfig) -> AttentionUNet:
+    """An eval-mode AttentionUNet with ``state_dict`` loaded; a readable error on mismatch."""
+    check_model_size(config)
+    model = AttentionUNet(config)
+    state = dict(state_dict)
+    if any(state_mismatch(model.state_dict(), state)):
         _raise_mismatch(state, model, config)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -447,14 +453,7 @@ def load_family(family: str, state: dict[str, torch.Tensor], source: str, *, con
                               f"{_first_line(exc)}") from exc
     except ImportError as exc:
         raise CheckpointError(str(exc)) from exc
-    expected = module.net.state_dict()
-    for key, value in expected.items():  # BatchNorm's step counter does not affect inference
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)}!={tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing, unexpected, shapes = state_mismatch(module.net.state_dict(), state)
     if missing or unexpected or shapes:
         parts = [f"{len(v)} {what} ({', '.join(v[:_SHOW])}{', ...' if len(v) > _SHOW else ''})"
                  for what, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if v]

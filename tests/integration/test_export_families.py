@@ -85,7 +85,7 @@ def test_3d_options_are_checked(tmp_path: Path) -> None:
                         (["--overlap", "1.0"], "overlap"),
                         (["--spacing", "1x0x1"], "three positive numbers"),
                         (["--arch", "monai"], "monai"),
-                        (["--images", str(tmp_path)], "volumes")]:
+                        (["--images", str(tmp_path)], "no volumes")]:
         code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), *args)
         assert code == 2 and match in err and "Traceback" not in err, (args, err)
         assert not (tmp_path / "b").exists()
