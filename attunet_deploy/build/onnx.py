@@ -169,4 +169,21 @@ def float_nodes(onnx_path: Path) -> list[str]:
         node = producers.get(node.input[0])
     if node is not None:
         keep.append(node.name)
+        keep += _fused_heads(node, producers)
     return keep
+
+
+def _fused_heads(head: Any, producers: dict[str, Any]) -> list[str]:
+    """Convs whose outputs reach the head only through resizing and concatenation: the deep-supervision
+    heads of the paper's 3D network (class logits, upsampled and fused by the head)."""
+    out, todo, seen = [], list(head.input[:1]), set()
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "Conv":
+            out.append(node.name)
+        elif node.op_type in ("Concat", "Resize", "Upsample", "Transpose"):
+            todo += [i for i in node.input[:1 if node.op_type != "Concat" else None] if i]
+    return out
