@@ -89,6 +89,7 @@ def print_bench(results: Sequence[Mapping[str, Any]], skipped: Sequence[Mapping[
         m = results[0].get("machine", {})
         out.print(bench_table(results, title=f"Latency at {'x'.join(map(str, shape))}"
                               + (" (end-to-end)" if end_to_end else "")
+                              + (" (whole volume, sliding window)" if results[0].get("mode") == "volume" else "")
                               + (f", concurrency {concurrency}" if concurrency > 1 else "")
                               + f" · {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores; "
                               + f"{' '.join(m.get('isa', [])) or 'no AVX2'})"))

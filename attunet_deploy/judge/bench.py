@@ -27,6 +27,8 @@ from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.select import open_runner, resolve_auto
 
 DEFAULT_ITERATIONS = 30
+#: A whole volume takes seconds: fewer timed runs by default.
+VOLUME_ITERATIONS = 3
 MAX_DURATION_S = 86_400.0
 COV_WARNING = 0.05
 
@@ -40,6 +42,8 @@ class BenchSettings:
     end_to_end: bool = False
     threads: int | None = None
     concurrency: int = 1
+    #: ``shape`` is a whole volume, run through the bundle's sliding window (3D bundles)
+    volume: bool = False
 
     def __post_init__(self) -> None:
         self.check_options(warmup=self.warmup, iterations=self.iterations, duration=self.duration,
@@ -172,9 +176,16 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
     raw = rng.standard_normal(settings.shape).astype(np.float32)
     padded, _ = pad_to_divisor(raw, runners[0].divisors)
     for runner in runners:
-        runner.check_memory(padded.shape)
+        if settings.volume:
+            if runner.bundle.sliding_window is None:
+                raise InputError("--volume needs a 3D bundle (its sliding window); time 2D images with --shape")
+        else:  # a volume goes through windows, so its memory is one window's
+            runner.check_memory(padded.shape)
 
     def once(runner: Runner) -> float | None:
+        if settings.volume:
+            runner.infer_volume(raw)
+            return None
         if settings.end_to_end:
             runner.segment(raw)
             return None
@@ -188,7 +199,8 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
                 for runner in runners]
     host: list[list[float]] = [[] for _ in runners]
     device: list[list[float]] = [[] for _ in runners]
-    iterations = settings.iterations or (None if settings.duration else DEFAULT_ITERATIONS)
+    iterations = settings.iterations or (None if settings.duration else (VOLUME_ITERATIONS if settings.volume
+                                                                          else DEFAULT_ITERATIONS))
     names = ", ".join(r.name for r in runners)
     label = f"Timing {names} at {'x'.join(map(str, settings.shape))}"
     budget = (settings.duration or 0.0) * len(runners)
@@ -241,7 +253,21 @@ def _record(runner: Runner, settings: BenchSettings, times: list[float], wall: f
         result.device_latency_ms = latency_stats(dev_times)
         result.timing += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
     result.extras = runner.bench_extras()
+    if settings.volume:
+        result.mode = "volume"
+        window = runner.bundle.sliding_window or {}
+        windows = volume_windows(settings.shape[2:], window.get("roi", []), float(window.get("overlap", 0.5)))
+        p50_s = stats["p50"] / 1000.0
+        result.extras.update(volume_seconds=p50_s, windows=windows * n,
+                             windows_per_s=windows * n / p50_s if p50_s > 0 else None)
     return result
+
+
+def volume_windows(size: tuple[int, ...], roi: list[int], overlap: float) -> int:
+    """Windows the sliding window runs over one volume of ``size``."""
+    from attunet_deploy.runtimes.window import window_starts
+
+    return math.prod(len(window_starts(max(s, r), r, overlap)) for s, r in zip(size, roi))
 
 
 def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,

@@ -110,3 +110,19 @@ def test_3d_weights_round_trip_through_the_bundle(tmp_path: Path) -> None:
     with load_runner(tmp_path / "b", backend="torch") as t, load_runner(tmp_path / "b", backend="ort") as o:
         a, c = t.infer_volume(x), o.infer_volume(x)
     assert np.linalg.norm(a - c) / np.linalg.norm(a) <= 1e-5
+
+
+def test_bench_times_whole_volumes_through_the_window(tmp_path: Path) -> None:
+    """bench --volume: seconds per volume and windows per second, from the bundle's sliding window."""
+    _oktay(tmp_path / "ck.pth", "multi_att_dsv")
+    code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), "--roi", "32x32x32")
+    assert code == 0, err
+    code, out, err = run("bench", "-b", str(tmp_path / "b"), "--backend", "ort", "--volume", "1x1x40x70x60",
+                         "--iterations", "2", "--json", "-")
+    assert code == 0, err
+    (row,) = json.loads(out)["results"]
+    assert row["mode"] == "volume" and row["shape"] == [1, 1, 40, 70, 60]
+    assert row["windows"] == 2 * 4 * 3  # starts per axis: (0, 8); (0, 16, 32, 38); (0, 16, 28)
+    assert row["volume_seconds"] > 0 and row["windows_per_s"] == pytest.approx(24 / row["volume_seconds"])
+    code, _, err = run("bench", "-b", str(tmp_path / "b"), "--volume", "1x1x40x70x60", "--shape", "1x1x32x32x32")
+    assert code == 2 and "--volume" in err
