@@ -147,6 +147,7 @@ def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str]
 
     Every input is read and validated, and every output name decided, before anything is written.
     """
+    bundle.require_2d("predict")
     from attunet_deploy.environment import has_module
     from attunet_deploy.preprocess import logits_to_masks
 

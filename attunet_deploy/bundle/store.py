@@ -25,7 +25,7 @@ from attunet_deploy.bundle.schema import (
     validate_manifest,
 )
 from attunet_deploy.bundle.txn import Transaction, bundle_lock, recover_if_needed
-from attunet_deploy.errors import BundleError
+from attunet_deploy.errors import BundleError, InputError
 
 
 # ====================================================================================== reading
@@ -186,6 +186,14 @@ class Bundle:
         if self.spacing is not None:
             text += f" · spacing {'x'.join(f'{v:g}' for v in self.spacing)} mm"
         return text
+
+    def require_2d(self, what: str) -> None:
+        """InputError for a 3D bundle where ``what`` handles 2D slices only (instead of running each
+        slice as a one-slice volume)."""
+        if self.spatial_dims != 2:
+            raise InputError(f"{what} takes 2D bundles; this one is a 3D {self.family} bundle ({self.layout}): "
+                             "segment volumes with load_runner(bundle).segment_volume(volume, spacing=...) "
+                             "(3D at the scanner and in Triton comes next)")
 
     @property
     def family(self) -> str:

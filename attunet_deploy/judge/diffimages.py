@@ -2,6 +2,7 @@
 
 One PNG per listed worst image of each backend/precision: the image in grey, pixels that are
 foreground in both masks in green, only in the reference in blue, only in the backend in red.
+A volume (3D bundles) is shown by its worst axial slice: the one where the masks differ most.
 ``report.md`` in the folder has the legend and a table of every picture.
 """
 
@@ -57,12 +58,25 @@ def write_diff_images(folder: Path, row: Mapping[str, Any], outputs: list[np.nda
         for i, name in enumerate(case.image_names()):
             if name not in wanted:
                 continue
-            path = sub / f"{wanted[name]}-{_safe(name)}.png"
+            image, mask, ref, label = case.inputs[i, 0], masks[i], refs[i], _safe(name)
+            if mask.ndim == 3:  # a volume: its worst axial slice
+                z = worst_slice(mask, ref)
+                image, mask, ref, label = image[z], mask[z], ref[z], f"{label}-z{z}"
+            path = sub / f"{wanted[name]}-{label}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                Image.fromarray(diff_rgb(case.inputs[i, 0], masks[i], refs[i])).save(tmp, format="PNG")
+                Image.fromarray(diff_rgb(image, mask, ref)).save(tmp, format="PNG")
             written.append(path.relative_to(folder).as_posix())
     return sorted(written)
+
+
+def worst_slice(mask: np.ndarray, ref: np.ndarray) -> int:
+    """The axial slice (first axis) where two label volumes differ in most voxels; where they agree
+    everywhere, the slice with the most reference foreground."""
+    differ = (mask != ref).reshape(len(mask), -1).sum(axis=1)
+    if differ.max() > 0:
+        return int(np.argmax(differ))
+    return int(np.argmax((ref > 0).reshape(len(ref), -1).sum(axis=1)))
 
 
 def write_diff_index(folder: Path, rows: Sequence[Mapping[str, Any]], reference: str) -> None:

@@ -236,6 +236,7 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
                      reporter: Reporter | None = None) -> list[str]:
     """Write the repository to ``out`` (a new or empty folder, or one this command wrote before);
     returns the model names. Staged beside ``out`` and moved into place whole."""
+    bundle.require_2d("attdeploy triton")
     from attunet_deploy.outputs import check_output
 
     reporter = reporter or Reporter()

@@ -46,6 +46,7 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
     Files that are not CT images, or hold no pixel data, are skipped with a one-line notice.
     Every series is ordered and every output name checked before anything is written.
     """
+    bundle.require_2d("predict --dicom-seg")
     reporter = reporter or Reporter()
     series, skipped = scan(inputs)
     for path, reason in skipped:
