@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.errors import InputError
-from attunet_deploy.limits import check_pixels
+from attunet_deploy.limits import IMAGE_FILE, check_pixels, too_large
 
 _NUMERIC_KINDS = "biuf"  # bool, signed/unsigned int, float
 
@@ -205,6 +205,8 @@ def parse_shape(text: str, channels: int | None = None, spatial_dims: int | None
     if dims[0] > 4096:
         raise InputError(f"shape {text}: batch {dims[0]} is above 4096")
     check_pixels(dims[-2], dims[-1], f"shape {text}")
+    if len(dims) == 5 and math.prod(dims) * 4 > IMAGE_FILE.bytes():  # a volume is allocated whole
+        raise too_large(f"shape {text}", math.prod(dims) * 4, IMAGE_FILE)
     return dims
 
 

@@ -36,10 +36,12 @@ class Volume:
 
 def list_volumes(path: str | os.PathLike[str]) -> list[Path]:
     """Volume files at ``path`` (a file, or a folder searched recursively), sorted."""
-    p = Path(path)
-    if p.is_dir() and not any(suffix_of(f) in VOLUME_EXT for f in p.rglob("*") if f.is_file()):
-        raise InputError(f"no volumes in {p} (a 3D model reads {', '.join(VOLUME_EXT)} files)")
-    return list_image_files(path, exts=VOLUME_EXT)
+    try:
+        return list_image_files(path, exts=VOLUME_EXT)
+    except InputError:
+        if Path(path).is_dir():  # the folder holds no volume (the message would speak of label masks)
+            raise InputError(f"no volumes in {path} (a 3D model reads {', '.join(VOLUME_EXT)} files)") from None
+        raise
 
 
 def _nifti_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:

@@ -42,8 +42,8 @@ def parse_triple(text: str, what: str, kind: type = int) -> tuple[Any, ...]:
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        example = "96x96x96" if kind is int else "2.5x0.8x0.8"
-        raise InputError(f"{what} {text!r}: three positive numbers D x H x W, e.g. {example}")
+        axes, example = ("D x H x W", "96x96x96") if kind is int else ("Z x Y x X (mm)", "2.5x0.8x0.8")
+        raise InputError(f"{what} {text!r}: three positive numbers {axes}, e.g. {example}")
     return values
 
 

@@ -126,6 +126,8 @@ def test_bench_times_whole_volumes_through_the_window(tmp_path: Path) -> None:
     assert row["volume_seconds"] > 0 and row["windows_per_s"] == pytest.approx(24 / row["volume_seconds"])
     code, _, err = run("bench", "-b", str(tmp_path / "b"), "--volume", "1x1x40x70x60", "--shape", "1x1x32x32x32")
     assert code == 2 and "--volume" in err
+    code, _, err = run("bench", "-b", str(tmp_path / "b"), "--volume", "1x1x3000x512x512")  # 3 GB: refused unallocated
+    assert code == 2 and "ATTDEPLOY_MAX_IMAGE_FILE_MB" in err
 
 
 def test_save_diff_shows_the_worst_axial_slice_of_each_volume(tmp_path: Path) -> None:
