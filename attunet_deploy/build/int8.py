@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.build.onnx import float_nodes
+from attunet_deploy.build.qdq_layout import input_rank, quantizer_options, requantize_concat_inputs
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
@@ -169,6 +170,7 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray] | None = 
         "QuantizeBias": False,  # int32 bias Q/DQ is not TensorRT-friendly
         "DedicatedQDQPair": False,
         "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
+        **quantizer_options(input_rank(src)),
     }
     with tempfile.TemporaryDirectory(prefix="attdeploy-quant-") as tmp, atomic_path(dst) as out, _quiet_calibrator():
         cache = Path(tmp) / "ranges.json"
@@ -178,7 +180,10 @@ def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray] | None = 
                         reduce_range=not full_range_weights, op_types_to_quantize=QUANTIZED_OPS,
                         nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                         calibration_cache_path=str(cache), extra_options=extra, use_external_data_format=False)
+        concat_pairs = requantize_concat_inputs(out)
     return {"method": method, "calibration_images": len(calib_inputs or []), "float_nodes": exclude,
+            "concat_input_qdq": concat_pairs,
+            "conv_outputs_quantized": "OpTypesToExcludeOutputQuantization" not in extra,
             "quantize_all": quantize_all, "weight_bits": 8 if full_range_weights else 7}
 
 

@@ -24,20 +24,15 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
     assert DEMO3D_WEIGHTS.is_file()
     r = CliRunner().invoke(main, ["pipeline", "--demo", "3d", "-o", str(tmp_path / "b"), "--bench-iterations", "2"],
                            catch_exceptions=True)
-    # OpenVINO's own INT8 kernels miss the INT8 Dice gate on this 3D graph (mean Dice about 0.946 on this
-    # Xeon) where ONNX Runtime's pass: the pipeline says so with exit 1. Every other row must pass.
-    assert r.exit_code in (0, 1), r.stderr[-3000:]
+    assert r.exit_code == 0, r.output[-3000:]
     b = Bundle.load(tmp_path / "b")
     assert (b.family, b.layout, b.sliding_window["roi"], b.spacing) == ("oktay3d", "NCDHW", [32, 48, 48],
                                                                          (5.0, 6.0, 6.0))
     rows = json.loads((tmp_path / "b" / "report.json").read_text())["verification"]
     ran = {(row["backend"], row["precision"]): row for row in rows if row["status"] != "unavailable"}
     assert {("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")} <= set(ran)
-    failed = {key for key, row in ran.items() if row["status"] != "pass"}
-    assert failed <= {("ov", "int8")} and (r.exit_code == 1) == bool(failed), failed
+    assert all(row["status"] == "pass" for row in ran.values()), ran
     for key, row in ran.items():
-        if key in failed:
-            continue
         assert row["gt_dice"] >= 0.85, (key, row["gt_dice"])  # the demo model finds the target organ
         if key[1] != "fp32":
             assert row["mean_dice"] >= 0.98, key
