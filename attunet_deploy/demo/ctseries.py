@@ -31,8 +31,14 @@ class SeriesSlice:
 def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int] = (128, 128), seed: int = 0, *,
                     study_uid: str | None = None, series_uid: str | None = None, patient_id: str = "PHANTOM-1",
                     series_number: int = 1, name: str = "slice_{:03d}.dcm", modality: str = "CT",
-                    spacing: float = 2.5, pixels: bool = True) -> list[SeriesSlice]:
-    """Write ``n_slices`` phantom slices of one series into ``folder``; returns them in z order."""
+                    spacing: float = 2.5, pixels: bool = True, volume: np.ndarray | None = None,
+                    labels: np.ndarray | None = None, pixel_spacing: float = 1.0,
+                    positions: list[tuple[float, float, float]] | None = None) -> list[SeriesSlice]:
+    """Write ``n_slices`` phantom slices of one series into ``folder``; returns them in z order.
+
+    ``volume`` (HU [D, H, W], with ``labels`` alike) is written instead of independent 2D phantoms,
+    with ``spacing`` between slices and ``pixel_spacing`` in-plane; ``positions`` overrides each
+    slice's ImagePositionPatient (irregular or tilted series in tests)."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -45,8 +51,14 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
     sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
     today = _dt.date.today().strftime("%Y%m%d")
     out = []
+    if volume is not None:
+        n_slices, size = len(volume), (int(volume.shape[1]), int(volume.shape[2]))
     for k in range(n_slices):
-        hu, label = make_phantom(seed * 10_007 + k, size)
+        if volume is not None:
+            hu = volume[k]
+            label = labels[k] if labels is not None else np.zeros(size, np.uint8)
+        else:
+            hu, label = make_phantom(seed * 10_007 + k, size)
         stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = UID(sop_class)
@@ -76,9 +88,11 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         ds.BodyPartExamined = "ABDOMEN"
         ds.InstanceNumber = k + 1
         ds.AcquisitionNumber = 1
-        ds.ImagePositionPatient = [-0.5 * size[1], -0.5 * size[0], float(k * spacing)]
+        ds.ImagePositionPatient = list(positions[k]) if positions else [-0.5 * size[1] * pixel_spacing,
+                                                                          -0.5 * size[0] * pixel_spacing,
+                                                                          float(k * spacing)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [1.0, 1.0]
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
         ds.SliceThickness = spacing
         ds.Rows, ds.Columns = size
         ds.SamplesPerPixel = 1

@@ -39,6 +39,7 @@ class Instance:
     orientation: tuple[float, ...] | None
     instance_number: int
     has_pixels: bool
+    pixel_spacing: tuple[float, float] | None = None  # (row, column) mm
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -82,7 +83,12 @@ def header_of(ds: Any, path: Path, has_pixels: bool) -> Instance:
                     columns=int(getattr(ds, "Columns", 0) or 0),
                     position=_floats(getattr(ds, "ImagePositionPatient", None), 3),  # type: ignore[arg-type]
                     orientation=_floats(getattr(ds, "ImageOrientationPatient", None), 6),
-                    instance_number=number, has_pixels=has_pixels)
+                    instance_number=number, has_pixels=has_pixels,
+                    pixel_spacing=_positive(_floats(getattr(ds, "PixelSpacing", None), 2)))  # type: ignore[arg-type]
+
+
+def _positive(values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    return values if values is not None and all(v > 0 for v in values) else None
 
 
 def _finite(value: Any) -> float | None:

@@ -1,5 +1,6 @@
-"""Volumes for 3D bundles: NIfTI (``.nii``/``.nii.gz``) and ``.npy`` ([D, H, W] or [C, D, H, W]),
-read as float32 [C, D, H, W] with their voxel spacing (z, y, x) in mm where the file has one.
+"""Volumes for 3D bundles: NIfTI (``.nii``/``.nii.gz``), ``.npy`` ([D, H, W] or [C, D, H, W]) and
+DICOM CT series (a folder whose files are one series), read as float32 [C, D, H, W] with their voxel
+spacing (z, y, x) in mm where the source has one (NIfTI header; DICOM PixelSpacing and slice positions).
 
 NIfTI arrays come in nibabel's voxel order (i, j, k) = (x, y, z); a volume here is [D, H, W] =
 (z, y, x), the reverse, which is also the order the paper's 3D networks are given back their own
@@ -19,7 +20,15 @@ import numpy as np
 from attunet_deploy import limits
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.arrays import check_numeric, load_npy
-from attunet_deploy.io.files import NIFTI_EXT, list_image_files, reading, relative_name, suffix_of
+from attunet_deploy.io.files import (
+    NIFTI_EXT,
+    file_sha256,
+    is_dicom_file,
+    list_image_files,
+    reading,
+    relative_name,
+    suffix_of,
+)
 
 VOLUME_EXT = (".npy", *NIFTI_EXT)
 
@@ -35,13 +44,37 @@ class Volume:
 
 
 def list_volumes(path: str | os.PathLike[str]) -> list[Path]:
-    """Volume files at ``path`` (a file, or a folder searched recursively), sorted."""
-    try:
-        return list_image_files(path, exts=VOLUME_EXT)
-    except InputError:
-        if Path(path).is_dir():  # the folder holds no volume (the message would speak of label masks)
-            raise InputError(f"no volumes in {path} (a 3D model reads {', '.join(VOLUME_EXT)} files)") from None
-        raise
+    """Volumes at ``path`` (a file, or a folder searched recursively), sorted: volume files, and each
+    folder that directly holds DICOM files (one series: the folder is the volume)."""
+    root = Path(path)
+    if root.is_dir():
+        files = [f for f in sorted(root.rglob("*")) if f.is_file()
+                 and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+        found = {f for f in files if suffix_of(f) in VOLUME_EXT} | {f.parent for f in files if is_dicom_file(f)}
+        if not found:
+            raise InputError(f"no volumes in {root} (a 3D model reads {', '.join(VOLUME_EXT)} files, or one folder "
+                             "of DICOM files per CT series)")
+        return sorted(found)
+    if root.is_file() and is_dicom_file(root):
+        raise InputError(f"{root} is one DICOM file: give the folder of its series (a 3D model reads volumes)")
+    return list_image_files(root, exts=VOLUME_EXT)
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in a series folder (subfolders are volumes of their own)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f))
+
+
+def volume_sha256(path: Path) -> str:
+    """sha256 of a volume file, or of a series folder's DICOM files (names and contents)."""
+    if not path.is_dir():
+        return file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in series_files(path):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _nifti_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
@@ -68,7 +101,12 @@ def read_volume(path: Path, channels: int, root: Path | None = None) -> Volume:
     """One volume file as float32 [C, D, H, W]; InputError naming the file and the fix otherwise."""
     rel = relative_name(path, root) if root is not None else path.name
     with reading(path):
-        if suffix_of(path) == ".npy":
+        if path.is_dir():
+            from attunet_deploy.io.dicom_series import read_series_volume
+
+            hu, spacing3, _ = read_series_volume(series_files(path), f"series folder {path}")
+            arr, spacing = np.repeat(hu[None], channels, axis=0) if channels > 1 else hu, spacing3
+        elif suffix_of(path) == ".npy":
             arr, spacing = np.asarray(load_npy(path), dtype=np.float32), None
         elif suffix_of(path) in NIFTI_EXT:
             arr, spacing = _nifti_volume(path)

@@ -123,8 +123,7 @@ def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], 
 def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
                          ) -> tuple[list[np.ndarray], str, list[str]]:
     """3D bundles: roi-sized patches of the calibration volumes (never a held-out golden volume)."""
-    from attunet_deploy.io.files import file_sha256
-    from attunet_deploy.io.volumes import list_volumes
+    from attunet_deploy.io.volumes import list_volumes, volume_sha256
     from attunet_deploy.steps.volume_data import calibration_patches
 
     window = bundle.sliding_window or {}
@@ -144,7 +143,7 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
                              "volumes; a few are enough, several windows are taken from each)")
         calib = root
     held = golden_shas(bundle)
-    files = [f for f in list_volumes(calib) if not held or file_sha256(f) not in held]
+    files = [f for f in list_volumes(calib) if not held or volume_sha256(f) not in held]
     if not files:
         raise InputError(f"every volume in {calib} is a held-out golden volume: calibration needs other volumes "
                          "(give a larger --calib set)")

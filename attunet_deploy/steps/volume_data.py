@@ -93,9 +93,10 @@ def golden_volume_cases(user: UserVolumes, preprocessing: dict[str, Any], roi: l
 
 def golden_volumes_manifest(user: UserVolumes, roi: list[int]) -> dict[str, Any]:
     """The manifest's ``golden`` record for held-out volumes (which files, and that a window of each is kept)."""
-    from attunet_deploy.io.files import file_sha256, relative_name
+    from attunet_deploy.io.files import relative_name
+    from attunet_deploy.io.volumes import volume_sha256
 
-    source = [{"file": relative_name(v.source, user.root), "sha256": file_sha256(v.source),
+    source = [{"file": relative_name(v.source, user.root), "sha256": volume_sha256(v.source),
                "shape": list(v.voxels.shape), "spacing": list(v.spacing) if v.spacing else None,
                "window": list(roi)} for v in user.volumes]
     return {"kind": "user-volumes", "reference": "torch/fp32", "root": str(user.root.resolve()), "source": source,

@@ -1,4 +1,5 @@
-"""A 3D checkpoint through the whole pipeline on the user's own NIfTI volumes with labels: the
+"""A 3D checkpoint through the whole pipeline on the user's own volumes (NIfTI files and DICOM series
+folders) with NIfTI labels: the
 golden volumes and the calibration volumes are disjoint, every row carries Dice against the
 labels per volume, and INT8 is calibrated on windows of the other volumes."""
 
@@ -21,8 +22,9 @@ from attunet_deploy.cli import main  # noqa: E402
 from attunet_deploy.io.volumes import read_volume  # noqa: E402
 
 
-def _volumes(root: Path, n: int = 6) -> tuple[Path, Path]:
-    """NIfTI volumes (x, y, z order, 1.5 mm slices) of a bright ellipsoid in noise, and its labels."""
+def _volumes(root: Path, n: int = 6, dicom_from: int | None = None) -> tuple[Path, Path]:
+    """NIfTI volumes (x, y, z order, 1.5 mm slices) of a bright ellipsoid in noise, and its labels;
+    from case ``dicom_from`` on, the volume is a DICOM CT series folder instead (labels stay NIfTI)."""
     imgs, labs = root / "vols", root / "labels"
     imgs.mkdir()
     labs.mkdir()
@@ -33,7 +35,12 @@ def _volumes(root: Path, n: int = 6) -> tuple[Path, Path]:
         mask = ((x - c[0]) / 9) ** 2 + ((y - c[1]) / 7) ** 2 + ((z - c[2]) / 5) ** 2 < 1
         vol = (rng.normal(0, 20, mask.shape) + 100 * mask).astype(np.float32)
         affine = np.diag([0.8, 0.8, 1.5, 1.0])
-        nib.save(nib.Nifti1Image(vol, affine), imgs / f"case{i}.nii.gz")
+        if dicom_from is not None and i >= dicom_from:
+            from attunet_deploy.demo.ctseries import write_ct_series
+
+            write_ct_series(imgs / f"case{i}", volume=vol.transpose(2, 1, 0), spacing=1.5, pixel_spacing=0.8)
+        else:
+            nib.save(nib.Nifti1Image(vol, affine), imgs / f"case{i}.nii.gz")
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), labs / f"case{i}.nii.gz")
     return imgs, labs
 
@@ -47,7 +54,8 @@ def test_nifti_volumes_read_as_d_h_w_with_spacing(tmp_path: Path) -> None:
 def test_pipeline_on_user_volumes(tmp_path: Path) -> None:
     pytest.importorskip("monai")
     _oktay(tmp_path / "ck.pth", "multi_att_dsv")
-    imgs, labs = _volumes(tmp_path)
+    pytest.importorskip("pydicom")
+    imgs, labs = _volumes(tmp_path, dicom_from=3)
     r = CliRunner().invoke(main, ["pipeline", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), "--calib",
                                   str(imgs), "--labels", str(labs), "--normalize", "mean-std:100,50",
                                   "--bench-iterations", "2", "--shape", "1x1x32x32x32"], catch_exceptions=True)
@@ -57,6 +65,7 @@ def test_pipeline_on_user_volumes(tmp_path: Path) -> None:
     calib = set(b.artifacts["model.int8.onnx"]["producer"]["calibration_files"])
     assert golden and calib and not golden & calib  # disjoint, by file
     assert len(golden) == 2 and b.golden_info["kind"] == "user-volumes"  # round(6 / 4)
+    assert golden | calib == {f"case{i}{'' if i >= 3 else '.nii.gz'}" for i in range(6)}  # series folders too
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     ran = [row for row in report["verification"] if row["status"] != "unavailable"]
     assert {(row["backend"], row["precision"]) for row in ran} >= {("torch", "fp32"), ("ort", "fp32"),

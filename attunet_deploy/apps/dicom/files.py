@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from attunet_deploy.apps.dicom.seg import DEFAULT_CATEGORY, DEFAULT_TYPE, build_seg, write_seg
-from attunet_deploy.apps.dicom.series import dedupe_series, order_slices, scan, segment_volume
+from attunet_deploy.apps.dicom.series import segment_volume
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.dicom import load_volume
+from attunet_deploy.io.dicom_series import dedupe_series, order_slices, scan
 from attunet_deploy.runtimes.select import load_runner
 
 

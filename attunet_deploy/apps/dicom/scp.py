@@ -13,13 +13,10 @@ from typing import Any
 
 from attunet_deploy import limits as _limits
 from attunet_deploy.apps.dicom.checks import is_valid_uid, pixel_problem, uid_problem
-from attunet_deploy.apps.dicom.series import (
-    geometry_problem,
-    unusable_reason,
-)
 from attunet_deploy.apps.dicom.state import NodeState
 from attunet_deploy.fileio import fsync_dir
 from attunet_deploy.io.dicom import CT_IMAGE_STORAGE, header_of
+from attunet_deploy.io.dicom_series import geometry_problem, unusable_reason
 
 #: C-STORE statuses (PS3.4 Annex B, PS3.7 Annex C).
 SUCCESS = 0x0000

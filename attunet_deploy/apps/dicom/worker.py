@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.apps.dicom.checks import is_valid_uid
-from attunet_deploy.apps.dicom.series import (
-    dedupe_series,
-    order_slices,
-    segment_volume,
-    unusable_reason,
-)
+from attunet_deploy.apps.dicom.series import segment_volume
 from attunet_deploy.apps.dicom.spool import Spool, instance_key, series_of
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
 from attunet_deploy.io.dicom import Instance, decode_hu, dicom_header, has_pixel_data, header_of, read_dataset
+from attunet_deploy.io.dicom_series import (
+    dedupe_series,
+    order_slices,
+    unusable_reason,
+)
 
 #: Masks computed ahead of a series' completion, at most this many bytes kept in memory.
 PRESEGMENT_CACHE_BYTES = 256 << 20
