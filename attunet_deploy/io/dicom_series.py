@@ -133,13 +133,13 @@ def series_spacing(ordered: list[Instance]) -> tuple[float, float, float]:
     """Voxel spacing (z, y, x) in mm of slices ordered along their normal; InputError naming the
     problem for a volume that is not a regular grid (irregular gaps, gantry tilt, missing PixelSpacing)."""
     uid = ordered[0].series_uid if ordered else "?"
-    spacings = {i.pixel_spacing for i in ordered}
-    if None in spacings:
+    if any(i.pixel_spacing is None for i in ordered):
         raise InputError(f"series {uid}: a slice has no usable PixelSpacing (2 positive numbers): the volume's "
                          "voxel size is unknown")
+    spacings = sorted({i.pixel_spacing for i in ordered if i.pixel_spacing is not None})
     if len(spacings) > 1:
-        raise InputError(f"series {uid} mixes PixelSpacing values {sorted(spacings)[:3]}: not one volume")
-    row_mm, col_mm = next(iter(spacings))  # type: ignore[misc]
+        raise InputError(f"series {uid} mixes PixelSpacing values {spacings[:3]}: not one volume")
+    row_mm, col_mm = spacings[0]
     if len(ordered) < 2:
         raise InputError(f"series {uid} has one slice: a 3D model needs a volume (several slices)")
     o = np.asarray(ordered[0].orientation)
