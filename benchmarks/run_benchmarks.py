@@ -1,7 +1,8 @@
 """Benchmark the demo model (base 16) and the full-size Attention U-Net (in 3 / out 1 / base 64)
-on every backend and precision available here.
+on every backend and precision available here, and the 3D demo at one window and one whole CT volume.
 
     python benchmarks/run_benchmarks.py [--iterations 10] [--shapes 1x3x256x256 ...] [--out benchmarks/results]
+                                        [--sections 2d 3d]
 
 Steps: build a full-size checkpoint with random weights and realistic BatchNorm statistics,
 export it, make FP16 and INT8 graphs (INT8 calibrated on CT phantoms stacked to 3 channels),
@@ -27,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attunet_deploy.bundle import Bundle  # noqa: E402
 from attunet_deploy.console import RichReporter  # noqa: E402
@@ -160,7 +162,16 @@ def main() -> None:
     parser.add_argument("--demo-bundle", type=Path, default=ROOT / "benchmarks" / "results" / "demo_bundle",
                         help="Demo-model bundle: made here on the first run, reused after.")
     parser.add_argument("--demo-iterations", type=int, default=40)
+    parser.add_argument("--sections", nargs="+", choices=["2d", "3d"], default=["2d", "3d"],
+                        help="2d: the demo and full-size 2D models; 3d: the 3D demo (results_3d.{json,md}).")
+    parser.add_argument("--demo3d-bundle", type=Path, default=ROOT / "benchmarks" / "results" / "demo3d_bundle",
+                        help="3D demo bundle: made here on the first run, reused after.")
+    parser.add_argument("--volume-rounds", type=int, default=3, help="Timed rounds of the whole 3D volume.")
     args = parser.parse_args()
+    if "3d" in args.sections:
+        run_3d(args)
+    if "2d" not in args.sections:
+        return
 
     from attunet_deploy.judge.report import bench_table, markdown_table
     from attunet_deploy.steps.export import export_bundle
@@ -249,6 +260,29 @@ def main() -> None:
     except ImportError:
         print("matplotlib missing: no chart (pip install 'attunet-deploy[bench]')")
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+
+
+def run_3d(args: argparse.Namespace) -> None:
+    """The 3D demo at one window and one whole CT volume (benchmarks/bench3d.py)."""
+    import bench3d
+
+    reporter = RichReporter()
+    threads = os.cpu_count() or 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle = bench3d.demo3d_bundle(args.demo3d_bundle, reporter)
+    window = bench3d.bench_window(bundle, threads, args.demo_iterations, reporter)
+    volume = bench3d.bench_volume(bundle, threads, args.volume_rounds)
+    mach = machine_info()
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": mach, "platform": platform.platform(), "threads": threads,
+            "versions": versions(include_torch=True)}
+    (args.out / "results_3d.json").write_text(json.dumps({"meta": meta, "window": window, "volume": volume},
+                                                         indent=2, default=str) + "\n")
+    md = [f"# 3D benchmark results ({meta['date']})", "",
+          f"Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['arch']}, ISA {' '.join(mach['isa']) or '-'}; "
+          f"threads {threads}; versions {meta['versions']}.", "", *bench3d.markdown(window, volume)]
+    (args.out / "results_3d.md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {args.out / 'results_3d.json'}, {args.out / 'results_3d.md'}")
 
 
 def _chart(records: list[dict], path: Path) -> None:

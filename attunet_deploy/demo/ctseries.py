@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,63 @@ class SeriesSlice:
     z: float
 
 
+def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tuple[int, int],
+                   position: list[float], spacing: float, pixel_spacing: float, modality: str, patient_id: str,
+                   series_number: int, today: str) -> Any:
+    """The header of slice ``k`` (no pixel data): what a CT scanner writes for one axial image."""
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    study_uid, series_uid, frame_uid = uids
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_uid
+    ds.Modality = modality
+    ds.PatientName = "Phantom^Synthetic"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = today
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.Manufacturer = "attunet-deploy phantom"
+    ds.SeriesNumber = series_number
+    ds.PatientPosition = "HFS"
+    ds.PositionReferenceIndicator = ""
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1
+    ds.ImagePositionPatient = position
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.SliceThickness = spacing
+    ds.Rows, ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    if modality == "CT":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.KVP = 120
+    return ds
+
+
 def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int] = (128, 128), seed: int = 0, *,
                     study_uid: str | None = None, series_uid: str | None = None, patient_id: str = "PHANTOM-1",
                     series_number: int = 1, name: str = "slice_{:03d}.dcm", modality: str = "CT",
@@ -39,9 +97,7 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
     ``volume`` (HU [D, H, W], with ``labels`` alike) is written instead of independent 2D phantoms,
     with ``spacing`` between slices and ``pixel_spacing`` in-plane; ``positions`` overrides each
     slice's ImagePositionPatient (irregular or tilted series in tests)."""
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,53 +116,10 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         else:
             hu, label = make_phantom(seed * 10_007 + k, size)
         stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(sop_class)
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = modality
-        ds.PatientName = "Phantom^Synthetic"
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.StudyDate = today
-        ds.StudyTime = "120000"
-        ds.StudyID = "1"
-        ds.AccessionNumber = "ACC0001"
-        ds.ReferringPhysicianName = ""
-        ds.Manufacturer = "attunet-deploy phantom"
-        ds.SeriesNumber = series_number
-        ds.PatientPosition = "HFS"
-        ds.PositionReferenceIndicator = ""
-        ds.BodyPartExamined = "ABDOMEN"
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.ImagePositionPatient = list(positions[k]) if positions else [-0.5 * size[1] * pixel_spacing,
-                                                                          -0.5 * size[0] * pixel_spacing,
-                                                                          float(k * spacing)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-        ds.SliceThickness = spacing
-        ds.Rows, ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        if modality == "CT":
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            ds.KVP = 120
+        ds = _slice_dataset(sop_class, (study_uid, series_uid, frame_uid), k, size,
+                            list(positions[k]) if positions else [-0.5 * size[1] * pixel_spacing,
+                                                                  -0.5 * size[0] * pixel_spacing, float(k * spacing)],
+                            spacing, pixel_spacing, modality, patient_id, series_number, today)
         if pixels:
             ds.PixelData = stored.tobytes()
         path = folder / name.format(k)

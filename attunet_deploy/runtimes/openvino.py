@@ -43,7 +43,9 @@ def precision_plan(precision: str, isa: list[str]) -> tuple[str, str]:
 
 @register
 class OpenVinoRunner(Runner):
-    """Options: ``threads`` (INFERENCE_NUM_THREADS, default all cores, like the other CPU backends)."""
+    """Options: ``threads`` (INFERENCE_NUM_THREADS, default all cores, like the other CPU backends);
+    ``hint`` (``bf16`` or ``f16``) pins the 16-bit row's OpenVINO precision instead of the CPU's default
+    (``bf16`` runs ``model.onnx`` in bf16, ``f16`` runs ``model.fp16.onnx`` in f16)."""
 
     backend = "ov"
 
@@ -60,6 +62,11 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         graph, hint = precision_plan(self.precision, machine_info()["isa"])
+        pinned = self.options.get("hint")
+        if pinned is not None:
+            if self.precision != "fp16" or pinned not in ("bf16", "f16"):
+                raise BackendUnavailable(f"OpenVINO hint {pinned!r}: only the fp16 row takes one, bf16 or f16")
+            graph, hint = (ONNX_FILES["fp32"] if pinned == "bf16" else ONNX_FILES["fp16"]), pinned
         core = ov.Core()
         if "CPU" not in core.available_devices:
             raise BackendUnavailable("OpenVINO sees no CPU device")
