@@ -30,6 +30,8 @@ class GoldenCase:
     logits: np.ndarray  # reference logits [N, K, *spatial]
     labels: np.ndarray | None = None  # ground-truth masks [N, *spatial]
     names: list[str] = field(default_factory=list)
+    #: whole volumes, run through the bundle's sliding window (``infer_volume``), not one forward pass
+    volume: bool = False
 
     def image_names(self) -> list[str]:
         return self.names if len(self.names) == len(self.inputs) else [f"image {i}" for i in range(len(self.inputs))]

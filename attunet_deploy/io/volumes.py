@@ -29,6 +29,7 @@ from attunet_deploy.io.files import (
     relative_name,
     suffix_of,
 )
+from attunet_deploy.preprocess import normalize, resample_linear, resampled_shape
 
 VOLUME_EXT = (".npy", *NIFTI_EXT)
 
@@ -132,3 +133,12 @@ def read_label_volume(path: Path, num_classes: int) -> np.ndarray:
         raise InputError(f"label {path} holds values {values[:6].tolist()}: expected class indices "
                          f"0..{num_classes - 1}")
     return vol.astype(np.uint8)
+
+
+def to_model_space(volume: Volume, preprocessing: dict[str, Any]) -> np.ndarray:
+    """Normalised float32 [C, D, H, W], resampled to the bundle's spacing when both are known."""
+    x = normalize(volume.voxels[None], preprocessing)[0]
+    target = preprocessing.get("spacing")
+    if target is not None and volume.spacing is not None:
+        x = resample_linear(x, resampled_shape(x.shape[1:], volume.spacing, target))
+    return x

@@ -159,7 +159,7 @@ def run_outputs(bundle: Bundle, backend: str, precision: str, cases: list[Golden
     if reason is not None:
         raise BackendUnavailable(reason)
     with open_runner(bundle, backend, precision, **runner_options) as runner:
-        outputs = [runner.infer(c.inputs) for c in cases]
+        outputs = [runner.infer_volume(c.inputs) if c.volume else runner.infer(c.inputs) for c in cases]
         return outputs, runner.device
 
 
@@ -273,6 +273,9 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     if max_dice_drop is not None and labels is None:
         raise InputError("--max-dice-drop needs ground truth: pass --labels PATH with --images")
     pairs = expand(bundle, backends, precisions)
+    if bundle.spatial_dims == 3:
+        return _verify_volumes(bundle, images, labels, pairs, tolerances, max_dice_drop, save_diff, reporter,
+                               **runner_options)
     root = Path(images)
     files = list_image_files(root)
     label_map = match_labels(files, root, labels) if labels is not None else None
@@ -311,6 +314,23 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     return _judge_all(bundle, pairs, cases, tolerances, f"{ref_backend}/fp32", max_dice_drop,
                       Path(save_diff) if save_diff is not None else None, reporter,
                       f"Verifying against {ref_backend}/fp32 on {n_images} images", **runner_options)
+
+
+def _verify_volumes(bundle: Bundle, images: str | os.PathLike[str], labels: str | os.PathLike[str] | None,
+                    pairs: list[tuple[str, str]], tolerances: dict[str, Tolerance], max_dice_drop: float | None,
+                    save_diff: str | os.PathLike[str] | None, reporter: Reporter, **runner_options: Any
+                    ) -> list[VerifyRow]:
+    """verify --images on a 3D bundle: whole volumes through the sliding window (judge/volumes.py)."""
+    from attunet_deploy.judge.volumes import volume_cases
+
+    ref_backend = reference_backend(bundle)
+    reason = registry.check(bundle, ref_backend, "fp32")
+    if reason is not None:
+        raise BackendUnavailable(f"no reference can run here ({ref_backend}/fp32: {reason})")
+    cases = volume_cases(bundle, images, labels, ref_backend, reporter)
+    return _judge_all(bundle, pairs, cases, tolerances, f"{ref_backend}/fp32", max_dice_drop,
+                      Path(save_diff) if save_diff is not None else None, reporter,
+                      f"Verifying against {ref_backend}/fp32 on {len(cases)} volumes", **runner_options)
 
 
 def summary_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -13,14 +13,8 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.errors import InputError
-from attunet_deploy.io.volumes import Volume, list_volumes, read_label_volume, read_volume
-from attunet_deploy.preprocess import (
-    normalize,
-    pad_to_divisor,
-    resample_linear,
-    resample_nearest,
-    resampled_shape,
-)
+from attunet_deploy.io.volumes import Volume, list_volumes, read_label_volume, read_volume, to_model_space
+from attunet_deploy.preprocess import pad_to_divisor, resample_nearest
 
 #: Calibration patches taken from one volume at most (its centre, then evenly spread positions).
 PATCHES_PER_VOLUME = 4
@@ -59,15 +53,6 @@ def prepare_user_volumes(images: str | os.PathLike[str], labels: str | os.PathLi
                                  f"is {'x'.join(map(str, v.voxels.shape[1:]))}: shapes must match")
             masks.append(m)
     return UserVolumes(root, golden, calib, volumes, masks)
-
-
-def to_model_space(volume: Volume, preprocessing: dict[str, Any]) -> np.ndarray:
-    """Normalised float32 [C, D, H, W], resampled to the bundle's spacing when both are known."""
-    x = normalize(volume.voxels[None], preprocessing)[0]
-    target = preprocessing.get("spacing")
-    if target is not None and volume.spacing is not None:
-        x = resample_linear(x, resampled_shape(x.shape[1:], volume.spacing, target))
-    return x
 
 
 def window_box(shape: tuple[int, ...], roi: list[int], where: float = 0.5) -> tuple[slice, ...]:
