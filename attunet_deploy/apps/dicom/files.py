@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from attunet_deploy.apps.dicom.seg import DEFAULT_CATEGORY, DEFAULT_TYPE, build_seg, write_seg
-from attunet_deploy.apps.dicom.series import segment_volume
+from attunet_deploy.apps.dicom.series import segment_series
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
@@ -45,9 +45,9 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
     """Segment every CT series under ``inputs``; returns a row per SEG written.
 
     Files that are not CT images, or hold no pixel data, are skipped with a one-line notice.
-    Every series is ordered and every output name checked before anything is written.
+    Every series is ordered and every output name checked before anything is written. A 3D bundle
+    segments each series as one volume at its own spacing (``series.segment_series``).
     """
-    bundle.require_2d("predict --dicom-seg")
     reporter = reporter or Reporter()
     series, skipped = scan(inputs)
     for path, reason in skipped:
@@ -60,6 +60,11 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
         for text in notices:
             reporter.notice("duplicate:", text)
         ordered[uid] = order_slices(kept)
+    if bundle.spatial_dims == 3:  # a volume needs a regular grid: refuse before any SEG is written
+        from attunet_deploy.io.dicom_series import series_spacing
+
+        for insts in ordered.values():
+            series_spacing(insts)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out} exists and is not a directory")
@@ -74,7 +79,7 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
     with runner, reporter.progress(f"Segmenting {len(ordered)} series on {runner.name}", len(ordered)) as advance:
         for uid, insts in ordered.items():
             datasets, hu = load_volume(insts)
-            masks = segment_volume(runner, hu)
+            masks = segment_series(runner, insts, hu)
             seg = build_seg(datasets, masks, model_sha256=sha, num_classes=bundle.out_channels, label=segment_label,
                             category=category, segment_type=segment_type)
             write_seg(seg, targets[uid])

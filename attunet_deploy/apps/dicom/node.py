@@ -60,7 +60,6 @@ class DicomNode(StorageScp, Worker, Forwarder):
             raise InputError(f"--http-port {http_port}: must be in 1..65535")
         if not 0.1 <= quiet_seconds <= 3600:
             raise InputError(f"--quiet-seconds {quiet_seconds}: must be in 0.1..3600")
-        bundle.require_2d("serve-dicom")
         self.bundle = bundle
         self.out = Path(out)
         self.port = port

@@ -1,11 +1,15 @@
-"""A CT series through a 2D model: an HU volume segmented slice batch by slice batch (grouping,
-ordering and geometry live in :mod:`attunet_deploy.io.dicom_series`)."""
+"""A CT series through a model: a 2D model segments the HU volume slice batch by slice batch, a 3D
+model segments it as one volume through its sliding window at the series' own voxel spacing
+(grouping, ordering and geometry live in :mod:`attunet_deploy.io.dicom_series`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+from attunet_deploy.io.dicom import Instance
+from attunet_deploy.io.dicom_series import series_spacing
 
 
 def segment_volume(runner: Any, hu: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -18,3 +22,16 @@ def segment_volume(runner: Any, hu: np.ndarray, batch: int = 8) -> np.ndarray:
             x = np.repeat(x, channels, axis=1)
         out.append(runner.segment(x))
     return np.concatenate(out).astype(np.uint8)
+
+
+def segment_series(runner: Any, ordered: list[Instance], hu: np.ndarray, batch: int = 8) -> np.ndarray:
+    """uint8 masks [N, H, W] of a series ordered along its normal (``hu`` [N, H, W] in that order).
+
+    A 3D model takes the series as one volume: its spacing (z from the slice positions, y and x from
+    PixelSpacing; irregular gaps or gantry tilt refused with the reason) is what ``segment_volume``
+    resamples to the bundle's spacing."""
+    if getattr(runner, "spatial_dims", 2) != 3:
+        return segment_volume(runner, hu, batch)
+    spacing = series_spacing(ordered)
+    vol = hu if runner.channels == 1 else np.repeat(hu[None], runner.channels, axis=0)
+    return runner.segment_volume(vol, spacing=spacing)

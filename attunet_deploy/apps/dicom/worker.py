@@ -1,5 +1,8 @@
 """The segmentation worker: one thread that segments complete series (and, while idle, slices
 of series still arriving) and writes one SEG per batch, superseding earlier SEGs of a series.
+
+A 3D model cannot segment ahead: its windows span many slices, so a series is segmented as one
+volume once it is complete (the node says so in its ready line).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.apps.dicom.checks import is_valid_uid
-from attunet_deploy.apps.dicom.series import segment_volume
+from attunet_deploy.apps.dicom.series import segment_series, segment_volume
 from attunet_deploy.apps.dicom.spool import Spool, instance_key, series_of
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
@@ -45,13 +48,20 @@ class Worker(Spool):
         with runner:
             # First-call costs now rather than on the first series: the backend's buffers for a batch of
             # 512x512 slices, and highdicom's import (about a second).
-            runner.infer(np.zeros((PRESEGMENT_BATCH, runner.channels, 512, 512), np.float32))
+            volume = runner.spatial_dims == 3
+            window = tuple((self.bundle.sliding_window or {}).get("roi", ()))
+            runner.infer(np.zeros((1, runner.channels, *window) if volume
+                                  else (PRESEGMENT_BATCH, runner.channels, 512, 512), np.float32))
             import highdicom  # noqa: F401
-            self.log("ready", f"worker on {runner.name}", device=runner.device)
+            self.log("ready", f"worker on {runner.name}" + (": 3D model, each series is segmented as one volume "
+                                                            "when complete (no segmenting ahead)" if volume else ""),
+                     device=runner.device)
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get(timeout=0.05)
                 except queue.Empty:
+                    if volume:
+                        continue
                     try:
                         self._presegment(runner)
                     except Exception as exc:  # best effort: the series is segmented in full when complete
@@ -115,6 +125,8 @@ class Worker(Spool):
 
         Returns (masks uint8 [H, W] per usable instance, [(instance, reason)] left out because their
         pixels do not decode, how many masks were computed ahead)."""
+        if runner.spatial_dims == 3:
+            return self._volume_masks(ordered, runner)
         masks: list[Any] = []
         for inst in ordered:
             key = instance_key(inst.path)
@@ -138,6 +150,19 @@ class Worker(Spool):
                     masks[i] = m
         left_out = [(ordered[i], bad[i]) for i in sorted(bad)]
         return [m for i, m in enumerate(masks) if i not in bad], left_out, ahead
+
+    def _volume_masks(self, ordered: list[Any], runner: Any) -> tuple[list[Any], list[tuple[Any, str]], int]:
+        """A 3D model's masks: the whole series as one volume. A slice that does not decode would leave a
+        gap in the volume, so it fails the series (with the slice named) rather than being left out."""
+        slices = []
+        for inst in ordered:
+            try:
+                slices.append(decode_hu(read_dataset(inst.path), inst.path.name))
+            except Exception as exc:
+                raise InputError(f"slice {inst.path.name} does not decode ({str(exc)[:160]}): a 3D model needs "
+                                 "every slice of the volume") from None
+        masks = segment_series(runner, ordered, np.stack(slices))
+        return list(masks), [], 0
 
     def _process(self, runner: Any, job: Path) -> None:
         series = series_of(job)
