@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from attunet_deploy.environment import (
 )
 from attunet_deploy.errors import BackendUnavailable, BuildFailed, InputError
 
-Shape = tuple[int, int, int, int]
+Shape = tuple[int, ...]
 #: Default profile: covers the golden set (batch <= 8, 64..512 px) with an optimum at 256.
 DEFAULT_PROFILE_HW = (64, 256, 512)
 DEFAULT_MAX_BATCH = 8
@@ -39,7 +40,7 @@ WORKSPACE_UNKNOWN_MB = 1024
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimization profile for the input ``image`` (NCHW)."""
+    """One optimization profile for the input ``image`` (NCHW, or NCDHW for 3D bundles)."""
 
     min: Shape
     opt: Shape
@@ -65,32 +66,87 @@ def default_profile(channels: int) -> Profile:
     return Profile((1, channels, lo, lo), (1, channels, opt, opt), (DEFAULT_MAX_BATCH, channels, hi, hi))
 
 
-def parse_profiles(mins: tuple[str, ...] | list[str], opts: tuple[str, ...] | list[str],
-                   maxs: tuple[str, ...] | list[str], channels: int, divisor: int = 16) -> list[Profile]:
-    """Profiles from repeated --min/--opt/--max-shape options (the k-th of each form profile k).
+def volume_profile(channels: int, roi: tuple[int, ...], batch: int, cover: Sequence[tuple[int, ...]] = ()
+                   ) -> Profile:
+    """A 3D bundle's default profile: the sliding window's roi (``batch`` windows per call) as the
+    optimum, widened to ``cover`` (padded shapes that must also run, e.g. the golden windows)."""
+    shapes = [(batch, channels, *roi), *cover]
+    lo = tuple(min(s[i] for s in shapes) for i in range(len(shapes[0])))
+    hi = tuple(max(s[i] for s in shapes) for i in range(len(shapes[0])))
+    return Profile((1, *lo[1:]), (batch, channels, *roi), hi)
 
-    No options: the default profile. A missing --opt-shape defaults to the --max-shape.
+
+def parse_profiles(mins: tuple[str, ...] | list[str], opts: tuple[str, ...] | list[str],
+                   maxs: tuple[str, ...] | list[str], channels: int, divisor: int | tuple[int, ...] = 16,
+                   spatial_dims: int = 2, default: Profile | None = None) -> list[Profile]:
+    """Profiles from repeated --min/--opt/--max-shape options (the k-th of each form profile k),
+    NxCxHxW for 2D bundles and NxCxDxHxW for 3D ones.
+
+    No options: ``default`` (or the 2D default profile). A missing --opt-shape defaults to the --max-shape.
     """
     from attunet_deploy.preprocess import parse_shape
 
     if not mins and not opts and not maxs:
-        return [default_profile(channels)]
+        return [default or default_profile(channels)]
     if len(mins) != len(maxs) or (opts and len(opts) != len(mins)):
         raise InputError(f"profiles need as many --min-shape as --max-shape (and --opt-shape, if given): "
                          f"got {len(mins)} min, {len(opts)} opt, {len(maxs)} max")
+    divisors = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    axes = "DHW"[-spatial_dims:]
     profiles = []
     for i, (lo_s, hi_s) in enumerate(zip(mins, maxs)):
-        lo, hi = parse_shape(lo_s, channels, 2), parse_shape(hi_s, channels, 2)
-        opt = parse_shape(opts[i], channels, 2) if opts else hi
+        lo, hi = parse_shape(lo_s, channels, spatial_dims), parse_shape(hi_s, channels, spatial_dims)
+        opt = parse_shape(opts[i], channels, spatial_dims) if opts else hi
         for name, shp in (("min", lo), ("opt", opt), ("max", hi)):
-            if shp[2] % divisor or shp[3] % divisor:
-                raise InputError(f"profile {i + 1} {name} shape {'x'.join(map(str, shp))}: H and W must be "
-                                 f"multiples of {divisor} (runners pad inputs up to them)")
+            if any(n % d for n, d in zip(shp[2:], divisors)):
+                raise InputError(f"profile {i + 1} {name} shape {'x'.join(map(str, shp))}: {', '.join(axes)} must be "
+                                 f"multiples of {'x'.join(map(str, divisors))} (runners pad inputs up to them)")
         if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
             raise InputError(f"profile {i + 1}: need min <= opt <= max in every dimension, got "
                              f"{'x'.join(map(str, lo))} / {'x'.join(map(str, opt))} / {'x'.join(map(str, hi))}")
-        profiles.append(Profile(lo, opt, hi))  # type: ignore[arg-type]  # rank 4 checked by parse_shape
+        profiles.append(Profile(lo, opt, hi))
     return profiles
+
+
+#: Bytes per activation element in an engine of each precision (int8 engines keep some layers in
+#: float, and TensorRT reformats between them).
+_ACTIVATION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.5}
+
+
+def estimate_engine_mb(shape: Shape, base_channels: int, precision: str, weight_bytes: int) -> int:
+    """Device memory an engine needs at profile shape ``shape`` beyond the workspace, in MB: the
+    activations of an Attention U-Net forward pass (about 8 full-resolution tensors of
+    ``base_channels`` live at the peak, deeper levels a third more) plus the weights.
+
+    An upper-side estimate: TensorRT reuses activation memory between layers, so engines measure
+    below it; its purpose is to refuse a build that cannot fit before a Jetson spends minutes on it.
+    """
+    voxels = 1
+    for d in shape[2:]:
+        voxels *= int(d)
+    act = shape[0] * voxels * base_channels * 8 * 4 / 3 * _ACTIVATION_BYTES.get(precision, 4.0)
+    weights = weight_bytes * (_ACTIVATION_BYTES.get(precision, 4.0) / 4.0)
+    return int((act + weights) / (1 << 20)) + 1
+
+
+def check_engine_fits(profiles: list[Profile], base_channels: int, precision: str, weight_bytes: int,
+                      workspace_mb: int, free_mb: int | None) -> int:
+    """The estimate (MB) for the largest profile; BuildFailed with it when it cannot fit in ``free_mb``."""
+    largest = max(profiles, key=lambda p: _volume(p.max))
+    need = estimate_engine_mb(largest.max, base_channels, precision, weight_bytes)
+    if free_mb is not None and need + workspace_mb > free_mb:
+        raise BuildFailed(f"the {precision} engine needs about {need} MB of device memory at its largest profile "
+                          f"shape {'x'.join(map(str, largest.max))} plus a {workspace_mb} MB build workspace; this "
+                          f"device has {free_mb} MB free: lower --max-shape (a smaller roi or fewer windows per call), "
+                          "build fp16/int8, or free device memory")
+    return need
+
+
+def _volume(shape: Shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Catches, before anyone reaches the target device, what would make TensorRT's ONN
 builder refuse a graph or silently change its meaning: ops outside the set this model needs,
 Q/DQ that is not int8 with zero point 0 or per-channel on an axis other than the weight's
 output axis, per-channel activations, opset < 13 with Q/DQ, non-float I/O, fixed dims where
-N/H/W must be dynamic.
+N/H/W must be dynamic. For 3D graphs (onnx-tensorrt 10.x's importers): Conv/ConvTranspose and
+MaxPool kernels of 2 or 3 spatial dims only, MaxPool without dilation, linear (trilinear) Resize
+only over the 3 innermost axes (N and C scales 1).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def lint_model(model: Any) -> list[str]:
 
     has_qdq = False
     for node in graph.node:
+        issues += _spatial_issues(node, const_array)
         if node.op_type == "Resize":
             mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
             if mode not in ("nearest", "linear"):
@@ -103,6 +106,24 @@ def lint_model(model: Any) -> list[str]:
     if has_qdq and opset < 13:
         issues.append(f"opset {opset}: Q/DQ with per-channel scales needs opset >= 13")
     return issues
+
+
+def _spatial_issues(node: Any, const_array: Any) -> list[str]:
+    """Kernel ranks and resize axes TensorRT's importers accept (2D and 3D networks)."""
+    attrs = {a.name: a for a in node.attribute}
+    out: list[str] = []
+    if node.op_type in ("Conv", "ConvTranspose", "MaxPool") and "kernel_shape" in attrs:
+        rank = len(attrs["kernel_shape"].ints)
+        if rank not in (2, 3):
+            out.append(f"{node.name}: {node.op_type} over {rank} spatial dims (TensorRT: 2D or 3D)")
+    if node.op_type == "MaxPool" and "dilations" in attrs and any(d != 1 for d in attrs["dilations"].ints):
+        out.append(f"{node.name}: MaxPool with dilations {list(attrs['dilations'].ints)} (TensorRT: none)")
+    if node.op_type == "Resize" and "mode" in attrs and attrs["mode"].s.decode() == "linear" and len(node.input) > 2:
+        scales = const_array(node.input[2]) if node.input[2] else None
+        if scales is not None and scales.size > 3 and np.any(scales[:-3] != 1):
+            out.append(f"{node.name}: linear Resize scales {scales.tolist()} resize beyond the 3 innermost axes "
+                       "(TensorRT: N and C scales must be 1)")
+    return out
 
 
 def _io_issues(graph: Any) -> list[str]:

@@ -14,6 +14,7 @@ from attunet_deploy.build.tensorrt import (
     Profile,
     build_plan,
     build_with_polygraphy,
+    check_engine_fits,
     check_layer_precision,
     check_workspace_mb,
     default_profile,
@@ -23,6 +24,7 @@ from attunet_deploy.build.tensorrt import (
     is_polygraphy_exception,
     layer_precisions,
     require_tensorrt,
+    volume_profile,
 )
 from attunet_deploy.bundle import ENGINE_DIR, ArtifactKind, Bundle
 from attunet_deploy.console import Reporter
@@ -31,6 +33,7 @@ from attunet_deploy.environment import (
     module_version,
 )
 from attunet_deploy.errors import BackendUnavailable, BuildFailed, InputError
+from attunet_deploy.runtimes.base import first_width
 
 
 class Built(NamedTuple):
@@ -51,13 +54,18 @@ def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile]
     reporter = reporter or Reporter()
     check_workspace_mb(workspace_mb)
     trt_version, gpu = require_tensorrt()
-    profiles = profiles or [default_profile(bundle.in_channels)]
+    profiles = profiles or [bundle_profile(bundle)]
     explicit = workspace_mb is not None
+    free_mb = free_device_memory_mb()
     if workspace_mb is None:
-        workspace_mb = default_workspace_mb(free_device_memory_mb())
+        workspace_mb = default_workspace_mb(free_mb)
     plans = [build_plan(p, trt_version) for p in precisions]
     for plan in plans:
         bundle.onnx_path(plan.precision)  # BundleError says to run quantize, before any work
+        estimate = check_engine_fits(profiles, first_width(bundle.config), plan.precision,
+                                     int(bundle.artifacts[plan.graph]["bytes"]), workspace_mb, free_mb)
+        reporter.info(f"{plan.precision} engine: about {estimate} MB of device memory at the largest profile shape "
+                      f"(estimate), {free_mb if free_mb is not None else '?'} MB free")
     results = []
     with bundle.transaction() as txn:
         for plan in plans:
@@ -94,6 +102,19 @@ def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile]
             results.append({"precision": precision, "engine": name, "status": "built",
                             "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
         return Built(txn.commit(), results)
+
+
+def bundle_profile(bundle: Bundle) -> Profile:
+    """The default profile of a bundle: 2D, batches of 64..512 px images; 3D, the sliding window's roi
+    (windows per call as the batch) as the optimum, widened to the golden windows so verify runs."""
+    if bundle.spatial_dims != 3 or bundle.sliding_window is None:
+        return default_profile(bundle.in_channels)
+    window = bundle.sliding_window
+    roi = tuple(int(r) for r in window["roi"])
+    divisors = bundle.divisors
+    cover = [tuple(int(s) for s in (shape[0], shape[1], *(-(-n // d) * d for n, d in zip(shape[2:], divisors))))
+             for shape in bundle.artifacts.get("golden.npz", {}).get("shapes", []) if len(shape) == 5]
+    return volume_profile(bundle.in_channels, roi, int(window.get("batch", 1)), cover)
 
 
 def _build_guarded(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,

@@ -98,3 +98,39 @@ def test_onnxruntime_gpu_providers_verify(gpu_demo: Path, backend: str) -> None:
     ran = [r for r in rows if r["status"] != "unavailable"]
     assert ran, rows
     assert all(r["status"] == "pass" for r in ran), rows
+
+
+@pytest.fixture(scope="module")
+def gpu_demo3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 3D demo exported and quantised (FP16 and INT8 graphs) on this machine."""
+    from attunet_deploy.demo import DEMO3D_WEIGHTS
+    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.quantize import quantize_bundle
+
+    dst = tmp_path_factory.mktemp("gpu3d") / "demo3d"
+    export_bundle(DEMO3D_WEIGHTS, dst)
+    quantize_bundle(Bundle.load(dst), verify=False)
+    return dst
+
+
+@pytest.mark.gpu(needs="tensorrt")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_3d_engine_builds_verifies_and_benches(gpu_demo3d: Path, precision: str) -> None:
+    """The paper's 3D network as an NCDHW engine (default profile: the roi as optimum, golden windows
+    covered), judged on the golden windows, timed at one window and on a whole volume."""
+    from attunet_deploy.steps.engines import build_engines, bundle_profile
+
+    bundle = Bundle.load(gpu_demo3d)
+    (built,) = build_engines(bundle, [precision]).engines
+    assert built["status"] in ("built", "cached")
+    if precision != "fp32":
+        assert built["layer_precisions"].get(precision, 0) > 0, built["layer_precisions"]
+    (row,) = verify(Bundle.load(gpu_demo3d), ["trt"], [precision])
+    assert row["status"] == "pass", row
+    roi = tuple(bundle.sliding_window["roi"])
+    with load_runner(gpu_demo3d, backend="trt", precision=precision) as runner:
+        window = bench_runner(runner, BenchSettings(shape=(1, 1, *roi), warmup=5, iterations=50))
+        volume = bench_runner(runner, BenchSettings(shape=(1, 1, 96, 192, 192), warmup=1, iterations=3, volume=True))
+    assert bundle_profile(bundle).opt == (1, 1, *roi)
+    print(f"\ntrt/{precision} 3D: rel_l2 {row['rel_l2']:.2e}, mean Dice {row['mean_dice']:.4f}, window p50 "
+          f"{window['latency_ms']['p50']:.3f} ms, volume 96x192x192 {volume['volume_seconds']:.3f} s")

@@ -46,6 +46,14 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
     dice = 2 * (mask & label).sum() / max(1, mask.sum() + label.sum())
     assert dice >= 0.7, dice
     assert np.array_equal(np.unique(mask), [0, 1])
+    # TensorRT: the default profile has the roi as optimum and covers the golden windows; every graph lints clean
+    from attunet_deploy.steps.engines import bundle_profile
+
+    profile = bundle_profile(b)
+    assert profile.opt == (1, 1, 32, 48, 48)
+    assert all(profile.contains(tuple(-(-n // 16) * 16 if i > 1 else n for i, n in enumerate(shape)))
+               for shape in b.artifacts["golden.npz"]["shapes"])
+    assert all(b.artifacts[f]["trt_lint"] == [] for f in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
     _verify_on_user_volumes(tmp_path, tmp_path / "b")
 
 

@@ -252,3 +252,66 @@ def test_device_memory_size_v2_is_used() -> None:
     assert engine_device_memory_mb(SimpleNamespace(device_memory_size_v2=64 << 20)) == 64
     assert engine_device_memory_mb(SimpleNamespace(device_memory_size=32 << 20)) == 32
     assert engine_device_memory_mb(SimpleNamespace()) is None  # TensorRT 11 without v2: unknown, not 0
+
+
+# ----------------------------------------------------------------------------- 3D (NCDHW)
+def test_5d_profiles_parse_with_a_divisor_per_axis() -> None:
+    (p,) = parse_profiles(("1x1x16x32x32",), ("2x1x32x48x48",), ("4x1x64x96x96",), channels=1,
+                          divisor=(16, 16, 16), spatial_dims=3)
+    assert p.opt == (2, 1, 32, 48, 48) and p.contains((3, 1, 48, 64, 80)) and not p.contains((1, 1, 80, 64, 64))
+    with pytest.raises(InputError, match="D, H, W must be multiples of 1x16x16"):
+        parse_profiles(("1x1x5x30x32",), (), ("1x1x8x32x32",), channels=1, divisor=(1, 16, 16), spatial_dims=3)
+    with pytest.raises(InputError, match="NxCxDxHxW"):
+        parse_profiles(("1x1x32x32",), (), ("1x1x64x64",), channels=1, divisor=(16, 16, 16), spatial_dims=3)
+    idx, lo, hi = choose_profile([p.to_dict()], (7, 1, 32, 48, 48))
+    assert (idx, lo, hi) == (0, 1, 4)  # a batch of 7 windows runs as chunks of at most 4
+
+
+def test_volume_profile_has_the_roi_as_optimum_and_covers_the_golden_windows() -> None:
+    from attunet_deploy.build.tensorrt import volume_profile
+
+    p = volume_profile(1, (32, 48, 48), 2, cover=[(8, 1, 32, 64, 64), (2, 1, 32, 64, 64)])
+    assert p.opt == (2, 1, 32, 48, 48) and p.min == (1, 1, 32, 48, 48) and p.max == (8, 1, 32, 64, 64)
+    assert all(p.contains(s) for s in [(1, 1, 32, 48, 48), (8, 1, 32, 64, 64)])
+    (q,) = parse_profiles((), (), (), channels=1, spatial_dims=3, default=p)
+    assert q == p
+
+
+def test_engine_memory_estimate_refuses_what_an_8gb_jetson_cannot_hold() -> None:
+    from attunet_deploy.build.tensorrt import check_engine_fits, estimate_engine_mb
+    from attunet_deploy.errors import BuildFailed
+
+    small = Profile((1, 1, 32, 48, 48), (1, 1, 32, 48, 48), (1, 1, 32, 48, 48))
+    big = Profile((1, 1, 96, 96, 96), (4, 1, 128, 128, 128), (4, 1, 128, 128, 128))
+    # the paper's CT network at feature_scale 4 (16 channels at full resolution), 8 GB Jetson with 6 GB free
+    fp32 = estimate_engine_mb(big.max, 16, "fp32", 10 << 20)
+    assert fp32 > 4 * estimate_engine_mb(big.max, 16, "fp32", 0) // 4  # weights add to it
+    assert estimate_engine_mb(big.max, 16, "fp16", 0) < fp32  # half the activation bytes
+    assert check_engine_fits([small], 16, "fp32", 10 << 20, 1024, 6144) < 100
+    with pytest.raises(BuildFailed, match=r"needs about \d+ MB .* 4x1x128x128x128 .* 6144 MB free: lower --max-shape"):
+        check_engine_fits([small, big], 16, "fp32", 10 << 20, 1024, 6144)
+    assert check_engine_fits([big], 16, "fp32", 10 << 20, 1024, None) == fp32  # unknown free memory: no refusal
+
+
+def _graph_3d(*nodes: Any, inits: list[Any] = ()) -> Any:
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])
+    g = helper.make_graph(list(nodes), "g3d", [x], [y], list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_lint_takes_a_3d_network_and_flags_what_tensorrt_refuses_in_3d() -> None:
+    w = numpy_helper.from_array(np.ones((1, 1, 3, 3, 3), np.float32), "w")
+    good_scales = numpy_helper.from_array(np.array([1, 1, 2, 2, 2], np.float32), "s")
+    bad_scales = numpy_helper.from_array(np.array([1, 2, 2, 2, 2], np.float32), "sb")
+    conv = helper.make_node("Conv", ["image", "w"], ["c"], kernel_shape=[3, 3, 3], pads=[1] * 6, name="conv3d")
+    pool = helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2, 2], strides=[2, 2, 2], name="pool3d")
+    up = helper.make_node("Resize", ["p", "", "s"], ["logits"], mode="linear", name="trilinear")
+    assert lint_model(_graph_3d(conv, pool, up, inits=[w, good_scales])) == []
+    pool_dil = helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2, 2], dilations=[2, 2, 2], name="pool3d")
+    up_bad = helper.make_node("Resize", ["p", "", "sb"], ["logits"], mode="linear", name="trilinear")
+    issues = lint_model(_graph_3d(conv, pool_dil, up_bad, inits=[w, bad_scales]))
+    assert any("MaxPool with dilations" in i for i in issues)
+    assert any("beyond the 3 innermost axes" in i for i in issues)
+    conv4 = helper.make_node("Conv", ["image", "w"], ["logits"], kernel_shape=[1, 3, 3, 3], name="conv4d")
+    assert any("over 4 spatial dims" in i for i in lint_model(_graph_3d(conv4, inits=[w])))
