@@ -148,7 +148,8 @@ def print_triton_repository(models: list[str], out: str) -> None:
     table.add_column("serves")
     for m in models:
         what = {"attunet_segment": "raw image -> uint8 mask (ensemble)", "attunet_pre": "normalise + pad (python)",
-                "attunet_post": "crop + mask (python)", "attunet_cpu": "model.onnx on ONNX Runtime (python backend)"}
+                "attunet_post": "crop + mask (python)", "attunet_cpu": "model.onnx on ONNX Runtime (python backend)",
+                "attunet_volume": "raw volume -> mask: sliding window, windows by BLS (python)"}
         table.add_row(m, what.get(m, "TensorRT plan" if m.startswith("attunet_trt_") else "ONNX (onnxruntime backend)"))
     stdout().print(table)
     stdout().print(f"serve it: see {escape(str(Path(out) / 'README.md'))}", highlight=False)

@@ -11,6 +11,9 @@ Writes, for a bundle:
 - ``attunet_segment``: an ensemble raw image -> uint8 mask;
 - ``attunet_cpu`` (python backend): ``model.onnx`` on ONNX Runtime inside Triton, for servers
   that only have the python backend;
+- 3D bundles: 5-D configs, and ``attunet_volume`` (python backend, BLS) instead of the 2D
+  pre/post/ensemble: a whole raw volume (and its spacing) in, the uint8 mask out, windows served by
+  ``attunet_cpu`` (``--kind cpu``) or the first precision's ONNX/TensorRT model (``--kind gpu``);
 - ``README.md`` with the ``docker run`` line for NVIDIA's tritonserver image.
 
 Every ``config.pbtxt`` is parsed with Triton's own schema (``tritonclient``'s
@@ -37,8 +40,8 @@ MODELS_SRC = Path(__file__).with_name("triton_models")
 ONNX_TEMPLATE = """name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch}
-input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }} ]
-output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, -1, -1 ] }} ]
+input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, {sp} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 {accelerator}parameters {{ key: "attunet_deploy.graph_sha256" value: {{ string_value: "{sha}" }} }}
@@ -57,8 +60,8 @@ TRT_ACCELERATOR = """optimization {{ execution_accelerators {{ gpu_execution_acc
 PLAN_TEMPLATE = """name: "{name}"
 platform: "tensorrt_plan"
 max_batch_size: {max_batch}
-input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }} ]
-output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, -1, -1 ] }} ]
+input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, {sp} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 instance_group [ {{ count: {instances} kind: KIND_GPU profile: [ {profiles} ] }} ]
 parameters {{ key: "attunet_deploy.engine" value: {{ string_value: "{engine}" }} }}
@@ -67,8 +70,8 @@ parameters {{ key: "attunet_deploy.engine" value: {{ string_value: "{engine}" }}
 PRE_TEMPLATE = """name: "attunet_pre"
 backend: "python"
 max_batch_size: {max_batch}
-input [ {{ name: "raw" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }} ]
-output [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }},
+input [ {{ name: "raw" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
+output [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }},
          {{ name: "size" data_type: TYPE_INT32 dims: [ 2 ] }} ]
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 parameters {{ key: "preprocessing" value: {{ string_value: {pre} }} }}
@@ -78,7 +81,7 @@ parameters {{ key: "divisor" value: {{ string_value: "{divisor}" }} }}
 POST_TEMPLATE = """name: "attunet_post"
 backend: "python"
 max_batch_size: {max_batch}
-input [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, -1, -1 ] }},
+input [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, {sp} ] }},
         {{ name: "size" data_type: TYPE_INT32 dims: [ 2 ] }} ]
 output [ {{ name: "mask" data_type: TYPE_UINT8 dims: [ -1, -1 ] }} ]
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
@@ -88,18 +91,34 @@ parameters {{ key: "postprocessing" value: {{ string_value: {post} }} }}
 CPU_TEMPLATE = """name: "attunet_cpu"
 backend: "python"
 max_batch_size: {max_batch}
-input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }} ]
-output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, -1, -1 ] }} ]
+input [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, {sp} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 parameters {{ key: "graph" value: {{ string_value: "model.onnx" }} }}
 parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}
 """
 
+VOLUME_TEMPLATE = """name: "attunet_volume"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "volume" data_type: TYPE_FP32 dims: [ {vdims} ] }},
+        {{ name: "spacing" data_type: TYPE_FP32 dims: [ 3 ] optional: true }} ]
+output [ {{ name: "mask" data_type: TYPE_UINT8 dims: [ -1, -1, -1 ] }} ]
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+parameters {{ key: "inference_model" value: {{ string_value: "{infer}" }} }}
+parameters {{ key: "bundle" value: {{ string_value: {model} }} }}
+"""
+
+#: The package's numpy-only modules the volume model runs (shipped beside its model.py), so that the
+#: served sliding window is the in-process one.
+VOLUME_LIBRARY = ("errors.py", "limits.py", "preprocess.py", "runtimes/window.py")
+PACKAGE_SRC = Path(__file__).resolve().parents[1]
+
 ENSEMBLE_TEMPLATE = """name: "attunet_segment"
 platform: "ensemble"
 max_batch_size: {max_batch}
-input [ {{ name: "raw" data_type: TYPE_FP32 dims: [ {c}, -1, -1 ] }} ]
+input [ {{ name: "raw" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
 output [ {{ name: "mask" data_type: TYPE_UINT8 dims: [ -1, -1 ] }} ]
 ensemble_scheduling {{ step [
   {{ model_name: "attunet_pre" model_version: -1
@@ -148,7 +167,8 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
     if tensorrt_accelerator and kind != "gpu":
         raise InputError("--tensorrt-accelerator needs --kind gpu")
     c, k = bundle.in_channels, bundle.out_channels
-    common = {"c": c, "k": k, "max_batch": max_batch, "instances": instances, "delay_us": delay_us}
+    sp = ", ".join(["-1"] * bundle.spatial_dims)
+    common = {"c": c, "k": k, "sp": sp, "max_batch": max_batch, "instances": instances, "delay_us": delay_us}
     models: dict[str, dict[str, Any]] = {}
     for precision in precisions:
         graph = ONNX_FILES[precision]
@@ -171,6 +191,13 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
     models["attunet_cpu"] = {"config": CPU_TEMPLATE.format(threads=0, **common),
                              "files": {"1/model.onnx": bundle.path(ONNX_FILES["fp32"]),
                                        "1/model.py": MODELS_SRC / "cpu.py"}}
+    if bundle.spatial_dims == 3:
+        infer = "attunet_cpu" if kind == "cpu" else next(
+            n for n in (f"attunet_trt_{precisions[0]}", f"attunet_{precisions[0]}") if n in models)
+        models["attunet_volume"] = _volume_model(bundle, infer, instances)
+        for name, model in models.items():
+            check_config(model["config"], name)
+        return models
     models["attunet_pre"] = {"config": PRE_TEMPLATE.format(pre=_pbtxt_string(json.dumps(bundle.preprocessing)),
                                                            divisor=bundle.divisor, **common),
                              "files": {"1/model.py": MODELS_SRC / "pre.py"}}
@@ -183,6 +210,22 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
     for name, model in models.items():
         check_config(model["config"], name)
     return models
+
+
+def _volume_model(bundle: Bundle, infer: str, instances: int) -> dict[str, Any]:
+    """``attunet_volume``: whole raw volumes through the bundle's sliding window, windows served by ``infer``."""
+    spec = {"channels": bundle.in_channels, "divisors": list(bundle.divisors), "preprocessing": bundle.preprocessing,
+            "postprocessing": bundle.postprocessing, "sliding_window": bundle.sliding_window,
+            "spacing": list(bundle.spacing) if bundle.spacing else None}
+    vdims = "-1, -1, -1" if bundle.in_channels == 1 else f"{bundle.in_channels}, -1, -1, -1"
+    files: dict[str, Any] = {"1/model.py": MODELS_SRC / "volume.py",
+                             "1/attunet_deploy/__init__.py": b'"""The numpy modules of attunet-deploy the volume '
+                                                             b'model runs (copied by attdeploy triton)."""\n',
+                             "1/attunet_deploy/runtimes/__init__.py": b""}
+    files.update({f"1/attunet_deploy/{rel}": PACKAGE_SRC / rel for rel in VOLUME_LIBRARY})
+    return {"config": VOLUME_TEMPLATE.format(vdims=vdims, instances=instances, infer=infer,
+                                             model=_pbtxt_string(json.dumps(spec))),
+            "files": files}
 
 
 def _engine_here(bundle: Bundle, precision: str) -> str | None:
@@ -216,6 +259,12 @@ docker run --rm {"--gpus all " if kind == "gpu" else ""}-p 8000:8000 -p 8001:800
   (normalisation, padding, cropping and thresholding inside Triton).
 - `attunet_cpu` runs `model.onnx` with ONNX Runtime in the python backend: for servers without the
   onnxruntime backend; its python environment needs `numpy` and `onnxruntime`.
+- 3D bundles: `attunet_<precision>` and `attunet_cpu` take windows [N, C, D, H, W]; `attunet_volume`
+  takes a whole raw volume `volume` float32 [D, H, W] and optional `spacing` float32 [3] (z, y, x mm)
+  and returns `mask` uint8 [D, H, W]: normalisation, resampling, the sliding window (each batch of
+  windows sent to the inference model by a BLS request) and thresholding inside Triton, with the same
+  numpy code as the in-process `segment_volume` (copied beside its model.py). `attunet_pre`,
+  `attunet_post` and `attunet_segment` are 2D-only and not written for 3D bundles.
 
 Check the served model against the bundle's golden set:
 
@@ -236,7 +285,6 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
                      reporter: Reporter | None = None) -> list[str]:
     """Write the repository to ``out`` (a new or empty folder, or one this command wrote before);
     returns the model names. Staged beside ``out`` and moved into place whole."""
-    bundle.require_2d("attdeploy triton")
     from attunet_deploy.outputs import check_output
 
     reporter = reporter or Reporter()
