@@ -61,6 +61,7 @@ def test_node_segments_a_3d_series_as_one_volume(bundle3d: Path, tmp_path: Path)
     assert "no segmenting ahead" in ready["message"]
     written = next(e for e in lines if e["event"] == "written")
     assert written["slices"] == 60 and written["segmented_ahead"] == 0 and written["segment_seconds"] < elapsed
+    assert 0 <= written["decoded_ahead"] <= 60  # slices decoded while the series arrived
 
     # file mode, same masks
     r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",

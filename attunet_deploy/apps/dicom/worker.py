@@ -2,7 +2,8 @@
 of series still arriving) and writes one SEG per batch, superseding earlier SEGs of a series.
 
 A 3D model cannot segment ahead: its windows span many slices, so a series is segmented as one
-volume once it is complete (the node says so in its ready line).
+volume once it is complete (the node says so in its ready line). While it arrives, its slices are
+decoded ahead instead (same cache and bound), so completion costs the segmentation and the SEG.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from attunet_deploy.io.dicom_series import (
     unusable_reason,
 )
 
-#: Masks computed ahead of a series' completion, at most this many bytes kept in memory.
+#: Masks (2D) or decoded HU slices (3D) computed ahead of a series' completion, at most this many bytes
+#: kept in memory.
 PRESEGMENT_CACHE_BYTES = 256 << 20
 
 
@@ -54,14 +56,13 @@ class Worker(Spool):
                                   else (PRESEGMENT_BATCH, runner.channels, 512, 512), np.float32))
             import highdicom  # noqa: F401
             self.log("ready", f"worker on {runner.name}" + (": 3D model, each series is segmented as one volume "
-                                                            "when complete (no segmenting ahead)" if volume else ""),
+                                                            "when complete (no segmenting ahead; slices are decoded "
+                                                            "while it arrives)" if volume else ""),
                      device=runner.device)
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get(timeout=0.05)
                 except queue.Empty:
-                    if volume:
-                        continue
                     try:
                         self._presegment(runner)
                     except Exception as exc:  # best effort: the series is segmented in full when complete
@@ -85,8 +86,8 @@ class Worker(Spool):
             raise
 
     def _presegment(self, runner: Any) -> None:
-        """While the worker is idle, segment instances of series that are still arriving, so that
-        a completed series needs little more than its SEG (the model is 2D: slices are independent)."""
+        """While the worker is idle, segment instances of series that are still arriving (2D: slices
+        are independent), or decode them (3D), so that a completed series needs little more than its SEG."""
         if self.mask_bytes >= PRESEGMENT_CACHE_BYTES:
             self.stop.wait(0.1)
             return
@@ -113,7 +114,9 @@ class Worker(Spool):
                 keys.append(key)
             if not slices:
                 continue
-            masks = segment_volume(runner, np.stack(slices), batch=PRESEGMENT_BATCH)
+            # A 3D model keeps the decoded slices (its windows need the whole series); a 2D one their masks.
+            masks = slices if runner.spatial_dims == 3 else segment_volume(runner, np.stack(slices),
+                                                                          batch=PRESEGMENT_BATCH)
             for key, m in zip(keys, masks):
                 self.masks[key] = m
                 self.mask_bytes += m.nbytes
@@ -155,12 +158,21 @@ class Worker(Spool):
         """A 3D model's masks: the whole series as one volume. A slice that does not decode would leave a
         gap in the volume, so it fails the series (with the slice named) rather than being left out."""
         slices = []
+        ahead = 0
         for inst in ordered:
+            key = instance_key(inst.path)
+            hu = self.masks.pop(key, None) if key is not None else None  # decoded while the series arrived
+            if hu is not None:
+                self.mask_bytes -= hu.nbytes
+                ahead += 1
+                slices.append(hu)
+                continue
             try:
                 slices.append(decode_hu(read_dataset(inst.path), inst.path.name))
             except Exception as exc:
                 raise InputError(f"slice {inst.path.name} does not decode ({str(exc)[:160]}): a 3D model needs "
                                  "every slice of the volume") from None
+        self.decoded_ahead = ahead
         masks = segment_series(runner, ordered, np.stack(slices))
         return list(masks), [], 0
 
@@ -235,7 +247,9 @@ class Worker(Spool):
         self.log("written", f"SEG of series {series}: {len(ordered)} slices, {int(seg.NumberOfFrames)} frame(s) "
                  f"with mask, {time.perf_counter() - t0:.2f} s", series=series, seg=str(seg_path),
                  slices=len(ordered), frames=int(seg.NumberOfFrames), seconds=round(time.perf_counter() - t0, 4),
-                 segment_seconds=round(t_seg, 4), segmented_ahead=ahead, seg_instance_number=number,
+                 segment_seconds=round(t_seg, 4), segmented_ahead=ahead,
+                 decoded_ahead=getattr(self, "decoded_ahead", 0) if runner.spatial_dims == 3 else None,
+                 seg_instance_number=number,
                  supersedes=number - 1 if number > 1 else None, earlier_instances=earlier)
 
     def _write_seg(self, series: str, datasets: list[Any], masks: list[Any]) -> tuple[Any, Path, dict[str, Any]]:
