@@ -78,6 +78,14 @@ def bundle_copy(tmp_path: Path, small_bundle: Path) -> Path:
     return dst
 
 
+def _torch_cuda() -> bool:
+    if not HAVE_TORCH:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from attunet_deploy.environment import cuda_devices, onnxruntime_probe, tensorrt_probe
 
@@ -96,6 +104,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             elif needs == "ort-gpu" and not ort_gpu:
                 item.add_marker(pytest.mark.skip(reason="needs onnxruntime-gpu and a CUDA GPU: "
                                                  f"{cuda.detail if not cuda.available else 'no CUDA provider'}"))
+            elif needs == "torch-cuda" and not _torch_cuda():
+                item.add_marker(pytest.mark.skip(reason="needs torch with a CUDA GPU (torch.cuda.is_available() "
+                                                 "is False or torch is missing)"))
 
 
 os.environ.setdefault("ATTDEPLOY_TEST", "1")
