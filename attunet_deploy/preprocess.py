@@ -172,6 +172,56 @@ def default_postprocessing(out_channels: int) -> dict[str, Any]:
     return {"kind": "argmax"}
 
 
+#: DICOM value lengths of a segment's label (LO) and code parts (SH, SH, LO).
+_SEGMENT_TEXT_MAX = {"label": 64, "scheme": 16, "code": 16, "meaning": 64}
+
+
+def parse_segments(specs: Sequence[str], out_channels: int) -> list[dict[str, Any]]:
+    """``--segment CLASS=LABEL[@SCHEME:CODE:MEANING]`` options -> the manifest's
+    ``postprocessing.segments`` (what each class is called in a DICOM SEG): e.g.
+    ``1=Pancreas@SCT:15776009:Pancreas``. Classes are 1 for a one-channel model, 1..K-1 for K classes."""
+    top = 1 if out_channels <= 2 else out_channels - 1
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        head, _, code = spec.partition("@")
+        cls_text, eq, label = head.partition("=")
+        try:
+            cls = int(cls_text)
+        except ValueError:
+            cls = -1
+        if not eq or not 1 <= cls <= top:
+            raise InputError(f"--segment {spec!r}: expected CLASS=LABEL[@SCHEME:CODE:MEANING] with CLASS in 1..{top}")
+        entry: dict[str, Any] = {"class": cls, "label": label.strip()}
+        if code:
+            parts = code.split(":", 2)
+            if len(parts) != 3:
+                raise InputError(f"--segment {spec!r}: the code is SCHEME:CODE:MEANING, e.g. SCT:15776009:Pancreas")
+            entry["type"] = [p.strip() for p in parts]
+        check_segment(entry, top, f"--segment {spec!r}")
+        if any(e["class"] == cls for e in out):
+            raise InputError(f"--segment {spec!r}: class {cls} is named twice")
+        out.append(entry)
+    return out
+
+
+def check_segment(entry: Any, top: int, where: str) -> None:
+    """One ``postprocessing.segments`` entry: class in 1..top, a label and an optional code that fit DICOM."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("class"), int) or isinstance(entry["class"], bool) \
+            or not 1 <= entry["class"] <= top:
+        raise InputError(f"{where}: a segment is {{class: 1..{top}, label, type: [scheme, code, meaning]}}")
+    texts = {"label": entry.get("label")}
+    if "type" in entry:
+        t = entry["type"]
+        if not isinstance(t, list) or len(t) != 3:
+            raise InputError(f"{where}: type must be [scheme, code, meaning]")
+        texts.update(zip(("scheme", "code", "meaning"), t))
+    for name, text in texts.items():
+        if not isinstance(text, str) or not text.strip() or len(text) > _SEGMENT_TEXT_MAX[name] \
+                or any(ch in text for ch in "\\\r\n\0") or not text.isprintable():
+            raise InputError(f"{where}: {name} must be 1..{_SEGMENT_TEXT_MAX[name]} printable characters "
+                             "(no backslash)")
+
+
 def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.ndarray:
     """[N, K, *spatial] logits -> uint8 [N, *spatial] masks (sigmoid > threshold, or argmax)."""
     kind = postprocessing.get("kind", "sigmoid_threshold" if logits.shape[1] == 1 else "argmax")

@@ -238,6 +238,10 @@ def validate_sliding_window(window: Any, divisors: tuple[int, ...], ck: _Checker
     ck.int_(w.get("batch", 1), "inference.sliding_window.batch", 1, 4096)
 
 
+#: Classes a manifest may name (a SEG's segment numbers are 1..65535; no model here has more classes).
+MAX_SEGMENTS = 1024
+
+
 def validate_postprocessing(post: Any, ck: _Checker) -> None:
     post = ck.obj(post, "postprocessing")
     if post.get("kind") == "sigmoid_threshold":
@@ -246,6 +250,16 @@ def validate_postprocessing(post: Any, ck: _Checker) -> None:
             ck.fail("postprocessing.threshold", "must be below 1")
     elif post.get("kind") != "argmax":
         ck.fail("postprocessing.kind", "must be sigmoid_threshold or argmax")
+    segments = post.get("segments", [])
+    if not isinstance(segments, list) or len(segments) > MAX_SEGMENTS:
+        ck.fail("postprocessing.segments", f"must be a list of at most {MAX_SEGMENTS} segments")
+    from attunet_deploy.preprocess import check_segment
+
+    for i, entry in enumerate(segments):
+        try:
+            check_segment(entry, MAX_SEGMENTS, f"postprocessing.segments[{i}]")
+        except InputError as exc:
+            ck.fail(f"postprocessing.segments[{i}]", str(exc).split(": ", 1)[-1])
 
 
 def validate_artifact(name: Any, entry: Any, ck: _Checker) -> None:

@@ -44,9 +44,13 @@ def _spacing(text: str) -> None:
               help="3D models: how overlapping windows are blended.")
 @click.option("--spacing", default=None, metavar="ZxYxX", callback=validated(_spacing),
               help="3D models: voxel spacing in mm the model expects; volumes given with theirs are resampled to it.")
+@click.option("--segment", "segments", multiple=True, metavar="CLASS=LABEL[@SCHEME:CODE:MEANING]",
+              help="Name a class in DICOM SEGs (repeatable), e.g. '1=Pancreas@SCT:15776009:Pancreas'; recorded in "
+                   "the manifest's postprocessing.segments.")
 def export(model: str | None, out: str, images: str | None, labels: str | None, opset: int, trust_pickle: bool,
            force: bool, normalize: str | None, exporter: str, check_rel_l2: float, arch: str | None,
-           monai_args: str | None, roi: str | None, overlap: float, sw_mode: str, spacing: str | None) -> None:
+           monai_args: str | None, roi: str | None, overlap: float, sw_mode: str, spacing: str | None,
+           segments: tuple[str, ...]) -> None:
     """Export MODEL (default: the bundled demo) to a bundle: weights, ONNX, golden set, manifest."""
     require_torch("export")  # before importing the export step, which needs torch
     from attunet_deploy.judge.report import verify_table
@@ -57,7 +61,8 @@ def export(model: str | None, out: str, images: str | None, labels: str | None, 
                                 normalize=normalize, exporter=exporter, check_rel_l2=check_rel_l2,
                                 images=images, labels=labels, reporter=reporter(), arch=arch, monai_args=monai_args,
                                 roi=parse_triple(roi, "--roi") if roi else None, overlap=overlap, sw_mode=sw_mode,
-                                spacing=parse_triple(spacing, "--spacing", float) if spacing else None)
+                                spacing=parse_triple(spacing, "--spacing", float) if spacing else None,
+                                segments=list(segments))
     print_bundle_summary(bundle)
     stdout().print(verify_table([row], title=f"ONNX Runtime CPU vs PyTorch FP32 (export check, rel L2 <= "
                                               f"{check_rel_l2:g})"))

@@ -35,7 +35,7 @@ from attunet_deploy.errors import InputError, VerificationFailed
 from attunet_deploy.fileio import sha256_file
 from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
 from attunet_deploy.judge.results import Status, VerifyRow
-from attunet_deploy.preprocess import default_postprocessing, parse_normalization
+from attunet_deploy.preprocess import default_postprocessing, parse_normalization, parse_segments
 from attunet_deploy.steps.model_space import ModelSpace, demo_volumes, space_of, synthetic_volumes
 from attunet_deploy.steps.volume_data import (
     UserVolumes,
@@ -199,7 +199,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
                   images: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
                   reporter: Reporter | None = None, arch: str | None = None, monai_args: str | None = None,
                   roi: tuple[int, ...] | None = None, overlap: float = 0.5, sw_mode: str = "gaussian",
-                  spacing: tuple[float, ...] | None = None) -> Exported:
+                  spacing: tuple[float, ...] | None = None, segments: list[str] | None = None) -> Exported:
     """Export ``model_path`` (None: the bundled demo) to a verified bundle at ``out``.
 
     ``images`` (a file or folder) gives the golden set: a deterministic quarter is held out
@@ -232,6 +232,7 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     for note in loaded.notes:
         reporter.notice("note:", note)
     _check_normalization_channels(preprocessing, loaded.config.in_channels)
+    named = parse_segments(segments or [], loaded.config.out_channels)  # before any work, as every option
     if demo and loaded.family == "oktay3d":
         from attunet_deploy.demo import DEMO3D_ROI
         from attunet_deploy.demo.phantom3d import DEMO3D_SPACING
@@ -254,6 +255,8 @@ def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathL
     _root, _mode, txn = open_export_target(out, force, writes)
     with txn:
         _stage_model(txn, loaded, src, demo, preprocessing, opset, exporter, space, reporter)
+        if named:
+            txn.manifest["postprocessing"]["segments"] = named
         cases = _stage_golden(txn, loaded.module, loaded.config.in_channels, preprocessing, user, demo, space,
                               reporter)
         with reporter.step("Checking ONNX Runtime CPU against PyTorch"):

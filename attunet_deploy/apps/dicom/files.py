@@ -81,7 +81,8 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
             datasets, hu = load_volume(insts)
             masks = segment_series(runner, insts, hu)
             seg = build_seg(datasets, masks, model_sha256=sha, num_classes=bundle.out_channels, label=segment_label,
-                            category=category, segment_type=segment_type)
+                            category=category, segment_type=segment_type,
+                            segments=bundle.postprocessing.get("segments"))
             write_seg(seg, targets[uid])
             rows.append({"series": uid, "slices": len(insts), "frames": int(seg.NumberOfFrames),
                          "seg": str(targets[uid]), "backend": runner.name})

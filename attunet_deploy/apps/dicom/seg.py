@@ -24,10 +24,13 @@ SEG_SERIES_NUMBER = 900
 def build_seg(source_datasets: list[Any], masks: np.ndarray, *, model_sha256: str, num_classes: int,
               label: str = "Target", category: tuple[str, str, str] = DEFAULT_CATEGORY,
               segment_type: tuple[str, str, str] = DEFAULT_TYPE, series_number: int = SEG_SERIES_NUMBER,
-              series_instance_uid: str | None = None, instance_number: int = 1) -> Any:
+              series_instance_uid: str | None = None, instance_number: int = 1,
+              segments: list[dict[str, Any]] | None = None) -> Any:
     """A highdicom Segmentation of ``masks`` (uint8 [N, H, W], same order as ``source_datasets``).
 
-    One output channel: one segment. K classes (argmax): segments 1..K-1, one per class.
+    One output channel: one segment. K classes (argmax): segments 1..K-1, one per class, each
+    named by the manifest's ``postprocessing.segments`` where it has the class (label, and the
+    segmented property type code), else ``label`` ("<label> class <c>") with ``segment_type``.
     A SEG that replaces an earlier one of the same source series keeps that SEG's
     ``series_instance_uid`` and takes the next ``instance_number``.
     """
@@ -40,12 +43,19 @@ def build_seg(source_datasets: list[Any], masks: np.ndarray, *, model_sha256: st
     algo = hd.AlgorithmIdentificationSequence(name="attunet-deploy", family=codes.cid7162.ArtificialIntelligence,
                                               version=__version__, parameters={"model_sha256": model_sha256})
     classes = [1] if num_classes <= 2 else list(range(1, num_classes))
-    descriptions = [hd.seg.SegmentDescription(
-        segment_number=i, segment_label=label if len(classes) == 1 else f"{label} class {c}",
-        segmented_property_category=Code(category[1], category[0], category[2]),
-        segmented_property_type=Code(segment_type[1], segment_type[0], segment_type[2]),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
-        for i, c in enumerate(classes, 1)]
+    named = {int(e["class"]): e for e in segments or []}
+
+    def describe(i: int, c: int) -> Any:
+        entry = named.get(c, {})
+        kind = tuple(entry["type"]) if entry.get("type") else segment_type
+        name = entry.get("label") or (label if len(classes) == 1 else f"{label} class {c}")
+        return hd.seg.SegmentDescription(
+            segment_number=i, segment_label=name,
+            segmented_property_category=Code(category[1], category[0], category[2]),
+            segmented_property_type=Code(kind[1], kind[0], kind[2]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
+
+    descriptions = [describe(i, c) for i, c in enumerate(classes, 1)]
     pixels = (masks > 0) if len(classes) == 1 else masks.astype(np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "all frames empty": written in full, which is right

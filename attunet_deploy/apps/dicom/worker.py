@@ -262,7 +262,8 @@ class Worker(Spool):
         number = int(state["number"]) + 1
         seg = build_seg(datasets, np.stack(masks), model_sha256=model_sha256(self.bundle, self.precision),
                         num_classes=self.bundle.out_channels, label=self.segment_label,
-                        series_instance_uid=state["seg_series_uid"], instance_number=number)
+                        series_instance_uid=state["seg_series_uid"], instance_number=number,
+                        segments=self.bundle.postprocessing.get("segments"))
         seg_path = self.dirs["seg"] / f"SEG_{series}_{number}.dcm"
         k = 1
         while seg_path.exists():  # local copies are never overwritten
