@@ -137,10 +137,30 @@ def calibrate(src: Path, calib_inputs: list[np.ndarray], method: str = "percenti
         if method != "entropy":
             return calibrator.compute_data()
         ranges = {}
+        full_range = first_block_inputs(src)
         for name, (hist, edges, *_rest) in calibrator.collector.histogram_dict.items():
-            t = np.float32(kl_threshold(hist, edges))
+            t = np.float32(edges[-1] if name in full_range else kl_threshold(hist, edges))
             ranges[name] = TensorData(lowest=np.float32(-t), highest=t)
         return TensorsData(CalibrationMethod.Entropy, ranges)
+
+
+#: Convolutions at the start of the network whose inputs keep their full (min/max) range under
+#: entropy calibration: the first block (two convolutions in every family here).
+FIRST_BLOCK_CONVS = 2
+
+
+def first_block_inputs(onnx_path: Path) -> set[str]:
+    """Inputs of the network's first convolutions (the image and the first block's activation).
+
+    Entropy (KL) calibration clips them far too hard on CT: the window leaves most voxels at the
+    same value (air, fat), a spike the KL search trades the tail for. Measured on the 2D demo:
+    mean Dice vs FP32 0.0000 with KL ranges everywhere, 0.0000 with only the image at min/max,
+    0.995 with the first block's two inputs at min/max."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"][:FIRST_BLOCK_CONVS]
+    return {n.input[0] for n in convs}
 
 
 def quantize_int8(src: Path, dst: Path, calib_inputs: list[np.ndarray] | None = None, method: str = "percentile",
