@@ -4,9 +4,9 @@ Precision is pinned, never left to the plugin: OpenVINO's CPU plugin runs "FP32"
 CPUs with AVX-512 BF16 or AMX unless told otherwise (measured rel L2 2e-3 against FP32).
 
 - fp32: ``model.onnx`` with ``INFERENCE_PRECISION_HINT=f32``
-- fp16: ``model.fp16.onnx`` with an f16 hint on CPUs with native FP16 math (AVX-512 FP16, AMX-FP16);
-  otherwise ``model.onnx`` with a bf16 hint where the CPU has BF16 (the 16-bit row then runs bf16,
-  and says so in its device string); otherwise ``model.fp16.onnx`` computed in f32
+- fp16: the fastest exact-enough of f16 (``model.fp16.onnx``, AVX-512/AMX FP16), bf16 (``model.onnx``,
+  AVX-512/AMX BF16) and ``model.fp16.onnx`` computed in f32, measured once per machine and graphs
+  (``runtimes/ov_precision.py``); the device string says which (``cpu (bf16)``)
 - int8: ``model.int8.onnx`` (its Q/DQ pairs become OpenVINO's int8 kernels) with an f32 hint for
   the float parts
 
@@ -34,11 +34,10 @@ def precision_plan(precision: str, isa: list[str]) -> tuple[str, str]:
         return ONNX_FILES["fp32"], "f32"
     if precision == "int8":
         return ONNX_FILES["int8"], "f32"
-    if any(f in isa for f in ("avx512_fp16", "amx_fp16")):
-        return ONNX_FILES["fp16"], "f16"
-    if any(f in isa for f in ("avx512_bf16", "amx_bf16")):
-        return ONNX_FILES["fp32"], "bf16"
-    return ONNX_FILES["fp16"], "f32"
+    from attunet_deploy.runtimes.ov_precision import fixed_rule
+
+    hint, graph = fixed_rule(isa)  # the fp16 row's mode when nothing was measured (ov_precision.choose)
+    return graph, hint
 
 
 @register
@@ -62,6 +61,7 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         graph, hint = precision_plan(self.precision, machine_info()["isa"])
+        self._choice: dict[str, Any] = {}
         pinned = self.options.get("hint")
         if pinned is not None:
             if self.precision != "fp16" or pinned not in ("bf16", "f16"):
@@ -70,6 +70,20 @@ class OpenVinoRunner(Runner):
         core = ov.Core()
         if "CPU" not in core.available_devices:
             raise BackendUnavailable("OpenVINO sees no CPU device")
+        if self.precision == "fp16" and pinned is None:
+            from attunet_deploy.runtimes import ov_precision
+
+            def compile_for(g: str, h: str) -> Any:
+                return core.compile_model(core.read_model(self.bundle.read_artifact(g)), "CPU",
+                                          {"INFERENCE_PRECISION_HINT": h, "PERFORMANCE_HINT": "LATENCY",
+                                           "INFERENCE_NUM_THREADS": int(self.options.get("threads") or
+                                                                        os.cpu_count() or 1)})
+
+            try:
+                hint, graph, self._choice = ov_precision.choose(self.bundle, compile_for)
+            except RuntimeError as exc:
+                raise BackendUnavailable(f"OpenVINO cannot compile the 16-bit candidates: "
+                                         f"{str(exc).splitlines()[0][:200]}") from exc
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": hint,
             "INFERENCE_NUM_THREADS": int(self.options.get("threads") or os.cpu_count() or 1),
@@ -112,4 +126,5 @@ class OpenVinoRunner(Runner):
 
     def bench_extras(self) -> dict[str, Any]:
         return {"openvino_precision_hint": getattr(self, "_hint", None),
-                "openvino_graph": getattr(self, "_graph", None)}
+                "openvino_graph": getattr(self, "_graph", None),
+                **({"openvino_16bit_choice": self._choice} if getattr(self, "_choice", None) else {})}

@@ -125,10 +125,45 @@ def test_openvino_precision_is_pinned(need_openvino: None) -> None:
     from attunet_deploy.runtimes.openvino import precision_plan
 
     assert precision_plan("fp32", ["avx512_bf16", "amx_bf16"]) == ("model.onnx", "f32")  # never bf16 for fp32
+    # the fp16 row without a measurement: bf16 on AMX, f16 on AVX-512 FP16 without AMX, else f32
+    assert precision_plan("fp16", ["avx512_fp16", "avx512_bf16", "amx_bf16"]) == ("model.onnx", "bf16")
     assert precision_plan("fp16", ["avx512_fp16"]) == ("model.fp16.onnx", "f16")
-    assert precision_plan("fp16", ["avx512_bf16"]) == ("model.onnx", "bf16")
+    assert precision_plan("fp16", ["avx512_bf16"]) == ("model.fp16.onnx", "f32")
     assert precision_plan("fp16", ["avx2"]) == ("model.fp16.onnx", "f32")
     assert precision_plan("int8", ["avx2"]) == ("model.int8.onnx", "f32")
+
+
+def test_openvino_16bit_mode_is_measured_once_and_said(need_openvino: None, demo_bundle: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp16 row runs the fastest exact-enough 16-bit mode measured on this CPU, cached per machine."""
+    from attunet_deploy import load_runner
+    from attunet_deploy.environment import machine_info
+    from attunet_deploy.runtimes import ov_precision
+
+    monkeypatch.setenv("ATTDEPLOY_AUTO_MEASURE", "1")
+    monkeypatch.setenv("ATTDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    options = dict(ov_precision.candidates(machine_info()["isa"]))
+    with load_runner(demo_bundle, backend="ov", precision="fp16") as runner:
+        extras = runner.bench_extras()
+        device = runner.device
+    if len(options) == 1:  # a CPU without native 16-bit math: the FP16 graph in f32, nothing to measure
+        assert extras["openvino_precision_hint"] == "f32"
+        return
+    choice = extras["openvino_16bit_choice"]
+    assert choice["chosen_by"] == "measured on this machine" and set(choice["p50_ms"]) == set(options)
+    hint = choice["hint"]
+    assert choice["rel_l2_vs_fp32"][hint] <= ov_precision.EXACT_ENOUGH_REL_L2
+    exact = [h for h, r in choice["rel_l2_vs_fp32"].items() if r <= ov_precision.EXACT_ENOUGH_REL_L2]
+    assert choice["p50_ms"][hint] == min(choice["p50_ms"][h] for h in exact)
+    assert extras["openvino_precision_hint"] == hint and extras["openvino_graph"] == options[hint]
+    assert device == ("cpu" if hint == "f32" else f"cpu ({hint})")
+
+    def no_measuring(*_args: object) -> None:
+        raise AssertionError("measured twice")
+
+    monkeypatch.setattr(ov_precision, "measure", no_measuring)
+    with load_runner(demo_bundle, backend="ov", precision="fp16") as again:
+        assert again.bench_extras()["openvino_16bit_choice"]["hint"] == hint  # from the cache
 
 
 def test_openvino_threads_and_cache(need_openvino: None, demo_bundle: Path, tmp_path: Path) -> None:
