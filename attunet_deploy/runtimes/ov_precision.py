@@ -63,43 +63,23 @@ def _key(bundle: Bundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _cache() -> dict[str, Any]:
-    from attunet_deploy.runtimes.select import cache_dir
-
-    try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _save(key: str, entry: dict[str, Any]) -> None:
-    from attunet_deploy.fileio import write_json_atomic
-    from attunet_deploy.runtimes.select import cache_dir
-
-    data = _cache()
-    data[key] = entry
-    try:
-        write_json_atomic(cache_dir() / CACHE_FILE, data)
-    except OSError:
-        pass  # a cache that cannot be written is simply not kept
-
-
 def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, str, dict[str, Any]]:
     """(hint, graph, record) for the fp16 row: cached, measured (``compile_fn(graph, hint)`` gives a
     callable OpenVINO compiled model), or the fixed rule when measuring is off."""
+    from attunet_deploy.runtimes.select import read_cache, write_cache
+
     isa = machine_info()["isa"]
     options = candidates(isa)
     if len(options) == 1:
         return (*options[0], {"chosen_by": "only option"})
     key = _key(bundle)
-    entry = _cache().get(key)
+    entry = read_cache(CACHE_FILE).get(key)
     if entry is None and os.environ.get("ATTDEPLOY_AUTO_MEASURE", "1") == "0":
         hint, graph = fixed_rule(isa)
         return hint, graph, {"chosen_by": "fixed rule (ATTDEPLOY_AUTO_MEASURE=0)"}
     if entry is None:
         entry = measure(bundle, options, compile_fn)
-        _save(key, entry)
+        write_cache(key, entry, CACHE_FILE)
     hint = str(entry.get("hint"))
     chosen = dict(options).get(hint)
     if chosen is None:

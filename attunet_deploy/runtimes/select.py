@@ -57,24 +57,34 @@ def _ov_version() -> str | None:
     return module_version("openvino")
 
 
-def _load() -> dict[str, Any]:
+def read_cache(name: str = CACHE_FILE) -> dict[str, Any]:
+    """One per-machine measurement cache file (key -> entry); empty when missing or unreadable."""
     try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+        data = json.loads((cache_dir() / name).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def record(key: str, timings: dict[str, float]) -> None:
+def write_cache(key: str, entry: dict[str, Any], name: str = CACHE_FILE) -> None:
     """Keep a measurement; a cache that cannot be written is simply not kept."""
     from attunet_deploy.fileio import write_json_atomic
 
-    data = _load()
-    data[key] = {"p50_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data = read_cache(name)
+    data[key] = entry
     try:
-        write_json_atomic(cache_dir() / CACHE_FILE, data)
+        write_json_atomic(cache_dir() / name, data)
     except OSError:
         pass
+
+
+def _load() -> dict[str, Any]:
+    return read_cache(CACHE_FILE)
+
+
+def record(key: str, timings: dict[str, float]) -> None:
+    """Keep a measurement of ``auto``'s comparison."""
+    write_cache(key, {"p50_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def measure(bundle: Bundle, precision: str, backends: tuple[str, ...]) -> dict[str, float]:
