@@ -112,4 +112,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 os.environ.setdefault("ATTDEPLOY_TEST", "1")
 # auto keeps ONNX Runtime CPU in tests unless a test measures: timings must not decide test outcomes.
 os.environ.setdefault("ATTDEPLOY_AUTO_MEASURE", "0")
+# INT8 writes the Q/DQ graph only, unless a test asks for NNCF's OpenVINO graph too (about 7 s per quantize:
+# tests/integration/test_int8_openvino.py::test_nncf_openvino_int8_graph_is_written_verified_and_run).
+os.environ.setdefault("ATTDEPLOY_INT8_TARGET", "onnx")
 os.environ.setdefault("ATTDEPLOY_CACHE_DIR", tempfile.mkdtemp(prefix="attdeploy-test-cache-"))

@@ -38,6 +38,8 @@ class ArtifactKind(str, enum.Enum):
     TORCHSCRIPT = "torchscript"
     GOLDEN = "golden"
     ENGINE = "tensorrt-engine"
+    OPENVINO_IR = "openvino-ir"  # an OpenVINO-native graph (.xml) ...
+    OPENVINO_WEIGHTS = "openvino-weights"  # ... and its weights (.bin)
 
     def __str__(self) -> str:
         return self.value

@@ -7,8 +7,9 @@ CPUs with AVX-512 BF16 or AMX unless told otherwise (measured rel L2 2e-3 agains
 - fp16: the fastest exact-enough of f16 (``model.fp16.onnx``, AVX-512/AMX FP16), bf16 (``model.onnx``,
   AVX-512/AMX BF16) and ``model.fp16.onnx`` computed in f32, measured once per machine and graphs
   (``runtimes/ov_precision.py``); the device string says which (``cpu (bf16)``)
-- int8: ``model.int8.onnx`` (its Q/DQ pairs become OpenVINO's int8 kernels) with an f32 hint for
-  the float parts
+- int8: ``model.int8.ov.xml`` (NNCF's OpenVINO-native INT8 graph, build/ov_int8.py) when the bundle
+  has it, else ``model.int8.onnx`` (its Q/DQ pairs become OpenVINO's int8 kernels); an f32 hint for
+  the float parts; ``bench_extras`` says which graph ran (option ``qdq_graph=True`` forces the Q/DQ one)
 
 Compiled models are cached in the bundle's ``engines/openvino/`` (when the bundle is writable).
 """
@@ -97,8 +98,18 @@ class OpenVinoRunner(Runner):
                 config["CACHE_DIR"] = str(cache)
         except OSError:
             pass  # a read-only bundle: compile every time
+        from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML
+
+        native = self.precision == "int8" and self.bundle.has(OV_INT8_XML) and self.bundle.has(OV_INT8_BIN) \
+            and not self.options.get("qdq_graph")
         try:
-            model = core.read_model(self.bundle.read_artifact(graph))  # the bytes whose sha256 was checked
+            if native:  # NNCF's OpenVINO-native INT8 graph, from the bytes whose sha256 was checked
+                graph = OV_INT8_XML
+                model = core.read_model(model=self.bundle.read_artifact(OV_INT8_XML).decode("utf-8"),
+                                        weights=ov.Tensor(np.frombuffer(self.bundle.read_artifact(OV_INT8_BIN),
+                                                                        np.uint8)))
+            else:
+                model = core.read_model(self.bundle.read_artifact(graph))  # the bytes whose sha256 was checked
             self._compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise BackendUnavailable(f"OpenVINO cannot compile {graph}: {str(exc).splitlines()[0][:200]}") from exc
@@ -113,6 +124,8 @@ class OpenVinoRunner(Runner):
     @property
     def device(self) -> str:
         hint = getattr(self, "_hint", "f32")
+        if str(getattr(self, "_graph", "")).endswith(".ov.xml"):
+            return "cpu (NNCF IR)"  # NNCF's OpenVINO-native INT8 graph, not the Q/DQ ONNX one
         return "cpu" if hint == "f32" else f"cpu ({hint})"
 
     def _infer_padded(self, x: np.ndarray) -> np.ndarray:

@@ -152,6 +152,36 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
     return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used
 
 
+def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.ndarray], ignored: list[str],
+                         wanted: bool, calibration: dict[str, Any], reporter: Reporter) -> None:
+    """NNCF's OpenVINO-native INT8 graph beside the Q/DQ one (2D bundles, OpenVINO and NNCF installed,
+    ``ATTDEPLOY_INT8_TARGET`` not ``onnx``), judged on the golden set on OpenVINO: kept only if it
+    passes the INT8 tolerance. An earlier one is dropped whenever the INT8 graph is rewritten."""
+    import os
+
+    from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML, nncf_available, quantize_openvino
+
+    for old in (OV_INT8_XML, OV_INT8_BIN):
+        if bundle.has(old):
+            txn.remove(old)
+    if not wanted or bundle.spatial_dims != 2 or not nncf_available() \
+            or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") == "onnx":
+        return
+    with reporter.step("Quantising for OpenVINO with NNCF (INT8 IR)"):
+        info = quantize_openvino(src, txn.stage(OV_INT8_XML), txn.stage(OV_INT8_BIN), inputs, ignored)
+    txn.add_artifact(OV_INT8_XML, kind=ArtifactKind.OPENVINO_IR, precision="int8",
+                     producer={**versions(), **info, **calibration, "weights": OV_INT8_BIN})
+    txn.add_artifact(OV_INT8_BIN, kind=ArtifactKind.OPENVINO_WEIGHTS, precision="int8")
+    from attunet_deploy.judge.verify import verify as run_verify
+
+    (row,) = run_verify(txn.view(), ["ov"], ["int8"], reporter=reporter)
+    if row.status != Status.PASS:
+        reporter.notice("note:", f"NNCF's INT8 graph missed the INT8 tolerance on OpenVINO ({row.get('reason')}): not "
+                        "kept; ov/int8 runs the Q/DQ graph")
+        for name in (OV_INT8_XML, OV_INT8_BIN):
+            txn.remove(name)
+
+
 def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
@@ -223,6 +253,9 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
             txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
                              producer={**producer, **info, "calibration": described, "calibration_files": used})
             done.append("int8")
+            _stage_openvino_int8(bundle, txn, src, inputs, list(info.get("float_nodes", [])),
+                                 max_dice_drop is None, {"calibration": described, "calibration_files": used},
+                                 reporter)
         for precision in done:
             issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
             if issues:

@@ -217,3 +217,37 @@ def test_bench_json_names_the_machine(demo_bundle: Path) -> None:
     assert m["cpu_model"] and m["cores"] >= 1 and isinstance(m["isa"], list)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert ("avx2" in m["isa"]) == (" avx2" in flags)
+
+
+def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: None, demo_bundle: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize also writes NNCF's OpenVINO-native INT8 graph (same calibration set), verified on OpenVINO;
+    ov/int8 runs it and says so; a Q/DQ-only requantisation drops the stale one."""
+    import shutil
+
+    pytest.importorskip("nncf")
+    from attunet_deploy import load_runner
+    from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML
+
+    b = tmp_path / "b"
+    shutil.copytree(demo_bundle, b)
+    monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "all")
+    code, _, err = run("quantize", "-b", str(b), "--precision", "int8")
+    assert code == 0, err
+    bundle = Bundle.load(b)
+    producer = bundle.artifacts[OV_INT8_XML]["producer"]
+    assert producer["quantizer"] == "nncf" and producer["nncf"] and producer["preset"] == "default"
+    assert producer["calibration_files"] == bundle.artifacts["model.int8.onnx"]["producer"]["calibration_files"]
+    assert set(producer["ignored_scope"]) <= set(bundle.artifacts["model.int8.onnx"]["producer"]["float_nodes"])
+    assert producer["ignored_scope"]  # the gates' psi convs and the head stay in float here too
+    assert bundle.artifacts[OV_INT8_BIN]["kind"] == "openvino-weights"
+    code, out, err = run("verify", "-b", str(b), "--backend", "ov", "--precision", "int8", "--json", "-")
+    assert code == 0, err
+    (row,) = json.loads(out)["results"]
+    assert row["status"] == "pass" and row["device"] == "cpu (NNCF IR)" and row["mean_dice"] >= 0.99
+    with load_runner(b, backend="ov", precision="int8", qdq_graph=True) as qdq:
+        assert qdq.bench_extras()["openvino_graph"] == "model.int8.onnx"
+    monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "onnx")
+    code, _, err = run("quantize", "-b", str(b), "--precision", "int8")
+    assert code == 0, err
+    assert OV_INT8_XML not in Bundle.load(b).artifacts and not (b / OV_INT8_XML).exists()
