@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-#: Artifact names of the OpenVINO-native INT8 graph and its weights.
-OV_INT8_XML, OV_INT8_BIN = "model.int8.ov.xml", "model.int8.ov.bin"
+from attunet_deploy.bundle import OV_INT8_BIN, OV_INT8_XML
+
+__all__ = ["OV_INT8_BIN", "OV_INT8_XML", "nncf_available", "quantize_openvino"]
 
 
 def nncf_available() -> bool:

@@ -48,6 +48,8 @@ class ArtifactKind(str, enum.Enum):
 
 #: Artifact file for each precision's ONNX graph.
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+#: NNCF's OpenVINO-native INT8 graph and its weights (build/ov_int8.py), run by ``ov/int8`` when present.
+OV_INT8_XML, OV_INT8_BIN = "model.int8.ov.xml", "model.int8.ov.bin"
 WEIGHTS_FILE = "weights.pt"
 TORCHSCRIPT_FILE = "model.ts"
 GOLDEN_FILE = "golden.npz"

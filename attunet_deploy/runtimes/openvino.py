@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, Bundle
+from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, OV_INT8_BIN, OV_INT8_XML, Bundle
 from attunet_deploy.environment import has_module, machine_info
 from attunet_deploy.errors import BackendUnavailable
 from attunet_deploy.runtimes.base import Runner
@@ -98,8 +98,6 @@ class OpenVinoRunner(Runner):
                 config["CACHE_DIR"] = str(cache)
         except OSError:
             pass  # a read-only bundle: compile every time
-        from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML
-
         native = self.precision == "int8" and self.bundle.has(OV_INT8_XML) and self.bundle.has(OV_INT8_BIN) \
             and not self.options.get("qdq_graph")
         try:
