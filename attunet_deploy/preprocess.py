@@ -278,6 +278,9 @@ def resample_linear(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     axis at a time (separable, so memory stays at one copy of the larger array)."""
     out = np.asarray(x, dtype=np.float32)
     first = out.ndim - len(shape)
+    size = math.prod(out.shape[:first]) * math.prod(max(a, b) for a, b in zip(out.shape[first:], shape)) * 4
+    if size > IMAGE_FILE.bytes():  # a spacing far coarser than the model's would blow the volume up
+        raise too_large(f"volume resampled to {'x'.join(map(str, shape))} voxels", size, IMAGE_FILE)
     for k, n_out in enumerate(shape):
         axis = first + k
         n_in = out.shape[axis]

@@ -16,6 +16,7 @@ import numpy as np
 from attunet_deploy import limits
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.arrays import ImageRecord, match_channels
+from attunet_deploy.io.files import walk_files
 
 #: CT Image Storage, the SOP class the node accepts (equal to ``pydicom.uid.CTImageStorage``; kept as a
 #: literal so that importing this module does not need pydicom).
@@ -155,8 +156,7 @@ def dicom_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            out += [f for f in sorted(p.rglob("*")) if f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            out += walk_files(p)
         else:
             raise InputError(f"{p} is not a regular file or folder")
     return out

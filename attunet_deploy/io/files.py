@@ -52,6 +52,27 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every regular file under folder ``root``, hidden files and folders excluded, sorted: the one walk
+    of an input folder. A folder on a virtual filesystem (/proc, /sys, /dev) or one that cannot be read
+    is an InputError naming it, never a crawl or a traceback."""
+    from attunet_deploy.outputs import VIRTUAL_ROOTS
+
+    resolved = root.resolve()
+    for virtual in VIRTUAL_ROOTS:
+        if resolved == virtual or virtual in resolved.parents:
+            raise InputError(f"{root} is on {virtual}, a virtual filesystem: give a folder of image files")
+    out: list[Path] = []
+
+    def refuse(exc: OSError) -> None:
+        raise InputError(f"cannot read {exc.filename or root}: {exc.strerror or exc}")
+
+    for folder, dirs, names in os.walk(root, onerror=refuse):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(folder) / n for n in names if not n.startswith(".") and (Path(folder) / n).is_file()]
+    return sorted(out)
+
+
 def list_image_files(path: str | os.PathLike[str], exts: tuple[str, ...] | None = None) -> list[Path]:
     """Supported files at ``path`` (a file, or a directory searched recursively), sorted."""
     p = Path(path)
@@ -62,9 +83,7 @@ def list_image_files(path: str | os.PathLike[str], exts: tuple[str, ...] | None 
     if not p.is_dir():
         raise InputError(f"{p} is not a regular file or folder (device, FIFO or socket)")
     allowed = exts or (ARRAY_EXT + RASTER_EXT + NIFTI_EXT)
-    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in
-                                                                           f.relative_to(p).parts)
-             and (suffix_of(f) in allowed or (exts is None and is_dicom_file(f)))]
+    files = [f for f in walk_files(p) if suffix_of(f) in allowed or (exts is None and is_dicom_file(f))]
     if not files:
         what = "label masks" if exts else "images"
         raise InputError(f"no {what} in {p} (supported: {', '.join(exts) if exts else SUPPORTED}"

@@ -28,6 +28,7 @@ from attunet_deploy.io.files import (
     reading,
     relative_name,
     suffix_of,
+    walk_files,
 )
 from attunet_deploy.preprocess import normalize, resample_linear, resampled_shape
 
@@ -49,8 +50,7 @@ def list_volumes(path: str | os.PathLike[str]) -> list[Path]:
     folder that directly holds DICOM files (one series: the folder is the volume)."""
     root = Path(path)
     if root.is_dir():
-        files = [f for f in sorted(root.rglob("*")) if f.is_file()
-                 and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+        files = walk_files(root)
         found = {f for f in files if suffix_of(f) in VOLUME_EXT} | {f.parent for f in files if is_dicom_file(f)}
         if not found:
             raise InputError(f"no volumes in {root} (a 3D model reads {', '.join(VOLUME_EXT)} files, or one folder "

@@ -14,7 +14,7 @@ import numpy as np
 from attunet_deploy.build.fp16 import check_node_names, convert_fp16
 from attunet_deploy.build.int8 import METHODS, calibrate, quantize_int8
 from attunet_deploy.build.int8_search import accuracy_aware_int8
-from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, ArtifactKind, Bundle
+from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, OV_INT8_BIN, OV_INT8_XML, ArtifactKind, Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
@@ -159,7 +159,7 @@ def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.nd
     passes the INT8 tolerance. An earlier one is dropped whenever the INT8 graph is rewritten."""
     import os
 
-    from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML, nncf_available, quantize_openvino
+    from attunet_deploy.build.ov_int8 import nncf_available, quantize_openvino
 
     for old in (OV_INT8_XML, OV_INT8_BIN):
         if bundle.has(old):
@@ -167,8 +167,15 @@ def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.nd
     if not wanted or bundle.spatial_dims != 2 or not nncf_available() \
             or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") == "onnx":
         return
-    with reporter.step("Quantising for OpenVINO with NNCF (INT8 IR)"):
-        info = quantize_openvino(src, txn.stage(OV_INT8_XML), txn.stage(OV_INT8_BIN), inputs, ignored)
+    try:
+        with reporter.step("Quantising for OpenVINO with NNCF (INT8 IR)"):
+            info = quantize_openvino(src, txn.stage(OV_INT8_XML), txn.stage(OV_INT8_BIN), inputs, ignored)
+    except Exception as exc:  # an optional extra graph: its failure must not cost the Q/DQ graph
+        reporter.notice("note:", f"NNCF could not quantise for OpenVINO ({type(exc).__name__}: {str(exc)[:160]}): "
+                        "ov/int8 runs the Q/DQ graph")
+        for name in (OV_INT8_XML, OV_INT8_BIN):
+            txn.remove(name)
+        return
     txn.add_artifact(OV_INT8_XML, kind=ArtifactKind.OPENVINO_IR, precision="int8",
                      producer={**versions(), **info, **calibration, "weights": OV_INT8_BIN})
     txn.add_artifact(OV_INT8_BIN, kind=ArtifactKind.OPENVINO_WEIGHTS, precision="int8")

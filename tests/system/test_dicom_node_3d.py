@@ -80,3 +80,15 @@ def test_irregular_3d_series_is_refused_with_the_reason(bundle3d: Path, tmp_path
                                   str(tmp_path / "segs"), "--backend", "ort"])
     assert r.exit_code == 2 and "not a regular volume" in r.output, r.output[-2000:]
     assert not (tmp_path / "segs").exists()
+
+
+def test_crafted_pixel_spacing_cannot_blow_the_volume_up(bundle3d: Path, tmp_path: Path) -> None:
+    """PixelSpacing 1000 mm would resample a 64x64 slice to 10,667 voxels a side at the model's 6 mm:
+    refused in one line before it is allocated."""
+    hu, _ = make_volume(8, (6, 64, 64))
+    write_ct_series(tmp_path / "ct", volume=hu, spacing=2.5, pixel_spacing=1000.0)
+    r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",
+                                  str(tmp_path / "segs"), "--backend", "ort"])
+    assert r.exit_code == 2 and "above the" in r.output and "Traceback" not in r.output, r.output[-2000:]
+    assert not (tmp_path / "segs").exists() or not any((tmp_path / "segs").iterdir())
+

@@ -125,3 +125,28 @@ def test_phantom_volumes_are_deterministic_and_labelled() -> None:
     assert x.shape == (4, 1, *DEMO3D_SIZE) and all(v.sum() > 50 for v in y)  # the target is in every volume
     inside = x[:, 0][y.astype(bool)]
     assert 60 < float(np.median(inside)) < 150  # the target's contrast (about 105 HU) survives the blur
+
+
+def test_input_folders_on_virtual_filesystems_are_refused_not_crawled(tmp_path: Path) -> None:
+    """/proc holds unreadable entries (/proc/1/cwd): a walk of it was a PermissionError traceback."""
+    from attunet_deploy.io.dicom import dicom_files
+    from attunet_deploy.io.files import walk_files
+    from attunet_deploy.io.volumes import list_volumes
+
+    for walk in (list_image_files, list_volumes, lambda p: dicom_files([p])):
+        for path in ("/proc", "/proc/self", "/sys/kernel"):
+            with pytest.raises(InputError, match="virtual filesystem"):
+                walk(path)
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "a.npy").write_bytes(b"x")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "c.npy").write_bytes(b"x")
+    (tmp_path / ".d.npy").write_bytes(b"x")
+    assert walk_files(tmp_path) == [tmp_path / "b" / "c.npy"]
+
+
+def test_resampling_that_would_blow_a_volume_up_is_refused() -> None:
+    from attunet_deploy.preprocess import resample_linear
+
+    with pytest.raises(InputError, match="above the"):
+        resample_linear(np.zeros((1, 2, 2, 2), np.float32), (4000, 4000, 4000))
