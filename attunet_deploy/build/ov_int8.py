@@ -17,10 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from attunet_deploy.bundle import OV_INT8_BIN, OV_INT8_XML
-
-__all__ = ["OV_INT8_BIN", "OV_INT8_XML", "nncf_available", "quantize_openvino"]
-
 
 def nncf_available() -> bool:
     import importlib.util

@@ -8,6 +8,8 @@ seed, so phantom ``k`` of a set is the same on every machine.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 #: CT window used to normalise demo images: level 40 HU, width 400 HU (soft-tissue window).
@@ -107,12 +109,19 @@ def make_phantoms(count: int, seed: int = 0, size: tuple[int, int] = DEMO_SIZE
 
     Phantom ``i`` uses seed ``seed * 1_000_003 + i`` so sets from different seeds do not overlap.
     """
+    return stack_samples(make_phantom, count, seed, size)
+
+
+def stack_samples(make: Any, count: int, seed: int, size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` samples of ``make(seed, size) -> (hu, label)`` stacked as ``(images [N, 1, *size],
+    labels [N, *size])``; sample ``i`` uses seed ``seed * 1_000_003 + i`` (sets from different seeds
+    do not overlap). Shared by the 2D phantoms and the 3D volumes."""
     if count < 1:
         raise ValueError("count must be >= 1")
     images = np.empty((count, 1, *size), dtype=np.float32)
     labels = np.empty((count, *size), dtype=np.uint8)
     for i in range(count):
-        images[i, 0], labels[i] = make_phantom(seed * 1_000_003 + i, size)
+        images[i, 0], labels[i] = make(seed * 1_000_003 + i, size)
     return images, labels
 
 

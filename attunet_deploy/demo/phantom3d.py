@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from attunet_deploy.demo.phantom import stack_samples
+
 #: Demo volume size [D, H, W] and its voxel spacing (z, y, x) in mm.
 DEMO3D_SIZE = (32, 64, 64)
 DEMO3D_SPACING = (5.0, 6.0, 6.0)
@@ -69,10 +71,4 @@ def make_volume(seed: int, size: tuple[int, int, int] = DEMO3D_SIZE) -> tuple[np
 def make_volumes(count: int, seed: int = 0, size: tuple[int, int, int] = DEMO3D_SIZE
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``count`` volumes as ``(hu float32 [N, 1, D, H, W], labels uint8 [N, D, H, W])``."""
-    if count < 1:
-        raise ValueError("count must be >= 1")
-    images = np.empty((count, 1, *size), dtype=np.float32)
-    labels = np.empty((count, *size), dtype=np.uint8)
-    for i in range(count):
-        images[i, 0], labels[i] = make_volume(seed * 1_000_003 + i, size)
-    return images, labels
+    return stack_samples(make_volume, count, seed, size)

@@ -301,10 +301,7 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     groups = group_by_shape(inputs, masks, [r.label for r in records])
     n_images = len(records)
     del records, inputs, masks  # the batches hold their own copies: keep one set of pixels, not three
-    ref_backend = reference_backend(bundle)
-    reason = registry.check(bundle, ref_backend, "fp32")
-    if reason is not None:
-        raise BackendUnavailable(f"no reference can run here ({ref_backend}/fp32: {reason})")
+    ref_backend = runnable_reference(bundle)
     cases = []
     with open_runner(bundle, ref_backend, "fp32") as ref, reporter.progress(f"Reference outputs ({ref_backend}/fp32)",
                                                        len(groups)) as advance:
@@ -323,14 +320,20 @@ def _verify_volumes(bundle: Bundle, images: str | os.PathLike[str], labels: str 
     """verify --images on a 3D bundle: whole volumes through the sliding window (judge/volumes.py)."""
     from attunet_deploy.judge.volumes import volume_cases
 
-    ref_backend = reference_backend(bundle)
-    reason = registry.check(bundle, ref_backend, "fp32")
-    if reason is not None:
-        raise BackendUnavailable(f"no reference can run here ({ref_backend}/fp32: {reason})")
+    ref_backend = runnable_reference(bundle)
     cases = volume_cases(bundle, images, labels, ref_backend, reporter)
     return _judge_all(bundle, pairs, cases, tolerances, f"{ref_backend}/fp32", max_dice_drop,
                       Path(save_diff) if save_diff is not None else None, reporter,
                       f"Verifying against {ref_backend}/fp32 on {len(cases)} volumes", **runner_options)
+
+
+def runnable_reference(bundle: Bundle) -> str:
+    """The reference backend for ``--images`` runs, or BackendUnavailable saying why none runs here."""
+    ref_backend = reference_backend(bundle)
+    reason = registry.check(bundle, ref_backend, "fp32")
+    if reason is not None:
+        raise BackendUnavailable(f"no reference can run here ({ref_backend}/fp32: {reason})")
+    return ref_backend
 
 
 def summary_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -227,7 +227,7 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
 
     pytest.importorskip("nncf")
     from attunet_deploy import load_runner
-    from attunet_deploy.build.ov_int8 import OV_INT8_BIN, OV_INT8_XML
+    from attunet_deploy.bundle import OV_INT8_BIN, OV_INT8_XML
 
     b = tmp_path / "b"
     shutil.copytree(demo_bundle, b)
