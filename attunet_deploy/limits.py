@@ -56,6 +56,9 @@ GOLDEN = Limit("ATTDEPLOY_MAX_GOLDEN_MB", 4096, "MB", "golden set size")
 #: Decoded images one command keeps at once (verify --images, quantize --calib): folders are
 #: sampled by file before decoding, so only an unusually large per-image size reaches it.
 HELD_IMAGES = Limit("ATTDEPLOY_MAX_HELD_IMAGES_MB", 1024, "MB", "decoded images held at once")
+#: Images ``verify --images`` judges (evenly spaced over the folder beyond it): every backend and
+#: the reference run on each, so this bounds the command's time.
+VERIFY_IMAGES = Limit("ATTDEPLOY_MAX_VERIFY_IMAGES", 512, "images", "images judged by verify --images")
 JSON_DEPTH = Limit("ATTDEPLOY_MAX_JSON_DEPTH", 64, "levels", "JSON nesting depth")
 
 

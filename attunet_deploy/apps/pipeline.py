@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.judge.results import Status
 from attunet_deploy.runtimes import registry
@@ -24,10 +25,6 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
                  reporter: Reporter | None = None, console: Any = None) -> int:
     """Run every step; returns 1 if any backend failed verification, else 0."""
     from attunet_deploy.environment import tensorrt_probe
-    from attunet_deploy.judge.bench import BenchSettings, bench_many, default_shape
-    from attunet_deploy.judge.report import bench_table, render_report, verify_table
-    from attunet_deploy.judge.verify import summary_counts, verify
-    from attunet_deploy.preprocess import parse_shape
     from attunet_deploy.steps.export import export_bundle
     from attunet_deploy.steps.quantize import quantize_bundle
 
@@ -62,18 +59,31 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
         reporter.notice("TensorRT engines skipped:", trt.detail)
         notes["TensorRT"] = f"Engines not built on this machine: {trt.detail}."
 
+    return judge_and_report(bundle, notes, bench_iterations=bench_iterations, shape=shape, reporter=reporter,
+                            console=console)
+
+
+def judge_and_report(bundle: Bundle, notes: dict[str, Any], *, bench_iterations: int = 20, shape: str | None = None,
+                     reporter: Reporter | None = None, console: Any = None) -> int:
+    """The pipeline's last steps on a built bundle: verify all, bench what ran, then record the
+    verification and write report.json/.md/.html in one transaction. Returns 1 if a row failed."""
+    from attunet_deploy.judge.bench import BenchSettings, bench_many, default_shape
+    from attunet_deploy.judge.report import bench_table, verify_table
+    from attunet_deploy.judge.report_html import report_files
+    from attunet_deploy.judge.verify import summary_counts, verify
+    from attunet_deploy.preprocess import parse_shape
+
+    reporter = reporter or Reporter()
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)
     shp = parse_shape(shape, bundle.in_channels, bundle.spatial_dims) if shape else default_shape(bundle)
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
     runnable = sorted({r["backend"] for r in rows if r["status"] != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
     results, _ = bench_many(bundle, runnable, ["all"], settings, reporter=reporter)
-    data, md = render_report(bundle, rows, results, extra=notes)
+    files = report_files(bundle, rows, results, extra=notes)
     with bundle.transaction() as txn:
         txn.record_verification(rows)
-        from attunet_deploy.fileio import dumps
-
-        txn.stage("report.json").write_text(dumps(data) + "\n", encoding="utf-8")
-        txn.stage("report.md").write_text(md, encoding="utf-8")
+        for name, text in files.items():
+            txn.stage(name).write_text(text, encoding="utf-8")
         bundle = txn.commit()
     if console is not None:
         console.print(verify_table(rows))
@@ -82,5 +92,5 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
                                       f"(ratio vs {results[0]['backend']}/{results[0]['precision']})"))
         counts = summary_counts(rows)
         console.print(f"[bold]{counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} "
-                      f"unavailable here[/bold] · report: {bundle.path('report.md')}", highlight=False)
+                      f"unavailable here[/bold] · report: {bundle.path('report.html')}", highlight=False)
     return 1 if summary_counts(rows)[Status.FAIL] else 0

@@ -43,6 +43,10 @@ def bundle_lock(root: Path, exclusive: bool) -> contextlib.AbstractContextManage
     return dir_lock(root, exclusive)
 
 
+#: Keys of a verification row that list every judged image (left out of the manifest).
+PER_IMAGE_KEYS = ("dice_per_image", "gt_dice_per_image")
+
+
 class WriterLock:
     """The advisory lock that makes one command at a time the writer of a bundle."""
 
@@ -180,7 +184,9 @@ class Transaction:
 
     def record_verification(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
-            self.manifest["verification"][f"{row['backend']}/{row['precision']}"] = {**row, "time": now_iso()}
+            # The per-image Dice lists are report material (report.json keeps them), not the record.
+            kept = {k: v for k, v in row.items() if k not in PER_IMAGE_KEYS}
+            self.manifest["verification"][f"{row['backend']}/{row['precision']}"] = {**kept, "time": now_iso()}
 
     def view(self) -> Bundle:
         """The bundle as it will be after commit (staged files served from staging)."""

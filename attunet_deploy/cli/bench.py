@@ -11,7 +11,9 @@ from attunet_deploy.cli.options import (
     backend_choice,
     bundle_option,
     check_json_path,
+    check_report_dir,
     load_bundle,
+    report_option,
     reporter,
     runner_options,
     shape_option,
@@ -42,10 +44,11 @@ from attunet_deploy.errors import InputError
               help="Requests in flight at once (served models: throughput under load).")
 @triton_options
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
+@report_option
 def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], shape: str | None,
           volume: str | None, warmup: int, iterations: int | None, duration: float | None, end_to_end: bool,
           threads: int | None, concurrency: int, triton_url: str | None, triton_model: str | None,
-          triton_timeout: float | None, json_path: str | None) -> None:
+          triton_timeout: float | None, json_path: str | None, report_dir: str | None) -> None:
     """Measure latency and throughput with one method for every backend."""
     from attunet_deploy.judge.bench import BenchSettings, bench_many, default_shape
     from attunet_deploy.preprocess import parse_shape
@@ -57,6 +60,7 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
     BenchSettings.check_options(warmup=warmup, iterations=iterations, duration=duration, threads=threads,
                                 concurrency=concurrency)
     check_json_path(json_path, bundle_dir)
+    check_report_dir(report_dir, bundle_dir)
     bundle = load_bundle(bundle_dir)
     if volume is not None:
         shp = parse_shape(volume, bundle.in_channels, 3)
@@ -70,6 +74,10 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
     if json_path != "-":
         print_bench(results, skipped, shp, end_to_end=end_to_end, concurrency=concurrency)
     write_json(json_path, {"bundle": str(bundle.root), "results": results, "skipped": skipped})
+    if report_dir is not None and results:
+        from attunet_deploy.judge.report_html import report_files, write_report_dir
+
+        write_report_dir(report_dir, report_files(bundle, [], results))
     if not results:
         raise InputError("nothing could be timed: " + "; ".join(f"{sk['backend']}/{sk['precision']}: {sk['reason']}"
                                                                  for sk in skipped)[:500])

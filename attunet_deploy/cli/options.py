@@ -214,3 +214,21 @@ def runner_options(triton_url: str | None, triton_model: str | None,
     if triton_model is not None:
         opts["triton_model"] = triton_model
     return opts
+
+
+def report_option(fn: Any) -> Any:
+    return click.option("--report", "report_dir", default=None, metavar="DIR",
+                        help="Also write report.html (verdict, mask panels, Dice and latency charts, the machine), "
+                             "report.md and report.json into DIR (new or empty).")(fn)
+
+
+def check_report_dir(report_dir: str | None, bundle_dir: str, save_diff: str | None = None) -> None:
+    """--report DIR is checked before any work: new or empty, outside the bundle, not --save-diff's."""
+    if report_dir is None:
+        return
+    from attunet_deploy.outputs import check_output
+
+    target = check_output(report_dir, "--report", kind="dir", empty=True, bundles=[bundle_dir])
+    if save_diff is not None and target == check_output(save_diff, "--save-diff", kind="dir", empty=True,
+                                                        bundles=[bundle_dir]):
+        raise InputError("--report and --save-diff need different folders (both write a report.md)")

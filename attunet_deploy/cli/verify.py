@@ -14,8 +14,10 @@ from attunet_deploy.cli.options import (
     backend_choice,
     bundle_option,
     check_json_path,
+    check_report_dir,
     load_bundle,
     parse_tolerances,
+    report_option,
     reporter,
     runner_options,
     tolerance_options,
@@ -41,10 +43,11 @@ from attunet_deploy.judge.results import Status
               help="Write a PNG per worst image of each row: agreement, reference-only and backend-only pixels.")
 @triton_options
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write results as JSON ('-': stdout).")
+@report_option
 @tolerance_options
 def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...], images: str | None,
            labels: str | None, max_dice_drop: float | None, save_diff: str | None, triton_url: str | None,
-           triton_model: str | None, triton_timeout: float | None, json_path: str | None,
+           triton_model: str | None, triton_timeout: float | None, json_path: str | None, report_dir: str | None,
            **tols: tuple[str, ...]) -> None:
     """Judge backends against the reference: the bundle's golden set, or --images (exit 1 on a miss).
 
@@ -64,6 +67,7 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
         from attunet_deploy.outputs import check_output
 
         check_output(save_diff, "--save-diff", kind="dir", empty=True, bundles=[bundle_dir])
+    check_report_dir(report_dir, bundle_dir, save_diff)
     bundle = load_bundle(bundle_dir)
     backend_list = ["all"] if "all" in backends else list(backends)
     precision_list = ["all"] if "all" in precisions else list(precisions)
@@ -82,6 +86,11 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
 
             stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
     write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": rows})
+    if report_dir is not None:
+        from attunet_deploy.judge.report_html import report_files, write_report_dir
+
+        write_report_dir(report_dir, report_files(bundle, rows, [], extra=None if images is None else {
+            "Images": f"Judged on {images}" + (f" with labels {labels}" if labels else "") + ", not the golden set."}))
     counts = summary_counts(rows)
     if counts[Status.PASS] + counts[Status.FAIL] == 0:
         raise InputError("no requested backend can run here: " + "; ".join(

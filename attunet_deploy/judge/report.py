@@ -107,20 +107,29 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def machine_record() -> dict[str, Any]:
+    """The machine a report's figures come from: CPU and ISA flags, GPU (None without one), versions."""
+    from attunet_deploy.environment import gpu_identity, machine_info, nvidia_smi_gpus, versions
+
+    gpu: Any = gpu_identity()
+    if gpu is None:
+        smi = nvidia_smi_gpus()
+        gpu = {"name": smi.detail, "driver": smi.version} if smi.available else None
+    return {"cpu": machine_info(), "gpu": gpu, "versions": versions()}
+
+
 def render_report(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], bench_rows: Sequence[Mapping[str, Any]],
                   extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """(report.json data, report.md text) of a pipeline run."""
-    from attunet_deploy.io.golden import describe
-
+    """(report.json data, report.md text) of a pipeline, verify or bench run."""
     m = bundle.manifest
-    data = {"bundle": str(bundle.root), "generated": now_iso(), "model": m["model"],
-            "preprocessing": m["preprocessing"], "golden": m.get("golden", {}), "verification": verify_rows,
-            "benchmarks": bench_rows, **(extra or {})}
+    data = {"bundle": str(bundle.root), "title": f"attunet-deploy report: {bundle.root.name}",
+            "generated": now_iso(), "model": m["model"], "preprocessing": m["preprocessing"],
+            "golden": m.get("golden", {}), "machine": machine_record(),
+            "verification": [dict(r) for r in verify_rows], "benchmarks": [dict(r) for r in bench_rows],
+            "notes": {k: v for k, v in (extra or {}).items() if isinstance(v, str)}, **(extra or {})}
+    intro = report_intro(bundle, data)
     ref = verify_rows[0].get("reference", "torch/fp32") if verify_rows else "torch/fp32"
-    md = [f"# attunet-deploy report: {bundle.root.name}", "",
-          f"Generated {data['generated']}. Model: {bundle.describe_model()} "
-          f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
-          "", describe(m.get("golden") or {}).capitalize() + ".", ""]
+    md = [f"# {data['title']}", "", *[line + "\n" for line in intro]]
     if verify_rows:
         vcols = verify_columns(verify_rows)
         md += [f"## Verification against {ref}", "",
@@ -142,3 +151,12 @@ def render_report(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], benc
         if isinstance(value, str):
             md += [f"## {key}", "", value, ""]
     return data, "\n".join(md)
+
+
+def report_intro(bundle: Bundle, data: Mapping[str, Any]) -> list[str]:
+    from attunet_deploy.io.golden import describe
+
+    m = bundle.manifest
+    return [f"Generated {data['generated']}. Model: {bundle.describe_model()} "
+            f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
+            describe(m.get("golden") or {}).capitalize() + "."]

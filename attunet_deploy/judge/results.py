@@ -63,6 +63,10 @@ class Agreement(Record):
     #: Dice against ground truth, and the reference's minus this one (only where labels exist)
     gt_dice: float | None = None
     gt_dice_drop: float | None = None
+    #: Dice of every judged image against the reference (and against the truth, with labels), in
+    #: judging order: what report.html's distributions are drawn from
+    dice_per_image: list[float] | None = None
+    gt_dice_per_image: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("rel_l2", "max_abs", "mean_abs", "pixel_agreement", "mean_dice",
@@ -72,6 +76,10 @@ class Agreement(Record):
             d["gt_dice"] = self.gt_dice
         if self.gt_dice_drop is not None:
             d["gt_dice_drop"] = self.gt_dice_drop
+        if self.dice_per_image is not None:
+            d["dice_per_image"] = self.dice_per_image
+        if self.gt_dice_per_image is not None:
+            d["gt_dice_per_image"] = self.gt_dice_per_image
         return d
 
 
@@ -88,6 +96,9 @@ class VerifyRow(Record):
     device: str | None = None
     agreement: Agreement | None = None
     diff_images: list[Any] | None = None
+    #: the worst images with both masks (judge/panels.py), for report.html and --save-diff; not
+    #: part of the JSON record (pictures are written from it, not stored in it)
+    panels: list[Any] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"backend": self.backend, "precision": self.precision, "reference": self.reference}

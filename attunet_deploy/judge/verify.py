@@ -20,6 +20,7 @@ from attunet_deploy.bundle import WEIGHTS_FILE, Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import AttDeployError, BackendUnavailable, InputError
 from attunet_deploy.io.golden import GoldenCase, group_by_shape, load_golden, model_space, require_labels
+from attunet_deploy.judge.panels import collect_panels
 from attunet_deploy.judge.results import Agreement, Status, VerifyRow
 from attunet_deploy.metrics import confident_flips, per_image_overlap, streamed_errors
 from attunet_deploy.preprocess import logits_to_masks
@@ -29,8 +30,6 @@ from attunet_deploy.runtimes.select import open_runner
 
 #: How many of a row's lowest-Dice images it lists.
 WORST_SHOWN = 3
-#: verify --images reads at most this many 2D images (evenly spaced beyond it).
-MAX_VERIFY_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -76,14 +75,15 @@ def check_dice_drop(value: float | None) -> float | None:
     return float(value)
 
 
-def _gt_dice(masks: list[np.ndarray], cases: list[GoldenCase], num_classes: int) -> float | None:
+def _gt_dices(masks: list[np.ndarray], cases: list[GoldenCase], num_classes: int) -> list[float] | None:
+    """Dice of each image against its ground truth (None without labels)."""
     if not cases or not all(c.labels is not None for c in cases):
         return None
     gt: list[float] = []
     for m, c in zip(masks, cases):
         assert c.labels is not None  # checked above
         gt += per_image_overlap(m, c.labels, max(num_classes, 2))[0]
-    return float(np.mean(gt))
+    return gt
 
 
 def reference_gt_dice(cases: list[GoldenCase], postprocessing: dict[str, Any]) -> float | None:
@@ -91,7 +91,8 @@ def reference_gt_dice(cases: list[GoldenCase], postprocessing: dict[str, Any]) -
     if not cases:
         return None
     ref_masks = [logits_to_masks(c.logits, postprocessing) for c in cases]
-    return _gt_dice(ref_masks, cases, cases[0].logits.shape[1])
+    gt = _gt_dices(ref_masks, cases, cases[0].logits.shape[1])
+    return None if gt is None else float(np.mean(gt))
 
 
 def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: dict[str, Any],
@@ -119,10 +120,13 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
         mean_dice=float(np.mean(dices)), worst_dice=float(np.min(dices)), mean_iou=float(np.mean(ious)),
         flipped_pixels=flipped,
         confident_flips=sum(confident_flips(m, r, c.logits) for m, r, c in zip(masks, ref_masks, cases)),
-        images=len(dices), worst_images=[{"file": names[i], "dice": dices[i]} for i in worst])
-    gt = _gt_dice(masks, cases, num_classes)
-    if gt is not None:
+        images=len(dices), worst_images=[{"file": names[i], "dice": dices[i]} for i in worst],
+        dice_per_image=[float(d) for d in dices])
+    gts = _gt_dices(masks, cases, num_classes)
+    if gts is not None:
+        gt = float(np.mean(gts))
         agreement.gt_dice = gt
+        agreement.gt_dice_per_image = [float(d) for d in gts]
         if ref_gt_dice is None:
             ref_gt_dice = reference_gt_dice(cases, postprocessing)
         if ref_gt_dice is not None:
@@ -203,11 +207,12 @@ def _judge_all(bundle: Bundle, pairs: list[tuple[str, str]], cases: list[GoldenC
             keep: dict[str, Any] = {}
             row = run_backend(bundle, backend, precision, cases, tolerances[precision], reference=reference,
                               ref_gt_dice=ref_gt, max_dice_drop=max_dice_drop, keep=keep, **runner_options)
-            if save_diff is not None and "outputs" in keep:
+            if "outputs" in keep and row.agreement is not None:
+                row.panels = collect_panels(row.agreement.worst_images, keep["outputs"], cases, bundle.postprocessing)
+            if save_diff is not None and row.panels:
                 from attunet_deploy.judge.diffimages import write_diff_images
 
-                row.diff_images = write_diff_images(save_diff, row, keep["outputs"], cases,
-                                                       bundle.postprocessing)
+                row.diff_images = write_diff_images(save_diff, row, row.panels)
             rows.append(row)
             advance()
     if save_diff is not None:
@@ -259,12 +264,14 @@ def reference_backend(bundle: Bundle) -> str:
 def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | os.PathLike[str] | None,
                   backends: list[str], precisions: list[str], tolerances: dict[str, Tolerance] | None = None,
                   reporter: Reporter | None = None, max_dice_drop: float | None = None,
-                  save_diff: str | os.PathLike[str] | None = None, max_images: int = MAX_VERIFY_IMAGES,
+                  save_diff: str | os.PathLike[str] | None = None, max_images: int | None = None,
                   **runner_options: Any) -> list[VerifyRow]:
-    """Judge backends on any image set (with optional ground truth); the bundle is not changed."""
+    """Judge backends on any image set (with optional ground truth); the bundle is not changed.
+    2D images beyond ``max_images`` (default: limits.VERIFY_IMAGES) are sampled evenly."""
     from attunet_deploy.io.files import list_image_files, relative_name
     from attunet_deploy.io.images import check_held, read_file, sample_files, subsample
     from attunet_deploy.io.labels import attach_labels, check_label_shapes, match_labels
+    from attunet_deploy.limits import VERIFY_IMAGES
 
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
@@ -282,6 +289,7 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
     if label_map is not None:
         check_label_shapes(label_map)
     records = []
+    max_images = int(VERIFY_IMAGES.value()) if max_images is None else max_images
     # Sampled by file before decoding: the command holds about max_images images, whatever the folder size.
     chosen, per_file = sample_files(files, max_images)
     total = 0

@@ -78,10 +78,16 @@ def _verify_on_user_volumes(tmp_path: Path, bundle: Path) -> None:
         nib.save(nib.Nifti1Image(label.transpose(2, 1, 0), affine), labs / f"{'ab'[i]}.nii.gz")
     out = tmp_path / "verify.json"
     r = CliRunner().invoke(main, ["verify", "-b", str(bundle), "--images", str(imgs), "--labels", str(labs),
-                                  "--backend", "ort", "--precision", "fp32", "--precision", "int8", "--json", str(out)])
+                                  "--backend", "ort", "--precision", "fp32", "--precision", "int8", "--json", str(out),
+                                  "--report", str(tmp_path / "report")])
     assert r.exit_code == 0, r.output[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert {(row["backend"], row["precision"]) for row in rows} == {("ort", "fp32"), ("ort", "int8")}
     for row in rows:
         assert row["status"] == "pass" and row["images"] == 2, row
         assert row["gt_dice"] >= 0.8, row  # whole volumes resampled to 5x6x6 mm: the model finds the organ
+        assert len(row["dice_per_image"]) == len(row["gt_dice_per_image"]) == 2
+    # report.html shows each row's worst volumes by their worst axial slice
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count('class="panel"') == 4 and page.count("(axial slice ") >= 4 and "a.nii.gz" in page
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["notes"]["Images"].startswith("Judged on")

@@ -133,6 +133,8 @@ def test_bench_times_whole_volumes_through_the_window(tmp_path: Path) -> None:
 def test_save_diff_shows_the_worst_axial_slice_of_each_volume(tmp_path: Path) -> None:
     from PIL import Image
 
+    from attunet_deploy.judge.panels import GAP, MIN_TILE
+
     _oktay(tmp_path / "ck.pth", "grid_attention")
     code, _, err = run("export", str(tmp_path / "ck.pth"), "-o", str(tmp_path / "b"), "--roi", "16x32x32")
     assert code == 0, err
@@ -143,9 +145,11 @@ def test_save_diff_shows_the_worst_axial_slice_of_each_volume(tmp_path: Path) ->
     assert pictures and all("-z" in p.name for p in pictures)
     golden = Bundle.load(tmp_path / "b").artifacts["golden.npz"]["shapes"]
     in_plane = {tuple(s[3:]) for s in golden}
-    for p in pictures:
+    for p in pictures:  # four tiles of one axial slice, upscaled by a whole factor (nearest-neighbour)
         with Image.open(p) as im:
-            assert (im.height, im.width) in in_plane and im.mode == "RGB"
+            tile = (im.width - 3 * GAP) // 4
+            assert im.mode == "RGB" and tile >= MIN_TILE
+            assert any(tile % w == 0 and im.height == h * (tile // w) for h, w in in_plane)
 
 
 def test_2d_only_commands_refuse_a_3d_bundle_and_write_nothing(tmp_path: Path) -> None:

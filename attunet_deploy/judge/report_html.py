@@ -1,0 +1,203 @@
+"""report.html: the verdict as a page people look at.
+
+One self-contained file (pictures inlined as PNG data, charts as inline SVG, styles inline; no
+network, no JavaScript) written beside report.md by ``pipeline`` and by ``verify``/``bench
+--report DIR``. It reads the same records report.json is written from (the rows' ``to_dict()``),
+plus the rows' mask panels (:mod:`attunet_deploy.judge.panels`), which JSON does not hold.
+
+Sections: the verdict per backend/precision with the tolerance it was judged against; Dice of
+every judged image per row; each row's worst images as panels; latency; the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from attunet_deploy.bundle import Bundle
+from attunet_deploy.fileio import dumps, write_text_atomic
+from attunet_deploy.judge.charts import STATUS_COLOUR, dice_strip, latency_bars
+from attunet_deploy.judge.panels import (
+    AGREE_COLOUR,
+    BACKEND_COLOUR,
+    REFERENCE_COLOUR,
+    TILE_TITLES,
+    Panel,
+    encode_png,
+    render_panel,
+)
+from attunet_deploy.judge.report import BENCH_COLUMNS, render_report, report_intro
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1720px;padding:0 16px;
+color:#111;background:#fff;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2}td.l,th.l{text-align:left}td.nw{white-space:nowrap}
+td.pass{background:#e3f4e8;color:#1b7f3b;font-weight:600}td.fail{background:#fde7e6;color:#c62828;font-weight:700}
+td.unavailable{background:#eee;color:#666}
+figure{margin:10px 0 22px 0}figure img{display:block;image-rendering:pixelated;border:1px solid #333;
+max-width:100%;height:auto}
+figcaption{font-size:13px;margin-top:4px}.tiles{display:flex;gap:6px;font-size:12px;color:#444}
+.tiles span{flex:1;text-align:center}.muted{color:#666}.swatch{display:inline-block;width:12px;height:12px;
+border:1px solid #555;vertical-align:middle;margin:0 4px 0 10px}
+"""
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def _f(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def tolerance_text(tol: Mapping[str, Any]) -> str:
+    """'rel L2 <= 1e-04, pixels agree >= 99.99 %'-style text of a row's tolerance."""
+    parts = []
+    if tol.get("rel_l2") is not None:
+        parts.append(f"rel L2 ≤ {tol['rel_l2']:g}")
+    if tol.get("pixel_agreement") is not None:
+        parts.append(f"pixels agree ≥ {100 * tol['pixel_agreement']:g} %")
+    if tol.get("mean_dice") is not None:
+        parts.append(f"mean Dice ≥ {tol['mean_dice']:g}")
+    if tol.get("worst_dice") is not None:
+        parts.append(f"worst Dice ≥ {tol['worst_dice']:g}")
+    if tol.get("max_dice_drop") is not None:
+        parts.append(f"Dice vs truth drop ≤ {tol['max_dice_drop']:g}")
+    return ", ".join(parts) or "reported only"
+
+
+def verdict_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Every row; those that ran first (in their order), then those unavailable here."""
+    rows = [r for r in rows if str(r.get("status")) != "unavailable"] + \
+        [r for r in rows if str(r.get("status")) == "unavailable"]
+    gt = any("gt_dice" in r for r in rows)
+    heads = ["backend", "precision", "verdict", "judged against", "reference", "device", "rel L2",
+             "pixels agree %", "mean Dice", "worst Dice"] + (["Dice vs truth"] if gt else []) + ["note"]
+    left = {"backend", "precision", "verdict", "judged against", "reference", "device", "note"}
+    out = ['<table id="verdict"><thead><tr>'
+           + "".join(f'<th class="{"l" if h in left else ""}">{h}</th>' for h in heads) + "</tr></thead><tbody>"]
+    for r in rows:
+        status = str(r.get("status"))
+        agree = r.get("pixel_agreement")
+        cells = [(r["backend"], "l"), (r["precision"], "l"), (status.upper() if status == "fail" else status, status),
+                 (tolerance_text(r.get("tolerance") or {}), "l nw"), (r.get("reference", ""), "l"),
+                 (r.get("device") or "", "l"), (_f(r.get("rel_l2"), ".2e"), ""),
+                 ("-" if agree is None else f"{100 * agree:.4f}", ""), (_f(r.get("mean_dice"), ".4f"), ""),
+                 (_f(r.get("worst_dice"), ".4f"), "")]
+        if gt:
+            cells.append((_f(r.get("gt_dice"), ".4f"), ""))
+        cells.append((r.get("reason") or "", "l"))
+        out.append(f'<tr data-backend="{escape(str(r["backend"]))}" data-precision="{escape(str(r["precision"]))}" '
+                   f'data-status="{escape(status)}">'
+                   + "".join(f'<td class="{c}">{escape(str(v))}</td>' for v, c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def panel_figure(panel: Panel) -> str:
+    rgb = render_panel(panel)
+    data = base64.b64encode(encode_png(rgb)).decode("ascii")
+    h, w = rgb.shape[:2]
+    titles = "".join(f"<span>{t}</span>" for t in TILE_TITLES)
+    return (f'<figure><img class="panel" src="data:image/png;base64,{data}" width="{w}" '
+            f'height="{h}" alt="{escape(panel.name)}: input, reference, backend, difference">'
+            f'<div class="tiles" style="max-width:{w}px">{titles}</div>'
+            f'<figcaption>{escape(panel.name)} · Dice against the reference {panel.dice:.4f} · '
+            f'{panel.image.shape[1]}×{panel.image.shape[0]} px</figcaption></figure>')
+
+
+def legend() -> str:
+    return (f'<p>Outlines: <span class="swatch" style="background:{_hex(REFERENCE_COLOUR)}"></span>reference '
+            f'<span class="swatch" style="background:{_hex(BACKEND_COLOUR)}"></span>backend. Difference map: '
+            f'<span class="swatch" style="background:{_hex(AGREE_COLOUR)}"></span>foreground in both (agree)'
+            f'<span class="swatch" style="background:{_hex(REFERENCE_COLOUR)}"></span>only in the reference '
+            f'(missed)<span class="swatch" style="background:{_hex(BACKEND_COLOUR)}"></span>only in the backend '
+            f'(added). Colour-blind-safe pair (Paul Tol); tiles upscaled with nearest-neighbour.</p>')
+
+
+def worst_sections(rows: Sequence[Mapping[str, Any]], panels: Mapping[str, Sequence[Panel]]) -> str:
+    """Each row that ran, failures first, then by mean Dice (lowest first): what needs a look leads."""
+    ran = [r for r in rows if str(r.get("status")) != "unavailable"]
+    out = [legend()]
+    for r in sorted(ran, key=lambda r: (str(r.get("status")) != "fail", r.get("mean_dice") or 0.0)):
+        name = f"{r['backend']}/{r['precision']}"
+        got = panels.get(name, [])
+        colour = STATUS_COLOUR.get(str(r.get("status")), "#333")
+        out.append(f'<h3 id="worst-{escape(name.replace("/", "-"))}"><span style="color:{colour}">■</span> '
+                   f'{escape(name)} · mean Dice {_f(r.get("mean_dice"), ".4f")} · '
+                   f'worst {_f(r.get("worst_dice"), ".4f")} · {r.get("flipped_pixels", "-")} pixels differ</h3>')
+        if not got:
+            out.append('<p class="muted">No pictures: the masks were not kept with these results.</p>')
+        out += [panel_figure(p) for p in got]
+    return "".join(out)
+
+
+def machine_section(machine: Mapping[str, Any], versions: Mapping[str, Any], gpu: Any) -> str:
+    gpu_text = "none" if not gpu else ", ".join(f"{k} {v}" for k, v in dict(gpu).items())
+    rows = [("CPU", f"{machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores, {machine.get('arch', '?')})"),
+            ("ISA flags", " ".join(machine.get("isa", [])) or "-"), ("GPU", gpu_text),
+            ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()))]
+    return '<table id="machine">' + "".join(f'<tr><th class="l">{k}</th><td class="l">{escape(str(v))}</td></tr>'
+                                             for k, v in rows) + "</table>"
+
+
+def bench_table_html(results: Sequence[Mapping[str, Any]]) -> str:
+    heads = [h for h, _ in BENCH_COLUMNS]
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < 4 else ""}">{escape(str(fn(r)))}</td>'
+                                    for i, (_, fn) in enumerate(BENCH_COLUMNS)) + "</tr>" for r in results)
+    return ('<table id="latency"><thead><tr>' + "".join(f"<th>{h}</th>" for h in heads) + "</tr></thead><tbody>"
+            + body + "</tbody></table>")
+
+
+def render_html(data: Mapping[str, Any], intro: Sequence[str], panels: Mapping[str, Sequence[Panel]]) -> str:
+    """The whole page. ``data`` is what report.json holds; ``intro`` lines of plain text under the
+    title; ``panels`` by 'backend/precision'."""
+    rows = list(data.get("verification", []))
+    results = list(data.get("benchmarks", []))
+    counts = {s: sum(str(r.get("status")) == s for r in rows) for s in ("pass", "fail", "unavailable")}
+    ref = rows[0].get("reference", "torch/fp32") if rows else "torch/fp32"
+    title = escape(str(data.get("title", "attunet-deploy report")))
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+             f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
+    parts += [f'<p class="muted">{escape(line)}</p>' for line in intro]
+    if rows:
+        parts.append(f'<h2 id="verdict-heading">Verdict against {escape(str(ref))}: '
+                     f'<span style="color:{STATUS_COLOUR["pass"]}">{counts["pass"]} passed</span>, '
+                     f'<span style="color:{STATUS_COLOUR["fail"]}">{counts["fail"]} failed</span>, '
+                     f'{counts["unavailable"]} unavailable here</h2>')
+        parts.append(verdict_table(rows))
+        strip = dice_strip(rows)
+        parts.append("<h2>Dice of every judged image</h2>" + (strip or '<p class="muted">No row ran.</p>'))
+        parts.append(f"<h2>Worst images per backend</h2>{worst_sections(rows, panels)}")
+    if results:
+        shape = "x".join(map(str, results[0].get("shape", [])))
+        parts.append(f"<h2>Latency at {escape(shape)}</h2>{latency_bars(results)}{bench_table_html(results)}")
+    for key, value in (data.get("notes") or {}).items():
+        if isinstance(value, str):
+            parts.append(f"<h2>{escape(key)}</h2><p>{escape(value)}</p>")
+    m = data.get("machine") or {}
+    parts.append("<h2>Machine</h2>" + machine_section(m.get("cpu", {}), m.get("versions", {}), m.get("gpu")))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def report_files(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], bench_rows: Sequence[Mapping[str, Any]],
+                 extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """report.json, report.md and report.html of one run, by file name. The page's mask panels come
+    from the rows (``VerifyRow.panels``: kept by verify, never in JSON)."""
+    data, md = render_report(bundle, verify_rows, bench_rows, extra)
+    panels = {f"{r['backend']}/{r['precision']}": list(getattr(r, "panels", None) or []) for r in verify_rows}
+    html = render_html(data, [line.replace("`", "") for line in report_intro(bundle, data)], panels)
+    return {"report.json": dumps(data) + "\n", "report.md": md, "report.html": html}
+
+
+def write_report_dir(folder: str | os.PathLike[str], files: Mapping[str, str]) -> None:
+    """``--report DIR``: the report's files, each written atomically (DIR was checked before the run)."""
+    for name, text in files.items():
+        write_text_atomic(Path(folder) / name, text)
