@@ -180,10 +180,12 @@ def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str]
     total = sum(len(r) for _, r, _ in prepared)
     with runner, reporter.progress(f"Segmenting on {runner.name}", total) as advance:
         results = []
+        # One stream of every slice: a backend with parallel requests (OpenVINO) keeps several in flight.
+        logits = runner.infer_many(x for _, _, xs in prepared for x in xs)
         for f, recs, xs in prepared:
             masks = []
-            for x in xs:
-                masks.append(logits_to_masks(runner.infer(x), bundle.postprocessing)[0])
+            for _ in xs:
+                masks.append(logits_to_masks(next(logits), bundle.postprocessing)[0])
                 advance()
             results.append((f, recs, masks))
     out.mkdir(parents=True, exist_ok=True)

@@ -232,3 +232,18 @@ def check_report_dir(report_dir: str | None, bundle_dir: str, save_diff: str | N
     if save_diff is not None and target == check_output(save_diff, "--save-diff", kind="dir", empty=True,
                                                         bundles=[bundle_dir]):
         raise InputError("--report and --save-diff need different folders (both write a report.md)")
+
+
+#: --precision for commands that run a bundle: a precision, or the fastest that passes here.
+RUN_PRECISIONS = (*PRECISIONS, "best")
+
+
+def resolve_precision(bundle: Any, backend: str, precision: str, **options: Any) -> tuple[str, str]:
+    """(backend, precision) to run: ``best`` becomes the fastest that passes verification here."""
+    if precision != "best":
+        return backend, precision
+    from attunet_deploy.judge.best import resolve_best
+
+    choice = resolve_best(bundle, backend, reporter=reporter(), **options)
+    reporter().notice("--precision best:", choice.describe())
+    return choice.backend, choice.precision

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import click
 
-from attunet_deploy.bundle import PRECISIONS
 from attunet_deploy.cli.app import main
-from attunet_deploy.cli.options import backend_choice, bundle_option, load_bundle, require_extra
+from attunet_deploy.cli.options import (
+    RUN_PRECISIONS,
+    backend_choice,
+    bundle_option,
+    load_bundle,
+    require_extra,
+    resolve_precision,
+)
 
 
 @main.command("serve-dicom")
@@ -53,7 +59,8 @@ from attunet_deploy.cli.options import backend_choice, bundle_option, load_bundl
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--backend", type=backend_choice(all_=False, auto=True), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(RUN_PRECISIONS), default="fp32", show_default=True,
+              help="A precision, or best: the fastest that passes verification on this machine (measured once).")
 @click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
 def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
                 any_called_ae: bool, allow_host: tuple[str, ...], tls_cert: str | None, tls_key: str | None,
@@ -73,7 +80,9 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
     limits = NodeLimits(max_instance_mb=max_instance_mb, min_free_mb=min_free_mb,
                         keep_archive_days=parse_keep(keep_archive), max_associations=max_associations,
                         acse_timeout=acse_timeout, dimse_timeout=dimse_timeout, network_timeout=network_timeout)
-    node = DicomNode(load_bundle(bundle_dir), out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
+    bundle = load_bundle(bundle_dir)
+    backend, precision = resolve_precision(bundle, backend, precision)
+    node = DicomNode(bundle, out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
                      quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
                      precision=precision, segment_label=segment_label, limits=limits, any_called_ae=any_called_ae,
                      allow_host=list(allow_host), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,

@@ -12,6 +12,7 @@ import abc
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -124,6 +125,27 @@ class Runner(abc.ABC):
                                      f"{tuple(xp.shape)}: expected [N, {self.out_channels}, "
                                      f"{', '.join('DHW'[-self.spatial_dims:])}]")
         return crop(y, size)
+
+    def infer_many(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Logits of each batch, in order: ``infer`` over a stream. Backends that keep several
+        requests in flight (OpenVINO's throughput streams) overlap them; the results and their
+        order are those of ``infer`` one by one."""
+        def padded() -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
+            for images in batches:
+                x = check_batch(images, self.channels, spatial_dims=self.spatial_dims)
+                xp, size = pad_to_divisor(x, self.divisors)
+                self.check_memory(xp.shape)
+                yield xp, size
+
+        if not self.is_active:
+            self.activate()
+        for y, size in self._infer_stream(padded()):
+            yield crop(np.asarray(y, dtype=np.float32), size)
+
+    def _infer_stream(self, items: Iterator[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """(padded logits, tag) for each (padded batch, tag), in order; one at a time by default."""
+        for xp, tag in items:
+            yield self._infer_padded(xp), tag
 
     def check_memory(self, shape: tuple[int, ...]) -> None:
         """Refuse a batch whose activations would not fit in this machine's free memory (CPU

@@ -1,0 +1,130 @@
+"""``--precision best``: the fastest precision that passes verification for this bundle on this machine.
+
+Every precision the bundle has a graph for is opened on the requested backend (``auto`` resolved
+per precision, so INT8 may run on OpenVINO while FP32 runs on ONNX Runtime), verified here on the
+bundle's golden set against the design's tolerances, and the passing ones are timed interleaved
+at the bench's default shape. The fastest passing one is used. FP32 is the fallback: a precision
+that fails verification here is never picked, whatever its speed.
+
+The choice is measured once and kept in the per-machine cache (``runtimes.select.cache_dir()``,
+file ``best-precision.json``), keyed by CPU, ISA flags, library versions and the sha256 of every
+graph: a new machine, a new library or a re-quantised graph measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attunet_deploy.bundle import ONNX_FILES, OV_INT8_XML, Bundle
+from attunet_deploy.console import Reporter
+from attunet_deploy.environment import machine_info, module_version
+from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.judge.results import Status
+from attunet_deploy.runtimes.registry import check
+from attunet_deploy.runtimes.select import open_runner, read_cache, resolve_auto, write_cache
+
+CACHE_FILE = "best-precision.json"
+#: Timed calls per candidate (after one warm-up), round-robin.
+RUNS = 5
+
+
+@dataclass
+class BestChoice:
+    """The picked (backend, precision) and every candidate's verdict and p50 (ms) here."""
+
+    backend: str
+    precision: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    cached: bool = False
+
+    def describe(self) -> str:
+        parts = [f"{c['backend']}/{c['precision']} " + (f"{c['p50_ms']:.1f} ms" if c.get("p50_ms") is not None
+                                                         else c.get("status", "?"))
+                 for c in self.candidates]
+        return (f"{self.backend}/{self.precision}, the fastest that passes verification on this machine "
+                f"({'; '.join(parts)}{'; cached' if self.cached else ''})")
+
+
+def best_key(bundle: Bundle, backend: str) -> str:
+    m = machine_info()
+    graphs = {n: bundle.artifacts.get(n, {}).get("sha256") for n in (*ONNX_FILES.values(), OV_INT8_XML)}
+    payload = {"cpu": m["cpu_model"], "cores": m["cores"], "isa": m["isa"], "backend": backend, "graphs": graphs,
+               "libs": {k: module_version(k) for k in ("onnxruntime", "openvino", "tensorrt")}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _candidates(bundle: Bundle, backend: str) -> list[tuple[str, str]]:
+    out = []
+    for precision in ("int8", "fp16", "fp32"):
+        if not bundle.has(ONNX_FILES[precision]):
+            continue
+        try:
+            b = resolve_auto(bundle, precision) if backend == "auto" else backend
+        except BackendUnavailable:
+            continue
+        if check(bundle, b, precision) is None:
+            out.append((b, precision))
+    return out
+
+
+def _time(bundle: Bundle, passing: list[tuple[str, str]], options: dict[str, Any]) -> dict[tuple[str, str], float]:
+    from attunet_deploy.judge.bench import default_shape
+
+    x = np.random.default_rng(0).standard_normal(default_shape(bundle)).astype(np.float32)
+    runners = {p: open_runner(bundle, *p, **options).activate() for p in passing}
+    try:
+        times: dict[tuple[str, str], list[float]] = {p: [] for p in passing}
+        for r in runners.values():
+            r.infer(x)
+        for _ in range(RUNS):
+            for p, r in runners.items():
+                t0 = time.perf_counter()
+                r.infer(x)
+                times[p].append(1000.0 * (time.perf_counter() - t0))
+    finally:
+        for r in runners.values():
+            r.deactivate()
+    return {p: float(np.median(t)) for p, t in times.items()}
+
+
+def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | None = None,
+                 **options: Any) -> BestChoice:
+    """The fastest (backend, precision) of ``bundle`` that passes verification here (see the module)."""
+    from attunet_deploy.io.golden import load_golden
+    from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, reference_gt_dice, run_backend
+
+    key = best_key(bundle, backend)
+    entry = read_cache(CACHE_FILE).get(key)
+    if isinstance(entry, dict) and entry.get("backend") and entry.get("precision") in ONNX_FILES \
+            and check(bundle, entry["backend"], entry["precision"]) is None:
+        return BestChoice(entry["backend"], entry["precision"], list(entry.get("candidates", [])), cached=True)
+    reporter = reporter or Reporter()
+    candidates = _candidates(bundle, backend)
+    if not candidates:
+        raise BackendUnavailable(f"--precision best: no precision of this bundle can run on {backend} here")
+    cases = load_golden(bundle)
+    ref_gt = reference_gt_dice(cases, bundle.postprocessing)
+    records: list[dict[str, Any]] = []
+    with reporter.progress("Choosing the precision: verifying each here", len(candidates)) as advance:
+        for b, p in candidates:
+            row = run_backend(bundle, b, p, cases, DEFAULT_TOLERANCES[p], ref_gt_dice=ref_gt, **options)
+            records.append({"backend": b, "precision": p, "status": str(row.status), "reason": row.reason})
+            advance()
+    passing = [(r["backend"], r["precision"]) for r in records if r["status"] == Status.PASS.value]
+    if not passing:
+        raise BackendUnavailable("--precision best: no precision passes verification here: " + "; ".join(
+            f"{r['backend']}/{r['precision']}: {r['reason'] or r['status']}" for r in records)[:400])
+    with reporter.step("Choosing the precision: timing the ones that pass"):
+        p50 = _time(bundle, passing, options)
+    for r in records:
+        r["p50_ms"] = p50.get((r["backend"], r["precision"]))
+    b, p = min(passing, key=lambda pair: p50[pair])
+    write_cache(key, {"backend": b, "precision": p, "candidates": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                CACHE_FILE)
+    return BestChoice(b, p, records)
