@@ -161,7 +161,7 @@ def render_panel(panel: Panel) -> np.ndarray:
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def encode_png(rgb: np.ndarray, level: int = 9) -> bytes:
+def encode_png(rgb: np.ndarray, level: int = 6) -> bytes:
     """PNG bytes of a uint8 [H, W, 3] (or [H, W]) array. Rows are filtered with 'Up' where they
     repeat the row above (nearest-neighbour upscaling) and 'Sub' elsewhere: both leave runs of
     zeros that deflate packs tightly."""
