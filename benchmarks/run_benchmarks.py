@@ -104,6 +104,31 @@ def gemm_roof_gflops(threads: int, sizes: tuple[int, ...] = (2048, 3072), repeat
     return best_rate
 
 
+def bf16_gemm_roof_gflops(threads: int, sizes: tuple[int, ...] = (2048, 3072), repeats: int = 6) -> float:
+    """Best BF16 GEMM rate in GFLOP/s: torch.mm on bfloat16 (oneDNN: AMX-BF16 tiles where the CPU
+    has them, else AVX-512 BF16 dot products, else a conversion to FP32)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def matrix_units(isa: list[str]) -> dict[str, str]:
+    """Which units the INT8 and BF16 roofs measure on this CPU (AMX only where its flags are present)."""
+    return {"int8": "AMX-INT8" if "amx_int8" in isa else "AVX-512 VNNI" if "avx512_vnni" in isa
+            else "AVX-VNNI" if "avx_vnni" in isa else "AVX2 (no int8 dot product)",
+            "bf16": "AMX-BF16" if "amx_bf16" in isa else "AVX-512 BF16" if "avx512_bf16" in isa
+            else "none (converted to FP32)"}
+
+
 def int8_gemm_roof_gops(threads: int, sizes: tuple[int, ...] = (2048, 3072), repeats: int = 6) -> float:
     """Best INT8 GEMM rate (int32 accumulation) in GOP/s: ONNX Runtime's MatMulInteger (the MLAS
     u8 x s8 kernels its int8 convolutions use) and torch._int_mm, same thread count."""
@@ -196,9 +221,10 @@ def main() -> None:
             quantize_bundle(Bundle.load(bundle_dir), calib=str(calib), max_samples=32, reporter=reporter,
                             verify=False)
         bundle = Bundle.load(bundle_dir)
-        with reporter.step("Measuring the FP32 and INT8 GEMM roofs"):
+        with reporter.step("Measuring the FP32, BF16 and INT8 GEMM roofs"):
             roof = gemm_roof_gflops(threads)
             roof8 = int8_gemm_roof_gops(threads)
+            roof16 = bf16_gemm_roof_gflops(threads)
         records = []
         demo = demo_bundle(args.demo_bundle, reporter)
         settings = BenchSettings(shape=(1, 1, 256, 256), warmup=5, iterations=args.demo_iterations, threads=threads)
@@ -219,19 +245,23 @@ def main() -> None:
             reporter.console.print(bench_table(results, title=f"Full-size model at {text} "
                                                f"({flops / 1e9:.1f} GFLOP, roof {roof:.0f} GFLOP/s)"))
             records.extend(results)
-        with reporter.step("Measuring the FP32 and INT8 GEMM roofs again"):
+        with reporter.step("Measuring the FP32, BF16 and INT8 GEMM roofs again"):
             roof = max(roof, gemm_roof_gflops(threads))
             roof8 = max(roof8, int8_gemm_roof_gops(threads))
+            roof16 = max(roof16, bf16_gemm_roof_gflops(threads))
         for r in records:
             r["efficiency_vs_fp32_gemm_roof"] = r["achieved_gflops"] / roof
             r["efficiency_vs_int8_gemm_roof"] = r["achieved_gflops"] / roof8
-            r["roof"] = "int8" if r["precision"] == "int8" else "fp32"
+            r["efficiency_vs_bf16_gemm_roof"] = r["achieved_gflops"] / roof16
+            # each row against the roof of the arithmetic it runs: int8, bf16 (OpenVINO's bf16 mode), else fp32
+            r["roof"] = "int8" if r["precision"] == "int8" else "bf16" if "bf16" in str(r.get("device")) else "fp32"
 
     cuda = cuda_devices()
     mach = machine_info()
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": mach, "platform": platform.platform(),
             "gpu": cuda.extra.get("gpus") if cuda.available else None, "fp32_gemm_roof_gflops": roof,
-            "int8_gemm_roof_gops": roof8, "threads": threads, "versions": versions(include_torch=True)}
+            "int8_gemm_roof_gops": roof8, "bf16_gemm_roof_gflops": roof16, "matrix_units": matrix_units(mach["isa"]),
+            "threads": threads, "versions": versions(include_torch=True)}
     records = demo_results + records
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
     headers = ["model", "shape", "backend", "precision", "device", "p50 ms", "p90 ms", "p99 ms", "img/s", "CoV %",
@@ -250,7 +280,8 @@ def main() -> None:
               if "roof" in r else "-")] for r in records]
     md = [f"# Benchmark results ({meta['date']})", "",
           f"Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['arch']}, ISA {' '.join(mach['isa']) or '-'}; "
-          f"threads {threads}; FP32 GEMM roof {roof:.0f} GFLOP/s; INT8 GEMM roof {roof8:.0f} GOP/s; "
+          f"threads {threads}; FP32 GEMM roof {roof:.0f} GFLOP/s; INT8 GEMM roof {roof8:.0f} GOP/s "
+          f"({meta['matrix_units']['int8']}); BF16 GEMM roof {roof16:.0f} GFLOP/s ({meta['matrix_units']['bf16']}); "
           f"versions {meta['versions']}.", "",
           "p50 etc. per call; ratios are p50 against ONNX Runtime FP32 of the same model and shape, "
           "measured in the same interleaved run.", "", markdown_table(headers, rows), ""]

@@ -152,29 +152,63 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
     return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used
 
 
-def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.ndarray], ignored: list[str],
-                         wanted: bool, calibration: dict[str, Any], reporter: Reporter) -> None:
-    """NNCF's OpenVINO-native INT8 graph beside the Q/DQ one (2D bundles, OpenVINO and NNCF installed,
-    ``ATTDEPLOY_INT8_TARGET`` not ``onnx``), judged on the golden set on OpenVINO: kept only if it
-    passes the INT8 tolerance. An earlier one is dropped whenever the INT8 graph is rewritten."""
+#: ``quantize --target``: which INT8 graphs to write (``ATTDEPLOY_INT8_TARGET`` gives the default).
+TARGETS = ("all", "onnx", "openvino")
+
+
+def int8_target(target: str | None) -> str:
     import os
 
+    chosen = target or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") or "all"
+    if chosen not in TARGETS:
+        raise InputError(f"--target {chosen!r}: choose {', '.join(TARGETS)} (onnx: the Q/DQ graph only; all: also "
+                         "NNCF's OpenVINO graph when OpenVINO is installed; openvino: that graph or an error)")
+    return chosen
+
+
+def _dice_target(bundle: Bundle, max_dice_drop: float) -> Any:
+    """The golden set as NNCF's accuracy-control data: one padded image and reference mask each."""
+    from attunet_deploy.build.ov_int8 import DiceTarget
+    from attunet_deploy.io.golden import load_golden
+    from attunet_deploy.preprocess import logits_to_masks
+
+    images, refs = [], []
+    for case in load_golden(bundle):
+        for i in range(len(case.inputs)):
+            images.append(pad_to_divisor(np.ascontiguousarray(case.inputs[i:i + 1], np.float32), bundle.divisor))
+            refs.append(logits_to_masks(case.logits[i:i + 1], bundle.postprocessing))
+    return DiceTarget(images, refs, bundle.postprocessing, max_dice_drop)
+
+
+def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.ndarray], ignored: list[str],
+                         target: str, max_dice_drop: float | None, calibration: dict[str, Any],
+                         reporter: Reporter) -> None:
+    """NNCF's OpenVINO-native INT8 graph beside the Q/DQ one (2D bundles, OpenVINO and NNCF installed,
+    ``target`` not ``onnx``; with ``max_dice_drop``, NNCF's accuracy control), judged on the golden set
+    on OpenVINO: kept only if it passes the INT8 tolerance (and the Dice target). ``target``
+    ``openvino`` makes a graph that cannot be made or kept an error. An earlier one is dropped
+    whenever the INT8 graph is rewritten."""
     from attunet_deploy.build.ov_int8 import nncf_available, quantize_openvino
 
     for old in (OV_INT8_XML, OV_INT8_BIN):
         if bundle.has(old):
             txn.remove(old)
-    if not wanted or bundle.spatial_dims != 2 or not nncf_available() \
-            or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") == "onnx":
+    if target == "onnx":
+        return
+    why = ("3D bundles get the Q/DQ graph only" if bundle.spatial_dims != 2 else
+           None if nncf_available() else "OpenVINO and NNCF are not installed (pip install 'attunet-deploy[openvino]')")
+    if why is not None:
+        if target == "openvino":
+            raise InputError(f"--target openvino: {why}")
         return
     try:
-        with reporter.step("Quantising for OpenVINO with NNCF (INT8 IR)"):
-            info = quantize_openvino(src, txn.stage(OV_INT8_XML), txn.stage(OV_INT8_BIN), inputs, ignored)
+        label = "with accuracy control" if max_dice_drop is not None else "INT8 IR"
+        with reporter.step(f"Quantising for OpenVINO with NNCF ({label})"):
+            info = quantize_openvino(src, txn.stage(OV_INT8_XML), txn.stage(OV_INT8_BIN), inputs, ignored,
+                                     None if max_dice_drop is None else _dice_target(bundle, max_dice_drop))
     except Exception as exc:  # an optional extra graph: its failure must not cost the Q/DQ graph
-        reporter.notice("note:", f"NNCF could not quantise for OpenVINO ({type(exc).__name__}: {str(exc)[:160]}): "
-                        "ov/int8 runs the Q/DQ graph")
-        for name in (OV_INT8_XML, OV_INT8_BIN):
-            txn.remove(name)
+        _refuse_ov_int8(txn, target, reporter, f"NNCF could not quantise for OpenVINO ({type(exc).__name__}: "
+                        f"{str(exc)[:160]})")
         return
     txn.add_artifact(OV_INT8_XML, kind=ArtifactKind.OPENVINO_IR, precision="int8",
                      producer={**versions(), **info, **calibration, "weights": OV_INT8_BIN})
@@ -183,10 +217,19 @@ def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.nd
 
     (row,) = run_verify(txn.view(), ["ov"], ["int8"], reporter=reporter)
     if row.status != Status.PASS:
-        reporter.notice("note:", f"NNCF's INT8 graph missed the INT8 tolerance on OpenVINO ({row.get('reason')}): not "
-                        "kept; ov/int8 runs the Q/DQ graph")
-        for name in (OV_INT8_XML, OV_INT8_BIN):
-            txn.remove(name)
+        _refuse_ov_int8(txn, target, reporter, f"NNCF's INT8 graph missed the INT8 tolerance on OpenVINO "
+                        f"({row.get('reason')})")
+    elif max_dice_drop is not None and not row["mean_dice"] >= 1.0 - max_dice_drop:
+        _refuse_ov_int8(txn, target, reporter, f"NNCF's accuracy control left mean Dice {row['mean_dice']:.4f} "
+                        f"< {1.0 - max_dice_drop:.4f} on OpenVINO")
+
+
+def _refuse_ov_int8(txn: Any, target: str, reporter: Reporter, why: str) -> None:
+    for name in (OV_INT8_XML, OV_INT8_BIN):
+        txn.remove(name)
+    if target == "openvino":
+        raise VerificationFailed(f"--target openvino: {why}; nothing was written")
+    reporter.notice("note:", f"{why}: not kept; ov/int8 runs the Q/DQ graph")
 
 
 def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:
@@ -210,7 +253,7 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
                     quantize_all: bool = False, precisions: list[str] | None = None,
                     reporter: Reporter | None = None, verify: bool = True,
                     full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None,
-                    max_dice_drop: float | None = None) -> Quantized:
+                    max_dice_drop: float | None = None, target: str | None = None) -> Quantized:
     """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
     ONNX Runtime CPU, then commit them together. A graph that misses its tolerance (exit 1),
     bad input (exit 2) or an interruption leaves the bundle as it was. Returns the committed
@@ -220,6 +263,13 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
     reporter = reporter or Reporter()
     precisions = precisions or ["fp16", "int8"]
     check_quantize_options(method, max_samples, precisions)
+    target = int8_target(target)
+    if target == "openvino" and "int8" in precisions:  # refused before any work, as every bad input
+        from attunet_deploy.build.ov_int8 import nncf_available
+
+        if bundle.spatial_dims != 2 or not nncf_available():
+            raise InputError("--target openvino: " + ("3D bundles get the Q/DQ graph only" if bundle.spatial_dims != 2
+                             else "OpenVINO and NNCF are not installed (pip install 'attunet-deploy[openvino]')"))
     if max_dice_drop is not None:
         from attunet_deploy.judge.verify import check_dice_drop
 
@@ -260,9 +310,8 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
             txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
                              producer={**producer, **info, "calibration": described, "calibration_files": used})
             done.append("int8")
-            _stage_openvino_int8(bundle, txn, src, inputs, list(info.get("float_nodes", [])),
-                                 max_dice_drop is None, {"calibration": described, "calibration_files": used},
-                                 reporter)
+            _stage_openvino_int8(bundle, txn, src, inputs, list(info.get("float_nodes", [])), target,
+                                 max_dice_drop, {"calibration": described, "calibration_files": used}, reporter)
         for precision in done:
             issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
             if issues:

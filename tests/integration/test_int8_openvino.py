@@ -231,11 +231,14 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
 
     b = tmp_path / "b"
     shutil.copytree(demo_bundle, b)
-    monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "all")
-    code, _, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-samples", "16")
+    # --target openvino overrides the environment's onnx (conftest); --max-dice-drop runs NNCF's accuracy control
+    code, _, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-samples", "16", "--target", "openvino",
+                       "--max-dice-drop", "0.01")
     assert code == 0, err
     bundle = Bundle.load(b)
     producer = bundle.artifacts[OV_INT8_XML]["producer"]
+    control = producer["accuracy_control"]
+    assert control["max_drop"] == 0.01 and control["mean_dice"] >= 0.99 and control["images"] >= 8
     assert producer["quantizer"] == "nncf" and producer["nncf"] and producer["preset"] == "default"
     assert producer["calibration_files"] == bundle.artifacts["model.int8.onnx"]["producer"]["calibration_files"]
     assert set(producer["ignored_scope"]) <= set(bundle.artifacts["model.int8.onnx"]["producer"]["float_nodes"])
@@ -247,10 +250,13 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
     assert row["status"] == "pass" and row["device"] == "cpu (NNCF IR)" and row["mean_dice"] >= 0.99
     with load_runner(b, backend="ov", precision="int8", qdq_graph=True) as qdq:
         assert qdq.bench_extras()["openvino_graph"] == "model.int8.onnx"
-    monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "onnx")
-    code, _, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-samples", "4", "--no-verify")
+    monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "all")
+    code, _, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-samples", "4", "--no-verify",
+                       "--target", "onnx")
     assert code == 0, err
     assert OV_INT8_XML not in Bundle.load(b).artifacts and not (b / OV_INT8_XML).exists()
+    code, _, err = run("quantize", "-b", str(b), "--target", "tensorrt")
+    assert code == 2 and "--target" in err
 
 
 def test_openvino_infer_many_keeps_order_and_matches_infer(need_openvino: None, demo_bundle: Path) -> None:

@@ -13,14 +13,18 @@ from attunet_deploy.io.dicom_series import series_spacing
 
 
 def segment_volume(runner: Any, hu: np.ndarray, batch: int = 8) -> np.ndarray:
-    """uint8 masks [N, H, W] of an HU volume, ``batch`` slices per call (the runner normalises)."""
+    """uint8 masks [N, H, W] of an HU volume, ``batch`` slices per request (the runner normalises);
+    the batches are streamed (``infer_many``: OpenVINO keeps several in flight)."""
+    from attunet_deploy.preprocess import logits_to_masks
+
     channels = runner.channels
-    out = []
-    for s in range(0, len(hu), batch):
-        x = hu[s:s + batch, None]
-        if channels > 1:
-            x = np.repeat(x, channels, axis=1)
-        out.append(runner.segment(x))
+
+    def batches() -> Any:
+        for s in range(0, len(hu), batch):
+            x = hu[s:s + batch, None]
+            yield runner.preprocess(np.repeat(x, channels, axis=1) if channels > 1 else x)
+
+    out = [logits_to_masks(y, runner.bundle.postprocessing) for y in runner.infer_many(batches())]
     return np.concatenate(out).astype(np.uint8)
 
 
