@@ -156,13 +156,20 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
 TARGETS = ("all", "onnx", "openvino")
 
 
-def int8_target(target: str | None) -> str:
+def int8_target(target: str | None, bundle: Bundle, precisions: list[str]) -> str:
+    """The INT8 graphs to write; ``openvino`` where that graph cannot be made is refused before any work."""
     import os
 
     chosen = target or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") or "all"
     if chosen not in TARGETS:
         raise InputError(f"--target {chosen!r}: choose {', '.join(TARGETS)} (onnx: the Q/DQ graph only; all: also "
                          "NNCF's OpenVINO graph when OpenVINO is installed; openvino: that graph or an error)")
+    if chosen == "openvino" and "int8" in precisions:
+        from attunet_deploy.build.ov_int8 import nncf_available
+
+        if bundle.spatial_dims != 2 or not nncf_available():
+            raise InputError("--target openvino: " + ("3D bundles get the Q/DQ graph only" if bundle.spatial_dims != 2
+                             else "OpenVINO and NNCF are not installed (pip install 'attunet-deploy[openvino]')"))
     return chosen
 
 
@@ -263,13 +270,7 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
     reporter = reporter or Reporter()
     precisions = precisions or ["fp16", "int8"]
     check_quantize_options(method, max_samples, precisions)
-    target = int8_target(target)
-    if target == "openvino" and "int8" in precisions:  # refused before any work, as every bad input
-        from attunet_deploy.build.ov_int8 import nncf_available
-
-        if bundle.spatial_dims != 2 or not nncf_available():
-            raise InputError("--target openvino: " + ("3D bundles get the Q/DQ graph only" if bundle.spatial_dims != 2
-                             else "OpenVINO and NNCF are not installed (pip install 'attunet-deploy[openvino]')"))
+    target = int8_target(target, bundle, precisions)
     if max_dice_drop is not None:
         from attunet_deploy.judge.verify import check_dice_drop
 
