@@ -75,7 +75,7 @@ def test_full_size_popular_checkpoint_exports_exactly(tmp_path: Path, head: str)
     torch.save(wrap_checkpoint(sd, "bare"), tmp_path / "full.pth")
     export_bundle(tmp_path / "full.pth", tmp_path / "b")
     sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
-    for shape in [(2, 3, 256, 256), (1, 3, 96, 160)]:
+    for shape in [(2, 3, 240, 176)]:  # a batch, and sizes that are multiples of 16 but not of 32
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             ref = popular_forward(sd, x, head=head).numpy()

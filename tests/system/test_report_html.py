@@ -50,8 +50,9 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium; .ci/run does)")
 def test_demo_report_renders_in_a_real_browser(demo_bundle: Path, tmp_path: Path) -> None:
+    """The pipeline's last step on the demo bundle writes report.json, report.md and report.html
+    from the same rows; the page is self-contained; Chromium renders it (skipped without Chromium)."""
     from PIL import Image
 
     from attunet_deploy.apps.pipeline import judge_and_report
@@ -59,13 +60,21 @@ def test_demo_report_renders_in_a_real_browser(demo_bundle: Path, tmp_path: Path
 
     b = tmp_path / "demo"
     shutil.copytree(demo_bundle, b)
-    judge_and_report(Bundle.load(b), {"TensorRT": "not built here"}, bench_iterations=2)
+    judge_and_report(Bundle.load(b), {"TensorRT": "not built here"}, bench_iterations=1)
     html_path, report = b / "report.html", json.loads((b / "report.json").read_text())
+    ran = {(r["backend"], r["precision"]) for r in report["verification"] if r["status"] != "unavailable"}
+    assert {("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")} <= ran
+    assert {(r["backend"], r["precision"]) for r in report["benchmarks"]} == ran
+    md = (b / "report.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len({ln.count("|") for ln in table[:6]}) == 1, table[:6]  # every markdown row has the header's columns
     html = html_path.read_text(encoding="utf-8")
     assert html_path.stat().st_size < 3 * 2**20  # "under a few MB" for the demo
     # self-contained: no URL in any src or href, and nothing to run
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)""", html, re.I)
     assert "<script" not in html.lower()
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run does)")
 
     shot = tmp_path / "shot.png"
     done = _chromium("--window-size=1700,2200", f"--screenshot={shot}", html_path.as_uri(), tmp=tmp_path)
