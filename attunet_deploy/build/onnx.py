@@ -187,3 +187,26 @@ def _fused_heads(head: Any, producers: dict[str, Any]) -> list[str]:
         elif node.op_type in ("Concat", "Resize", "Upsample", "Transpose"):
             todo += [i for i in node.input[:1 if node.op_type != "Concat" else None] if i]
     return out
+
+
+def subsampling_convs(onnx_path: Path) -> list[str]:
+    """Convs whose stride equals their kernel (>1) and whose output is added to another branch: the
+    theta convs of the paper's 3D grid attention gates (theta(x) + phi(g)). NNCF's default INT8 of
+    them misses the Dice gate on OpenVINO, so NNCF's graph keeps them in float (quantize)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: list(a.ints) for a in node.attribute}
+        kernel, strides = attrs.get("kernel_shape", []), attrs.get("strides", [])
+        if kernel and kernel == strides and max(strides) > 1 \
+                and any(n.op_type == "Add" for n in consumers.get(node.output[0], [])):
+            out.append(node.name)
+    return out

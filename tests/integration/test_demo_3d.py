@@ -55,6 +55,26 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
                for shape in b.artifacts["golden.npz"]["shapes"])
     assert all(b.artifacts[f]["trt_lint"] == [] for f in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
     _verify_on_user_volumes(tmp_path, tmp_path / "b")
+    _nncf_graph_for_3d(tmp_path / "b")
+
+
+def _nncf_graph_for_3d(bundle: Path) -> None:
+    """quantize --target openvino on a 3D bundle: NNCF's graph keeps the grid gates' theta convs in
+    float (with them quantised it misses the Dice gate on OpenVINO) and passes on OpenVINO."""
+    pytest.importorskip("nncf")
+    from attunet_deploy.bundle import OV_INT8_XML
+
+    r = CliRunner().invoke(main, ["quantize", "-b", str(bundle), "--precision", "int8", "--target", "openvino",
+                                  "--max-samples", "4"])
+    assert r.exit_code == 0, r.output[-3000:]
+    scope = Bundle.load(bundle).artifacts[OV_INT8_XML]["producer"]["ignored_scope"]
+    assert sum("theta" in n for n in scope) == 6 and sum("psi" in n for n in scope) == 6
+    out = bundle.parent / "ov3d.json"
+    r = CliRunner().invoke(main, ["verify", "-b", str(bundle), "--backend", "ov", "--precision", "int8",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["status"] == "pass" and row["device"] == "cpu (NNCF IR)" and row["mean_dice"] >= 0.98
 
 
 def _verify_on_user_volumes(tmp_path: Path, bundle: Path) -> None:
