@@ -59,18 +59,24 @@ def best_key(bundle: Bundle, backend: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _candidates(bundle: Bundle, backend: str) -> list[tuple[str, str]]:
-    out = []
+def _candidates(bundle: Bundle, backend: str) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """(backend, precision) pairs that can run here, and why the others cannot (reason -> pairs)."""
+    out: list[tuple[str, str]] = []
+    why: dict[str, list[str]] = {}
     for precision in ("int8", "fp16", "fp32"):
         if not bundle.has(ONNX_FILES[precision]):
             continue
         try:
             b = resolve_auto(bundle, precision) if backend == "auto" else backend
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            why.setdefault(str(exc), []).append(precision)
             continue
-        if check(bundle, b, precision) is None:
+        reason = check(bundle, b, precision)
+        if reason is None:
             out.append((b, precision))
-    return out
+        else:
+            why.setdefault(reason, []).append(f"{b}/{precision}")
+    return out, why
 
 
 def _time(bundle: Bundle, passing: list[tuple[str, str]], options: dict[str, Any]) -> dict[tuple[str, str], float]:
@@ -105,9 +111,10 @@ def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | Non
             and check(bundle, entry["backend"], entry["precision"]) is None:
         return BestChoice(entry["backend"], entry["precision"], list(entry.get("candidates", [])), cached=True)
     reporter = reporter or Reporter()
-    candidates = _candidates(bundle, backend)
+    candidates, why = _candidates(bundle, backend)
     if not candidates:
-        raise BackendUnavailable(f"--precision best: no precision of this bundle can run on {backend} here")
+        raise BackendUnavailable(f"--precision best: no precision of this bundle can run on {backend} here: "
+                                 + "; ".join(f"{', '.join(pairs)}: {reason}" for reason, pairs in why.items())[:400])
     cases = load_golden(bundle)
     ref_gt = reference_gt_dice(cases, bundle.postprocessing)
     records: list[dict[str, Any]] = []

@@ -45,3 +45,10 @@ def test_best_never_picks_a_precision_that_fails_here(demo_bundle: Path, tmp_pat
     assert code == 0, err
     assert "--precision best:" in err and f"ort/{entry['precision']}" in err and "cached" in " ".join(err.split())
     assert (tmp_path / "out" / "img_mask.npy").is_file()
+    from attunet_deploy.environment import tensorrt_probe
+
+    if not tensorrt_probe().available:  # a backend that cannot run here: one line naming why, exit 2
+        code, _, err = run("predict", "-b", str(b), str(tmp_path / "img.npy"), "-o", str(tmp_path / "o2"),
+                           "--backend", "trt", "--precision", "best")
+        assert code == 2 and "--precision best: no precision" in err and "trt/fp32" in err
+        assert len(err.strip().splitlines()) == 1
