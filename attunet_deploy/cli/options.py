@@ -5,6 +5,7 @@ uses (load the bundle, make a reporter, write JSON).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -229,8 +230,7 @@ def check_report_dir(report_dir: str | None, bundle_dir: str, save_diff: str | N
     from attunet_deploy.outputs import check_output
 
     target = check_output(report_dir, "--report", kind="dir", empty=True, bundles=[bundle_dir])
-    if save_diff is not None and target == check_output(save_diff, "--save-diff", kind="dir", empty=True,
-                                                        bundles=[bundle_dir]):
+    if save_diff is not None and target == Path(save_diff).resolve():  # --save-diff itself was checked already
         raise InputError("--report and --save-diff need different folders (both write a report.md)")
 
 

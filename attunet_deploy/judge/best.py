@@ -27,7 +27,7 @@ from attunet_deploy.environment import machine_info, module_version
 from attunet_deploy.errors import BackendUnavailable
 from attunet_deploy.judge.results import Status
 from attunet_deploy.runtimes.registry import check
-from attunet_deploy.runtimes.select import open_runner, read_cache, resolve_auto, write_cache
+from attunet_deploy.runtimes.select import measure_pairs, read_cache, resolve_auto, write_cache
 
 CACHE_FILE = "best-precision.json"
 #: Timed calls per candidate (after one warm-up), round-robin.
@@ -79,26 +79,6 @@ def _candidates(bundle: Bundle, backend: str) -> tuple[list[tuple[str, str]], di
     return out, why
 
 
-def _time(bundle: Bundle, passing: list[tuple[str, str]], options: dict[str, Any]) -> dict[tuple[str, str], float]:
-    from attunet_deploy.judge.bench import default_shape
-
-    x = np.random.default_rng(0).standard_normal(default_shape(bundle)).astype(np.float32)
-    runners = {p: open_runner(bundle, *p, **options).activate() for p in passing}
-    try:
-        times: dict[tuple[str, str], list[float]] = {p: [] for p in passing}
-        for r in runners.values():
-            r.infer(x)
-        for _ in range(RUNS):
-            for p, r in runners.items():
-                t0 = time.perf_counter()
-                r.infer(x)
-                times[p].append(1000.0 * (time.perf_counter() - t0))
-    finally:
-        for r in runners.values():
-            r.deactivate()
-    return {p: float(np.median(t)) for p, t in times.items()}
-
-
 def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | None = None,
                  **options: Any) -> BestChoice:
     """The fastest (backend, precision) of ``bundle`` that passes verification here (see the module)."""
@@ -127,8 +107,11 @@ def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | Non
     if not passing:
         raise BackendUnavailable("--precision best: no precision passes verification here: " + "; ".join(
             f"{r['backend']}/{r['precision']}: {r['reason'] or r['status']}" for r in records)[:400])
+    from attunet_deploy.judge.bench import default_shape
+
+    x = np.random.default_rng(0).standard_normal(default_shape(bundle)).astype(np.float32)
     with reporter.step("Choosing the precision: timing the ones that pass"):
-        p50 = _time(bundle, passing, options)
+        p50 = {pair: 1000.0 * s for pair, s in measure_pairs(bundle, passing, x, RUNS, **options).items()}
     for r in records:
         r["p50_ms"] = p50.get((r["backend"], r["precision"]))
     b, p = min(passing, key=lambda pair: p50[pair])

@@ -23,8 +23,7 @@ def _safe(text: str) -> str:
 
 
 def _file_label(panel: Panel) -> str:
-    m = re.fullmatch(r"(.*) \(axial slice (\d+)\)", panel.name)
-    return f"{_safe(m.group(1))}-z{m.group(2)}" if m else _safe(panel.name)
+    return _safe(panel.name) + ("" if panel.axial_slice is None else f"-z{panel.axial_slice}")
 
 
 def write_diff_images(folder: Path, row: Mapping[str, Any], panels: Sequence[Panel]) -> list[str]:

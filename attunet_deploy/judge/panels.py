@@ -49,14 +49,16 @@ LEGEND = ("tiles: input · reference's mask outlined (orange) · backend's mask 
 class Panel:
     """One judged image (a volume's worst axial slice) with both masks, ready to render."""
 
-    name: str
+    name: str  # the judged image's file (as the row's worst_images name it)
     dice: float
     image: np.ndarray  # [H, W] float
     reference: np.ndarray  # [H, W] labels of the reference
     output: np.ndarray  # [H, W] labels of the backend
+    axial_slice: int | None = None  # which slice of a volume this is
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.name, "dice": self.dice, "shape": list(self.image.shape)}
+    @property
+    def label(self) -> str:
+        return self.name if self.axial_slice is None else f"{self.name} (axial slice {self.axial_slice})"
 
 
 def worst_slice(mask: np.ndarray, ref: np.ndarray) -> int:
@@ -82,11 +84,11 @@ def collect_panels(worst_images: Sequence[Mapping[str, Any]], outputs: list[np.n
         for i, name in enumerate(names):
             if name not in wanted or name in found:
                 continue
-            image, mask, ref, label = case.inputs[i, 0], masks[i], refs[i], name
+            image, mask, ref, z = case.inputs[i, 0], masks[i], refs[i], None
             if mask.ndim == 3:  # a volume: its worst axial slice
                 z = worst_slice(mask, ref)
-                image, mask, ref, label = image[z], mask[z], ref[z], f"{name} (axial slice {z})"
-            found[name] = Panel(label, wanted[name], np.asarray(image, np.float32).copy(), ref.copy(), mask.copy())
+                image, mask, ref = image[z], mask[z], ref[z]
+            found[name] = Panel(name, wanted[name], np.asarray(image, np.float32).copy(), ref.copy(), mask.copy(), z)
     return [found[w["file"]] for w in worst_images if w["file"] in found]
 
 

@@ -106,9 +106,9 @@ def panel_figure(panel: Panel) -> str:
     h, w = rgb.shape[:2]
     titles = "".join(f"<span>{t}</span>" for t in TILE_TITLES)
     return (f'<figure><img class="panel" src="data:image/png;base64,{data}" width="{w}" '
-            f'height="{h}" alt="{escape(panel.name)}: input, reference, backend, difference">'
+            f'height="{h}" alt="{escape(panel.label)}: input, reference, backend, difference">'
             f'<div class="tiles" style="max-width:{w}px">{titles}</div>'
-            f'<figcaption>{escape(panel.name)} · Dice against the reference {panel.dice:.4f} · '
+            f'<figcaption>{escape(panel.label)} · Dice against the reference {panel.dice:.4f} · '
             f'{panel.image.shape[1]}×{panel.image.shape[0]} px</figcaption></figure>')
 
 

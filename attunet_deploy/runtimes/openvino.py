@@ -124,7 +124,7 @@ class OpenVinoRunner(Runner):
         self._core, self._model, self._config = core, model, config
         self._static: dict[tuple[int, ...], Any] = {}
         self._seen: set[tuple[int, ...]] = set()
-        self._throughput: dict[tuple[int, ...], Any] = {}
+        self._throughput: dict[tuple[int, ...] | None, Any] = {}  # None: the dynamic-shape one
         self._lock = threading.Lock()
         self._hint = hint
         self._graph = graph
@@ -220,20 +220,23 @@ class OpenVinoRunner(Runner):
             yield done.pop(i), t
 
     def _throughput_for(self, shape: tuple[int, ...]) -> Any:
-        """The model compiled for throughput (streams), with this input shape fixed (first few shapes)."""
+        """The model compiled for throughput (streams): with this input shape fixed for the first
+        STATIC_SHAPES shapes, then one dynamic-shape model for every further shape."""
         with self._lock:
-            cache = self._throughput
-            if shape not in cache:
-                model = self._model.clone()
+            key: tuple[int, ...] | None = shape if shape in self._throughput or \
+                len(self._throughput) < STATIC_SHAPES else None
+            if key not in self._throughput:
                 config = {k: v for k, v in self._config.items() if k != "NUM_STREAMS"}
                 config["PERFORMANCE_HINT"] = "THROUGHPUT"
-                try:
-                    if len(cache) < STATIC_SHAPES:
+                model = self._model
+                if key is not None:
+                    model = self._model.clone()
+                    try:
                         model.reshape(list(shape))
-                    cache[shape] = self._core.compile_model(model, "CPU", config)
-                except RuntimeError:
-                    cache[shape] = self._core.compile_model(self._model, "CPU", config)
-            return cache[shape]
+                    except RuntimeError:
+                        model = self._model
+                self._throughput[key] = self._core.compile_model(model, "CPU", config)
+            return self._throughput[key]
 
     def bench_extras(self) -> dict[str, Any]:
         return {"openvino_precision_hint": getattr(self, "_hint", None),

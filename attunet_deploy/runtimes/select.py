@@ -90,20 +90,28 @@ def record(key: str, timings: dict[str, float]) -> None:
 def measure(bundle: Bundle, precision: str, backends: tuple[str, ...]) -> dict[str, float]:
     """p50 seconds of each backend at 1xCx256x256, a few interleaved runs after one warm-up."""
     x = np.random.default_rng(0).random((1, bundle.in_channels, *MEASURE_SHAPE_HW), dtype=np.float32)
-    runners = [runner_class(b)(bundle, precision).activate() for b in backends]
+    p50 = measure_pairs(bundle, [(b, precision) for b in backends], x, MEASURE_RUNS)
+    return {b: p50[(b, precision)] for b in backends}
+
+
+def measure_pairs(bundle: Bundle, pairs: list[tuple[str, str]], x: np.ndarray, runs: int,
+                  **options: Any) -> dict[tuple[str, str], float]:
+    """p50 seconds of each (backend, precision) on ``x``: every runner opened, one warm-up call each,
+    then ``runs`` calls round-robin, so a busy moment of the machine hits every runner alike."""
+    runners = [runner_class(b)(bundle, p, **options).activate() for b, p in pairs]
     try:
-        times: dict[str, list[float]] = {b: [] for b in backends}
+        times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
         for r in runners:
             r.infer(x)
-        for _ in range(MEASURE_RUNS):
-            for b, r in zip(backends, runners):
+        for _ in range(runs):
+            for pair, r in zip(pairs, runners):
                 t0 = time.perf_counter()
                 r.infer(x)
-                times[b].append(time.perf_counter() - t0)
+                times[pair].append(time.perf_counter() - t0)
     finally:
         for r in runners:
             r.deactivate()
-    return {b: float(np.median(t)) for b, t in times.items()}
+    return {pair: float(np.median(t)) for pair, t in times.items()}
 
 
 def faster(bundle: Bundle, precision: str, candidate: str = "ov", baseline: str = "ort") -> bool:
