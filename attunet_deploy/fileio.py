@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename."""
+"""Atomic file writes: write to a temporary file beside the target, fsync, then rename; several
+files at once through a hidden staging folder (:class:`StagingDir`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,50 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+class StagingDir:
+    """Files written under a hidden folder inside ``out`` while the work that decides their final
+    names still runs, then moved onto those names at once (:meth:`commit`, one rename each, every
+    destination folder fsynced). :meth:`discard` removes whatever was not moved, and ``out`` too
+    when this made it and it is still empty: a failed run leaves nothing behind."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = Path(out)
+        self.root: Path | None = None
+        self._made_out = False
+
+    def path(self, name: str) -> Path:
+        """Where to write the staged file ``name`` (the folder is made on first use); the writer
+        fsyncs it (:func:`fsync_file`)."""
+        if self.root is None:
+            self._made_out = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix=".attdeploy-staging.", dir=self.out))
+        return self.root / name
+
+    def commit(self, moves: list[tuple[Path, Path]]) -> None:
+        """Rename each staged file onto its target (replacing one that exists)."""
+        parents: set[Path] = set()
+        for staged, target in moves:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            parents.add(target.parent)
+        for parent in parents:
+            fsync_dir(parent)
+
+    def discard(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+        if self._made_out:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only while empty
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def short_name(name: str, max_bytes: int = 80) -> str:

@@ -137,7 +137,11 @@ def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
         return x
     if kind == "ct_window":
         lo = spec["level"] - spec["width"] / 2.0
-        return np.clip((x - lo) / spec["width"], 0.0, 1.0).astype(np.float32)
+        # One new array, then in place: the same float32 arithmetic as np.clip((x - lo) / width, 0, 1)
+        # with a third of the memory traffic (this runs on every slice of a series).
+        y = np.subtract(x, np.float32(lo), dtype=np.float32)
+        np.divide(y, np.float32(spec["width"]), out=y)
+        return np.clip(y, 0.0, 1.0, out=y)
     if kind == "mean_std":
         shape = (1, -1) + (1,) * (x.ndim - 2)
         mean = np.asarray(spec["mean"], dtype=np.float32).reshape(shape)
@@ -230,7 +234,7 @@ def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.nd
         if not 0.0 < t < 1.0:
             raise InputError(f"sigmoid threshold must be in (0, 1), got {t}")
         # sigmoid(z) > t  <=>  z > logit(t); avoids computing exp on every pixel.
-        return (logits[:, 0] > np.log(t / (1.0 - t))).astype(np.uint8)
+        return (logits[:, 0] > np.log(t / (1.0 - t))).view(np.uint8)  # bool is one byte, 0 or 1: no copy
     if kind == "argmax":
         return np.argmax(logits, axis=1).astype(np.uint8)
     raise InputError(f"unknown postprocessing kind {kind!r} in the bundle manifest")

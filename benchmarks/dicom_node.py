@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+DCMTK_STORESCU = "/usr/bin/storescu"  # by absolute path: pynetdicom's own app shadows it inside a venv
 
 
 def main() -> int:
@@ -43,6 +44,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--quiet", type=float, default=2.0, help="node --quiet-seconds")
     ap.add_argument("--backend", default="ort")
+    ap.add_argument("--precision", default="fp32", help="e.g. int8 with --backend ov (the bundle must have it)")
+    ap.add_argument("--client", choices=["dcmtk", "pynetdicom"], default="dcmtk" if Path(DCMTK_STORESCU).exists()
+                    else "pynetdicom", help="the sending side: DCMTK's storescu (C, as a scanner sends) or "
+                    "pynetdicom's (Python: its CPU use on this machine's cores is counted against the node)")
     ap.add_argument("--repeat", type=int, default=3, help="series pushed (medians are reported)")
     ap.add_argument("--json", default=None, help="default: results/dicom_node.json (3D: dicom_node_3d.json)")
     ap.add_argument("--demo", choices=["2d", "3d"], default="2d", help="demo model when no -b is given")
@@ -91,21 +96,25 @@ def main() -> int:
     with open(log, "w") as fh:
         node = subprocess.Popen([sys.executable, "-m", "attunet_deploy.cli", "serve-dicom", "-b", str(bundle),
                                  "--out", str(out), "--port", str(port), "--bind", "127.0.0.1", "--quiet-seconds",
-                                 str(args.quiet), "--backend", args.backend, "--log-json"], stdout=fh,
+                                 str(args.quiet), "--backend", args.backend, "--precision", args.precision,
+                                 "--log-json"], stdout=fh,
                                 stderr=subprocess.STDOUT)
     try:
         while "ready" not in log.read_text():
             if node.poll() is not None:
                 raise SystemExit(log.read_text())
             time.sleep(0.1)
-        with load_runner(bundle, backend=args.backend) as runner:
+        with load_runner(bundle, backend=args.backend, precision=args.precision) as runner:
             bare(runner, np.stack([s.hu for s in series[0][:8 if not volume else None]]))  # warm-up, as the node did
             for k, slices in enumerate(series):
                 # node and bare alternate, so drifting load on a shared machine hits both alike
                 t0 = time.time()
-                subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
-                                str(work / f"series{k}"), "-aec", "ATTDEPLOY", "-r", "-cx"], check=True,
-                               capture_output=True)
+                files = sorted(str(f) for f in (work / f"series{k}").iterdir())
+                client = [DCMTK_STORESCU, "-aec", "ATTDEPLOY", "127.0.0.1", str(port), *files] \
+                    if args.client == "dcmtk" else [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+                                                    str(port), str(work / f"series{k}"), "-aec", "ATTDEPLOY", "-r",
+                                                    "-cx"]
+                subprocess.run(client, check=True, capture_output=True)
                 t_sent = time.time()
                 while len(list((out / "seg").glob("*.dcm"))) <= k:
                     time.sleep(0.05)
@@ -129,7 +138,8 @@ def main() -> int:
 
     node_time, bare_s = med("node_time_s", runs), med("bare_segment_s", runs)
     result = {
-        "slices": args.slices, "size": args.size, "backend": args.backend, "quiet_seconds": args.quiet,
+        "slices": args.slices, "size": args.size, "backend": args.backend, "precision": args.precision,
+        "client": args.client, "quiet_seconds": args.quiet,
         "repeat": args.repeat, "runs": runs, "transfer_s": med("transfer_s", runs),
         "series_to_seg_s": med("series_to_seg_s", runs), "node_time_s": node_time,
         "after_complete_s": float(np.median([e["seconds"] for e in written])),
@@ -153,7 +163,8 @@ def main() -> int:
             ("bare slices/s", f"{result['bare_slices_per_s']:.1f}"),
             ("series-to-SEG (last ack to SEG on disk)", f"{result['series_to_seg_s']:.2f} s")]
     m = result["machine"]
-    print(f"\nDICOM node, {args.slices} x {args.size}x{args.size} CT, {args.backend}, medians of {args.repeat}; "
+    print(f"\nDICOM node, {args.slices} x {args.size}x{args.size} CT, {args.backend}/{args.precision}, sent by "
+          f"{args.client}'s storescu, medians of {args.repeat}; "
           f"{m['cpu_model']}, "
           f"{m['cores']} cores, {' '.join(m['isa'])}")
     for k, v in rows:

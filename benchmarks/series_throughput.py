@@ -4,10 +4,12 @@
 
 A 100-slice 512x512 CT series (DICOM files, the demo phantoms) goes through ``attdeploy predict
 --backend ov --precision int8 --no-overlay`` (in-process, wall time from the first file read to the
-last mask written). The peer's figure is ``benchmark_app -hint throughput`` on the same NNCF INT8
-IR at 1x1x512x512: raw inference throughput, no I/O at all. Also timed: the same slices through
-``Runner.infer_many`` (inference alone, OpenVINO throughput streams) and through ``Runner.infer``
-one by one (the latency path predict used before). Writes series_throughput.json and .md.
+last mask written). The peer's figure is ``benchmark_app -hint throughput`` at 1x1x512x512 on the
+peer's model: NNCF's default INT8 of the same FP32 graph from the same calibration inputs
+(``nncf_peer.nncf_default``), raw inference throughput, no I/O at all. Also timed: the same slices
+through ``Runner.infer_many`` (inference alone, OpenVINO throughput streams), through ``Runner.infer``
+one by one (the latency path), and ``benchmark_app`` on the bundle's own INT8 IR. Each round runs
+every path once, in turn. Writes series_throughput.json and .md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def benchmark_app_fps(xml: Path, shape: str, seconds: int) -> float:
     return float(m.group(1))
 
 
+def peer_ir(bundle: Bundle, xml: Path, reporter: Reporter) -> Path:
+    """The peer's model saved as IR for benchmark_app: NNCF's default INT8 of the bundle's FP32 graph
+    from the calibration inputs quantize used (nncf_peer.py's recipe)."""
+    import openvino as ov
+    from nncf_peer import nncf_default
+
+    from attunet_deploy.steps.quantize import calibration_inputs
+
+    inputs, _, _ = calibration_inputs(bundle, None, 64)
+    with reporter.step(f"The peer: NNCF default INT8 from the same {len(inputs)} calibration inputs"):
+        ov.save_model(nncf_default(bundle.onnx_path("fp32"), inputs), str(xml), compress_to_fp16=False)
+    return xml
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=100)
@@ -64,8 +80,10 @@ def main() -> None:
     if not bundle.has(OV_INT8_XML):
         raise SystemExit(f"{bundle.root} has no {OV_INT8_XML}: quantize with OpenVINO and NNCF installed")
     shape = f"[1,1,{args.size},{args.size}]"
-    records: dict[str, list[float]] = {"predict": [], "infer_many": [], "infer_one_by_one": [], "benchmark_app": []}
+    records: dict[str, list[float]] = {"predict": [], "infer_many": [], "infer_one_by_one": [], "benchmark_app": [],
+                                       "benchmark_app_ours": []}
     with tempfile.TemporaryDirectory(prefix="attdeploy-series-") as tmp:
+        peer_xml = peer_ir(bundle, Path(tmp) / "peer.xml", reporter)
         series = Path(tmp) / "series"
         hu, _ = make_phantoms(args.slices, seed=11, size=(args.size, args.size))
         write_ct_series(series, volume=hu[:, 0], spacing=2.5, pixel_spacing=0.7)
@@ -90,7 +108,9 @@ def main() -> None:
                     for x in xs:
                         runner.infer(x)
                     records["infer_one_by_one"].append(args.slices / (time.perf_counter() - t0))
-                    records["benchmark_app"].append(benchmark_app_fps(bundle.path(OV_INT8_XML), shape, args.seconds))
+                    records["benchmark_app"].append(benchmark_app_fps(peer_xml, shape, args.seconds))
+                    records["benchmark_app_ours"].append(benchmark_app_fps(bundle.path(OV_INT8_XML), shape,
+                                                                           args.seconds))
     med = {k: statistics.median(v) for k, v in records.items()}
     mach = machine_info()
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": mach, "openvino": module_version("openvino"),
@@ -100,11 +120,13 @@ def main() -> None:
                                                                   "median": med}, indent=2) + "\n")
     lines = [f"# Series throughput, {args.slices} slices of {args.size}x{args.size} ({meta['date']})", "",
              f"Machine: {mach['cpu_model']}, {mach['cores']} cores, ISA {' '.join(mach['isa']) or '-'}; "
-             f"OpenVINO {meta['openvino']}; the demo model's NNCF INT8 IR; medians of {args.rounds} interleaved "
-             "rounds.", "", "| path | slices/s | vs benchmark_app |", "|---|---|---|"]
+             f"OpenVINO {meta['openvino']}; the demo model; medians of {args.rounds} interleaved rounds. The peer "
+             "is NNCF's default INT8 of the same FP32 graph.", "",
+             "| path | slices/s | vs benchmark_app |", "|---|---|---|"]
     names = {"predict": "`attdeploy predict` (DICOM files in, masks out)", "infer_many": "Runner.infer_many (no I/O)",
              "infer_one_by_one": "Runner.infer one by one (no I/O)",
-             "benchmark_app": "benchmark_app -hint throughput (no I/O)"}
+             "benchmark_app": "benchmark_app -hint throughput, the peer's NNCF default INT8 (no I/O)",
+             "benchmark_app_ours": "benchmark_app -hint throughput, the bundle's INT8 IR (no I/O)"}
     for k, v in med.items():
         lines.append(f"| {names[k]} | {v:.2f} | {v / med['benchmark_app']:.2f}x |")
     (args.out / "series_throughput.md").write_text("\n".join(lines) + "\n")

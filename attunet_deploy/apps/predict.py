@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,10 @@ import numpy as np
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
-from attunet_deploy.fileio import atomic_path
+from attunet_deploy.fileio import StagingDir, fsync_file
 from attunet_deploy.io.arrays import ImageRecord
-from attunet_deploy.io.files import list_image_files, suffix_of
+from attunet_deploy.io.files import NIFTI_EXT, list_image_files, suffix_of
 from attunet_deploy.io.images import read_file
-from attunet_deploy.preprocess import pad_to_divisor
 from attunet_deploy.runtimes.select import load_runner
 
 
@@ -29,7 +29,8 @@ def _stem(path: Path) -> str:
 
 
 def overlay_png(image: np.ndarray, mask: np.ndarray, path: Path) -> None:
-    """First channel, min-max scaled to grey, with the mask's foreground tinted red (classes: hues)."""
+    """First channel, min-max scaled to grey, with the mask's foreground tinted red (classes: hues);
+    written to ``path`` and fsynced (predict stages it, then renames it into place)."""
     from PIL import Image
 
     g = image[0].astype(np.float64)
@@ -42,26 +43,26 @@ def overlay_png(image: np.ndarray, mask: np.ndarray, path: Path) -> None:
             continue
         sel = mask == c
         rgb[sel] = 0.55 * rgb[sel] + 0.45 * palette[(int(c) - 1) % len(palette)]
-    with atomic_path(path) as tmp:
-        Image.fromarray((rgb * 255).astype(np.uint8)).save(tmp, format="PNG")
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path, format="PNG")
+    fsync_file(path)
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
-def _write_nifti(path: Path, masks: np.ndarray, records: list[ImageRecord]) -> None:
+def _save_nifti(path: Path, masks: np.ndarray, records: list[ImageRecord]) -> None:
+    """``path`` ends in .nii.gz (nibabel picks the format from the suffix)."""
     import nibabel as nib
 
     vol = np.zeros(records[0].meta["nifti_shape"], dtype=np.uint8)
     for rec, m in zip(records, masks):
         vol[:, :, rec.index] = m
-    img = nib.Nifti1Image(vol, records[0].meta["affine"])
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp) + ".nii.gz")  # nibabel picks the format from the suffix
-        os.replace(str(tmp) + ".nii.gz", tmp)
+    nib.save(nib.Nifti1Image(vol, records[0].meta["affine"]), str(path))
+    fsync_file(path)
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:
@@ -140,68 +141,122 @@ def plan_outputs(per_file: list[tuple[Path, list[ImageRecord]]], out: Path, over
     return plan
 
 
+def _expected_masks_free(files: list[Path], out: Path) -> None:
+    """Refuse, before any inference, a mask file that exists already under the name its input will
+    surely get (the stem alone decides it; ``plan_outputs`` checks every name again once all inputs
+    are read)."""
+    for f, stem in output_names(files).items():
+        name = f"{stem}_mask.nii.gz" if suffix_of(f) in NIFTI_EXT else f"{stem}_mask.npy"
+        if os.path.lexists(out / name):
+            raise InputError(f"{out / name} exists: choose another -o, or pass --overwrite to replace it")
+
+
 def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], backend: str = "auto",
                   precision: str = "fp32", overlay: bool = True, overwrite: bool = False,
                   reporter: Reporter | None = None, **runner_options: Any) -> list[dict[str, Any]]:
     """Segment every image in ``inputs`` (files or directories); returns one row per input file.
 
-    Every input is read and validated, and every output name decided, before anything is written.
+    Files are read while earlier slices are segmented (one stream through ``Runner.infer_many``), and
+    a file's outputs are written, under a hidden folder in ``out``, as soon as its last slice is: I/O
+    overlaps inference, and neither every input nor every mask is held at once. The outputs get
+    their names only after every input has been read and validated and every name decided; a
+    failure leaves ``out`` as it was.
     """
     bundle.require_2d("predict")
     from attunet_deploy.environment import has_module
-    from attunet_deploy.preprocess import logits_to_masks
 
     reporter = reporter or Reporter()
     seen: set[Path] = set()
     files = []
     for p in inputs:
-        root = Path(p)
-        for f in list_image_files(root):
+        for f in list_image_files(Path(p)):
             if f.resolve() not in seen:
                 seen.add(f.resolve())
                 files.append(f)
-    per_file = [(f, read_file(f, bundle.in_channels)) for f in files]
     runner = load_runner(bundle, backend=backend, precision=precision, **runner_options)
-    # Normalise (and check for NaN/Inf and size) everything up front so a bad file fails before any output.
-    prepared = []
-    for f, recs in per_file:
-        xs = [runner.preprocess(r.pixels) for r in recs]
-        for x in xs:
-            runner.check_memory(pad_to_divisor(x, bundle.divisor)[0].shape)
-        prepared.append((f, recs, xs))
     if overlay and not has_module("PIL"):
         reporter.info("overlays skipped: Pillow is not installed (pip install 'attunet-deploy[medical]')")
         overlay = False
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out} exists and is not a directory")
-    plan = plan_outputs(per_file, out, overlay, overwrite)
-    rows = []
-    total = sum(len(r) for _, r, _ in prepared)
-    with runner, reporter.progress(f"Segmenting on {runner.name}", total) as advance:
-        results = []
+    if not overwrite:
+        _expected_masks_free(files, out)
+    stream = _SliceStream(files, runner, overlay)
+    staging = StagingDir(out)
+    try:
+        staged = _segment_and_stage(runner, stream, staging, overlay, reporter)
+        plan = plan_outputs(stream.per_file, out, overlay, overwrite)
+        staging.commit([(src, out / name) for (f, _), (srcs, _) in zip(stream.per_file, staged)
+                        for src, name in zip(srcs, plan[f][1])])
+    finally:
+        staging.discard()
+    return [{"input": str(f), **summary, "mask": str(out / plan[f][1][0]), "backend": runner.name}
+            for (f, _), (_, summary) in zip(stream.per_file, staged)]
+
+
+class _SliceStream:
+    """Model-space slices of ``files`` in order, each file read (and validated) when the stream
+    reaches it; ``per_file`` and ``ends`` (slices up to the end of each file) grow as it goes."""
+
+    def __init__(self, files: list[Path], runner: Any, overlay: bool) -> None:
+        self.files, self.runner, self.overlay = files, runner, overlay
+        self.per_file: list[tuple[Path, list[ImageRecord]]] = []
+        self.ends: list[int] = []
+
+    def __iter__(self) -> Any:
+        for f in self.files:
+            recs = read_file(f, self.runner.channels)
+            try:
+                xs = [self.runner.preprocess(r.pixels) for r in recs]  # NaN/Inf, size (infer_many: memory)
+            except InputError as exc:
+                raise InputError(f"{f}: {exc}") from None
+            if not self.overlay:  # the pixels are needed again only for the overlays
+                recs = [dataclasses.replace(r, pixels=np.empty(0, np.float32)) for r in recs]
+            self.per_file.append((f, recs))
+            self.ends.append((self.ends[-1] if self.ends else 0) + len(xs))
+            yield from xs
+
+
+def _segment_and_stage(runner: Any, stream: _SliceStream, staging: StagingDir, overlay: bool,
+                       reporter: Reporter) -> list[tuple[list[Path], dict[str, Any]]]:
+    """Segment the stream; stage each file's outputs once its slices are done. Per file: the staged
+    paths (mask first, then overlays, as ``plan_outputs`` names them) and its row's figures."""
+    from attunet_deploy.preprocess import logits_to_masks
+
+    n = len(stream.files)
+    staged: list[tuple[list[Path], dict[str, Any]]] = []
+    masks: list[np.ndarray] = []  # of the files not staged yet
+    done_slices = 0
+    with runner, reporter.progress(f"Segmenting {n} file{'s' * (n != 1)} on {runner.name}", n) as advance:
         # One stream of every slice: a backend with parallel requests (OpenVINO) keeps several in flight.
-        logits = runner.infer_many(x for _, _, xs in prepared for x in xs)
-        for f, recs, xs in prepared:
-            masks = []
-            for _ in xs:
-                masks.append(logits_to_masks(next(logits), bundle.postprocessing)[0])
+        for logits in runner.infer_many(stream):
+            masks.append(logits_to_masks(logits, runner.bundle.postprocessing)[0])
+            while len(staged) < len(stream.ends) and stream.ends[len(staged)] <= done_slices + len(masks):
+                k = len(staged)
+                count = stream.ends[k] - done_slices
+                staged.append(_stage_file(staging, k, stream.per_file[k][1], masks[:count], overlay))
+                del masks[:count]
+                done_slices += count
                 advance()
-            results.append((f, recs, masks))
-    out.mkdir(parents=True, exist_ok=True)
-    for f, recs, masks in results:
-        _, names = plan[f]
-        mask_path = out / names[0]
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        if "affine" in recs[0].meta:
-            _write_nifti(mask_path, np.stack(masks), recs)
-        else:
-            same = len({m.shape for m in masks}) == 1
-            _write_npy(mask_path, np.stack(masks) if len(masks) > 1 and same else masks[0])
-        if overlay:
-            for rec, m, name in zip(recs, masks, names[1:]):
-                overlay_png(rec.pixels, m, out / name)
-        rows.append({"input": str(f), "shape": list(masks[0].shape) if len(masks) == 1
-                     else [len(masks), *masks[0].shape], "foreground": int(sum(int((m > 0).sum()) for m in masks)),
-                     "mask": str(mask_path), "backend": runner.name})
-    return rows
+    return staged
+
+
+def _stage_file(staging: StagingDir, k: int, recs: list[ImageRecord], masks: list[np.ndarray],
+                overlay: bool) -> tuple[list[Path], dict[str, Any]]:
+    """Write the ``k``-th file's mask file (and overlays) into the staging folder."""
+    nifti = "affine" in recs[0].meta
+    mask_path = staging.path(f"{k}_mask{'.nii.gz' if nifti else '.npy'}")
+    if nifti:
+        _save_nifti(mask_path, np.stack(masks), recs)
+    else:
+        same = len({m.shape for m in masks}) == 1
+        _save_npy(mask_path, np.stack(masks) if len(masks) > 1 and same else masks[0])
+    paths = [mask_path]
+    if overlay:
+        for j, (rec, m) in enumerate(zip(recs, masks)):
+            paths.append(staging.path(f"{k}_{j}_overlay.png"))
+            overlay_png(rec.pixels, m, paths[-1])
+    summary = {"shape": list(masks[0].shape) if len(masks) == 1 else [len(masks), *masks[0].shape],
+               "foreground": int(sum(int((m > 0).sum()) for m in masks))}
+    return paths, summary

@@ -108,14 +108,20 @@ def rescaled_pixels(ds: Any, where: object) -> np.ndarray:
         px = ds.pixel_array
     except Exception as exc:
         raise InputError(f"{where}: cannot decode pixel data ({str(exc)[:120]})") from None
-    slope, intercept = getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)
-    slope, intercept = _finite(slope), _finite(intercept)
-    if ds.get("ModalityLUTSequence") or (slope and intercept is not None):
+    if ds.get("ModalityLUTSequence"):
         from pydicom.pixels import apply_rescale
 
         return np.asarray(apply_rescale(px, ds), dtype=np.float32)
-    px = np.asarray(px, dtype=np.float32)
-    return px + np.float32(intercept) if intercept is not None else px
+    slope, intercept = _finite(getattr(ds, "RescaleSlope", None)), _finite(getattr(ds, "RescaleIntercept", None))
+    # A slope other than 1 in float64 as pydicom's apply_rescale computes it, then float32. A slope of
+    # 1 (CT's usual case) skips the float64 temporary: stored values and integer intercepts are exact
+    # in float32.
+    if slope and slope != 1.0:
+        return (px * slope + (intercept or 0.0)).astype(np.float32)
+    out = px.astype(np.float32)
+    if intercept:
+        out += np.float32(intercept)
+    return out
 
 
 def read_dataset(path: Path) -> Any:
@@ -181,11 +187,10 @@ def read_dicom_images(path: Path, channels: int, rel: str) -> list[ImageRecord]:
     limits.check_pixels(rows, cols, path)
     if rows * cols * frames_n * 4 > limits.IMAGE_FILE.bytes():
         raise limits.too_large(path, rows * cols * frames_n * 4, limits.IMAGE_FILE)
-    ds = read_dataset(path)
-    if not has_pixel_data(ds):
+    if not has_pixel_data(head):
         raise InputError(f"{path}: DICOM file has no pixel data")
-    pixels = rescaled_pixels(ds, path)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    pixels = rescaled_pixels(head, path)  # the deferred pixel data is read now: one parse per file
+    samples = int(getattr(head, "SamplesPerPixel", 1) or 1)
     frames = pixels if (pixels.ndim == 3 and samples == 1) or pixels.ndim == 4 else pixels[None]
     meta = {"multi": len(frames) > 1}
     return [ImageRecord(match_channels(f, channels, path), path, i, meta, rel) for i, f in enumerate(frames)]

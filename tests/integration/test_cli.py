@@ -184,6 +184,38 @@ def test_predict_writes_masks_and_overlays(small_bundle: Path, tmp_path: Path) -
     assert (tmp_path / "o" / "a_0_overlay.png").exists() and (tmp_path / "o" / "a_1_overlay.png").exists()
 
 
+def test_predict_streams_and_a_late_failure_leaves_the_output_folder_as_it_was(small_bundle: Path,
+                                                                                tmp_path: Path) -> None:
+    """predict reads each file when the stream reaches it and stages each file's outputs as its
+    slices finish: a bad file read after others were segmented (and staged) still leaves -o as it
+    was (not made at all, or with exactly its old files), and a good run leaves no staging folder."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        np.save(src / f"s{i}.npy", rng.random((1, 1, 40, 52), dtype=np.float32))
+    bad = np.zeros((1, 1, 40, 52), np.float32)
+    bad[0, 0, 1, 1] = np.inf
+    np.save(src / "s9.npy", bad)  # sorted last: read after s0..s3 were segmented and staged
+    code, _, err = run("predict", "-b", str(small_bundle), str(src), "-o", str(tmp_path / "new"), "--backend", "ort")
+    assert_clean_error(code, err, "s9.npy")
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    code, _, err = run("predict", "-b", str(small_bundle), str(src), "-o", str(old), "--backend", "ort")
+    assert code == 2 and "s9.npy" in err
+    assert sorted(p.name for p in old.iterdir()) == ["keep.txt"]
+    (src / "s9.npy").unlink()
+    code, _, err = run("predict", "-b", str(small_bundle), str(src), "-o", str(old), "--backend", "ort")
+    assert code == 0, err
+    assert sorted(p.name for p in old.iterdir()) == sorted(
+        ["keep.txt", *(f"s{i}_mask.npy" for i in range(4)), *(f"s{i}_overlay.png" for i in range(4))])
+    assert np.load(old / "s2_mask.npy").shape == (40, 52)
+    code, _, err = run("predict", "-b", str(small_bundle), str(src), "-o", str(old), "--backend", "ort")
+    assert_clean_error(code, err, "exists")  # refused before any inference (the masks' names are known)
+
+
 def test_info_and_doctor(small_bundle: Path) -> None:
     code, out, _ = run("info", "-b", str(small_bundle))
     assert code == 0 and "model.onnx" in out and "ort/fp32" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,6 +244,11 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
     assert producer["calibration_files"] == bundle.artifacts["model.int8.onnx"]["producer"]["calibration_files"]
     assert set(producer["ignored_scope"]) <= set(bundle.artifacts["model.int8.onnx"]["producer"]["float_nodes"])
     assert producer["ignored_scope"]  # the gates' psi convs and the head stay in float here too
+    # the four decoder up-convolutions (nearest x2 + 3x3) were quantised as transposed convolutions
+    rewritten = producer["rewrites"]["upsample_conv_to_conv_transpose"]
+    assert len(rewritten) == 4 and not set(rewritten) & set(producer["ignored_scope"])
+    xml = (b / OV_INT8_XML).read_text()
+    assert xml.count('type="ConvolutionBackpropData"') == 4 and 'type="Interpolate"' not in xml
     assert bundle.artifacts[OV_INT8_BIN]["kind"] == "openvino-weights"
     code, out, err = run("verify", "-b", str(b), "--backend", "ov", "--precision", "int8", "--json", "-")
     assert code == 0, err
@@ -273,3 +279,25 @@ def test_openvino_infer_many_keeps_order_and_matches_infer(need_openvino: None, 
     assert [y.shape for y in streamed] == [(1, 1, *x.shape[2:]) for x in xs]
     for a, b in zip(streamed, one_by_one):
         assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+
+
+def test_openvino_infer_many_survives_a_failing_input_stream(need_openvino: None, demo_bundle: Path) -> None:
+    """An input stream that raises mid-way (predict reading a bad file) surfaces its own error after
+    the requests in flight have finished, and the runner streams again afterwards."""
+    from attunet_deploy import load_runner
+    from attunet_deploy.errors import InputError
+
+    x = np.random.default_rng(5).standard_normal((1, 1, 64, 64)).astype(np.float32)
+
+    def stream() -> Any:
+        yield from [x] * 5
+        raise InputError("bad file")
+
+    with load_runner(demo_bundle, backend="ov", precision="fp32") as runner:
+        got = []
+        with pytest.raises(InputError, match="bad file"):
+            for y in runner.infer_many(stream()):
+                got.append(y)
+        assert len(got) <= 5
+        again = list(runner.infer_many([x, x]))
+        assert np.abs(again[0] - runner.infer(x)).max() <= 1e-4 * max(1.0, float(np.abs(again[0]).max()))

@@ -4,6 +4,7 @@ model segments it as one volume through its sliding window at the series' own vo
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,17 +16,23 @@ from attunet_deploy.io.dicom_series import series_spacing
 def segment_volume(runner: Any, hu: np.ndarray, batch: int = 8) -> np.ndarray:
     """uint8 masks [N, H, W] of an HU volume, ``batch`` slices per request (the runner normalises);
     the batches are streamed (``infer_many``: OpenVINO keeps several in flight)."""
+    return np.concatenate(list(stream_masks(runner, (hu[s:s + batch] for s in range(0, len(hu), batch)))))
+
+
+def stream_masks(runner: Any, stacks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """uint8 masks [n, H, W] of each HU stack [n, H, W], in order, through one ``infer_many`` stream:
+    a stack is taken (read, decoded) only when the stream has room for it."""
     from attunet_deploy.preprocess import logits_to_masks
 
     channels = runner.channels
 
-    def batches() -> Any:
-        for s in range(0, len(hu), batch):
-            x = hu[s:s + batch, None]
+    def model_space() -> Iterator[np.ndarray]:
+        for hu in stacks:
+            x = hu[:, None]
             yield runner.preprocess(np.repeat(x, channels, axis=1) if channels > 1 else x)
 
-    out = [logits_to_masks(y, runner.bundle.postprocessing) for y in runner.infer_many(batches())]
-    return np.concatenate(out).astype(np.uint8)
+    for y in runner.infer_many(model_space()):
+        yield logits_to_masks(y, runner.bundle.postprocessing).astype(np.uint8, copy=False)
 
 
 def segment_series(runner: Any, ordered: list[Instance], hu: np.ndarray, batch: int = 8) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.apps.dicom.checks import is_valid_uid
-from attunet_deploy.apps.dicom.series import segment_series, segment_volume
+from attunet_deploy.apps.dicom.series import segment_series, segment_volume, stream_masks
 from attunet_deploy.apps.dicom.spool import Spool, instance_key, series_of
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
@@ -139,18 +139,33 @@ class Worker(Spool):
             masks.append(m)
         ahead = sum(m is not None for m in masks)
         bad: dict[int, str] = {}
-        missing = [i for i, m in enumerate(masks) if m is None]
-        for s in range(0, len(missing), PRESEGMENT_BATCH):
-            part, slices = [], []
-            for i in missing[s:s + PRESEGMENT_BATCH]:
+        batches: list[list[int]] = []  # instance indices of each batch streamed
+
+        def decoded() -> Any:
+            """The missing slices, read as the stream reaches them, in batches of one slice shape."""
+            part: list[int] = []
+            slices: list[np.ndarray] = []
+            for i in [i for i, m in enumerate(masks) if m is None]:
                 try:
-                    slices.append(decode_hu(read_dataset(ordered[i].path), ordered[i].path.name))
-                    part.append(i)
+                    hu = decode_hu(read_dataset(ordered[i].path), ordered[i].path.name)
                 except Exception as exc:
                     bad[i] = str(exc)[:200]
-            if part:
-                for i, m in zip(part, segment_volume(runner, np.stack(slices), batch=PRESEGMENT_BATCH)):
-                    masks[i] = m
+                    continue
+                if slices and (hu.shape != slices[0].shape or len(slices) == PRESEGMENT_BATCH):
+                    batches.append(part)
+                    yield np.stack(slices)
+                    part, slices = [], []
+                part.append(i)
+                slices.append(hu)
+            if slices:
+                batches.append(part)
+                yield np.stack(slices)
+
+        # One stream for the whole rest of the series: reading overlaps inference, and OpenVINO keeps
+        # its streams busy across batches.
+        for k, batch_masks in enumerate(stream_masks(runner, decoded())):
+            for i, m in zip(batches[k], batch_masks):
+                masks[i] = m
         left_out = [(ordered[i], bad[i]) for i in sorted(bad)]
         return [m for i, m in enumerate(masks) if i not in bad], left_out, ahead
 
