@@ -22,6 +22,7 @@ on the one dynamic-shape model. Compiled models are cached in the bundle's ``eng
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -38,9 +39,9 @@ from attunet_deploy.runtimes.registry import register
 #: Input shapes that get a model compiled for them alone (then the dynamic-shape model serves).
 STATIC_SHAPES = 8
 #: Infer requests per stream in ``infer_many``: with one request per stream (OpenVINO's optimal
-#: number) a stream idles while Python collects its result and feeds it the next batch; a second
-#: queued request keeps it busy (demo model, 1x1x512x512, 2 streams on 2 cores: 28.0 against 24.5-26.8
-#: slices/s, /tmp-free benchmark in benchmarks/series_throughput.py).
+#: number) a stream idles while Python collects its result and feeds it the next image; a second
+#: request waiting keeps it busy. Demo model at 1x1x512x512 on 2 cores (2 streams): benchmark_app
+#: with 4 requests against its default 2, three interleaved pairs: 25.9/21.2, 25.8/24.3, 21.8/20.6 FPS.
 QUEUE_DEPTH = 2
 
 
@@ -123,10 +124,12 @@ class OpenVinoRunner(Runner):
                                                                         np.uint8)))
             else:
                 model = core.read_model(self.bundle.read_artifact(graph))  # the bytes whose sha256 was checked
-            self._compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
-            raise BackendUnavailable(f"OpenVINO cannot compile {graph}: {str(exc).splitlines()[0][:200]}") from exc
+            raise BackendUnavailable(f"OpenVINO cannot read {graph}: {str(exc).splitlines()[0][:200]}") from exc
         self._core, self._model, self._config = core, model, config
+        # The dynamic-shape latency model is compiled on first use: a stream (predict, the DICOM node)
+        # runs on throughput models only, and compiling one it never uses cost 65-200 ms per run.
+        self._compiled: Any = None
         self._static: dict[tuple[int, ...], Any] = {}
         self._seen: set[tuple[int, ...]] = set()
         self._throughput: dict[tuple[int, ...] | None, Any] = {}  # None: the dynamic-shape one
@@ -142,6 +145,19 @@ class OpenVinoRunner(Runner):
         self._model = None
         self._requests = threading.local()
 
+    def _compile(self, model: Any, config: dict[str, Any]) -> Any:
+        try:
+            return self._core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:
+            raise BackendUnavailable(f"OpenVINO cannot compile {self._graph}: "
+                                     f"{str(exc).splitlines()[0][:200]}") from exc
+
+    def _dynamic(self) -> Any:
+        """The dynamic-shape latency model (caller holds ``_lock``)."""
+        if self._compiled is None:
+            self._compiled = self._compile(self._model, self._config)
+        return self._compiled
+
     def _compiled_for(self, shape: tuple[int, ...]) -> Any:
         """The model compiled for this input shape alone (from the second call with it, for the first
         STATIC_SHAPES shapes), else the dynamic-shape one; a shape the static compile refuses falls
@@ -150,17 +166,17 @@ class OpenVinoRunner(Runner):
             if shape in self._static:
                 return self._static[shape]
             if len(self._static) >= STATIC_SHAPES:
-                return self._compiled
+                return self._dynamic()
             if shape not in self._seen:  # a shape met once (a verification batch) is not worth a compile
                 if len(self._seen) < 64:
                     self._seen.add(shape)
-                return self._compiled
+                return self._dynamic()
             fixed = self._model.clone()
             try:
                 fixed.reshape(list(shape))
                 self._static[shape] = self._core.compile_model(fixed, "CPU", self._config)
             except RuntimeError:
-                self._static[shape] = self._compiled
+                self._static[shape] = self._dynamic()
             return self._static[shape]
 
     @property
@@ -185,22 +201,28 @@ class OpenVinoRunner(Runner):
 
     def _infer_stream(self, items: Iterator[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         """Several requests in flight on a model compiled with the THROUGHPUT hint (OpenVINO splits
-        the cores into streams), one model and queue per run of same-shape inputs; results are handed
-        back in input order. A batch of N goes in as N one-image requests (reassembled on the way out):
-        a batch of 8 as one request kept one stream busy while the other idled (the DICOM node's
-        8-slice batches: 12 slices/s where one-image requests on both streams give about 24, demo model
-        at 512x512 on 2 cores), and one model per image shape serves every batch size."""
-        import openvino as ov
+        the cores into streams), one model per run of same-shape inputs; results in input order.
 
+        A batch of N goes in as N one-image requests (reassembled on the way out): a batch of 8 as one
+        request kept one stream busy while the other idled (the DICOM node's 8-slice batches: 12
+        slices/s where one-image requests on both streams give about 24, demo model at 512x512 on 2
+        cores), and one model per image shape serves every batch size.
+
+        The requests are a ring used oldest first, waited for and read on this thread. No Python
+        callback is handed to OpenVINO (``AsyncInferQueue.set_callback``): a stream thread that still
+        holds one when its compiled model is released needs the GIL that the releasing thread holds,
+        and ``deactivate`` hung in ``~CPUStreamsExecutor`` (seen 1 in 5 runs of a predict loop).
+        """
+        in_flight: collections.deque[tuple[Any, tuple[int, int]]] = collections.deque()  # oldest first
+        free: list[Any] = []
         pending: collections.deque[tuple[int, int, Any]] = collections.deque()  # (index, parts, tag)
         done: dict[tuple[int, int], np.ndarray] = {}
-        failed: list[BaseException] = []
 
-        def finished(request: Any, key: tuple[int, int]) -> None:
-            try:
-                done[key] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
-            except BaseException as exc:  # surfaced on the caller's thread below
-                failed.append(exc)
+        def collect_oldest() -> None:
+            request, key = in_flight.popleft()
+            request.wait()  # releases the GIL
+            done[key] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            free.append(request)
 
         def ready() -> Iterator[tuple[np.ndarray, Any]]:
             while pending and all((pending[0][0], j) in done for j in range(pending[0][1])):
@@ -208,31 +230,32 @@ class OpenVinoRunner(Runner):
                 parts = [done.pop((i, j)) for j in range(n)]
                 yield (parts[0] if n == 1 else np.concatenate(parts)), t
 
-        queue: Any = None
         shape = None
         try:
             for index, (xp, tag) in enumerate(items):
                 one = (1, *xp.shape[1:])
                 if one != shape:
-                    if queue is not None:
-                        queue.wait_all()
+                    while in_flight:
+                        collect_oldest()
                     compiled = self._throughput_for(one)
-                    queue = ov.AsyncInferQueue(compiled, QUEUE_DEPTH * int(
-                        compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-                    queue.set_callback(finished)
+                    depth = QUEUE_DEPTH * int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+                    free = [compiled.create_infer_request() for _ in range(depth)]
                     shape = one
                 for j in range(len(xp)):
-                    queue.start_async({0: xp[j:j + 1]}, (index, j))  # blocks while every request is busy
+                    if not free:
+                        collect_oldest()
+                    request = free.pop()
+                    request.start_async({0: xp[j:j + 1]})
+                    in_flight.append((request, (index, j)))
                 pending.append((index, len(xp), tag))
                 yield from ready()
-                if failed:
-                    raise failed[0]
+            while in_flight:
+                collect_oldest()
         finally:
-            # Also when the caller stops early or the input stream raises: no request may outlive its queue.
-            if queue is not None:
-                queue.wait_all()
-        if failed:
-            raise failed[0]
+            # Also when the caller stops early or the input stream raises: no request may outlive this.
+            for request, _ in in_flight:
+                with contextlib.suppress(Exception):  # the error that stopped the stream is the one to see
+                    request.wait()
         yield from ready()
 
     def _throughput_for(self, shape: tuple[int, ...]) -> Any:
@@ -251,7 +274,7 @@ class OpenVinoRunner(Runner):
                         model.reshape(list(shape))
                     except RuntimeError:
                         model = self._model
-                self._throughput[key] = self._core.compile_model(model, "CPU", config)
+                self._throughput[key] = self._compile(model, config)
             return self._throughput[key]
 
     def bench_extras(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class UpThenConv(nn.Module):
         return y + u.mean() if self.share else y  # share: the upsampled tensor has a second consumer
 
 
-def exported(module: nn.Module, dims: int) -> "onnx.ModelProto":
+def exported(module: nn.Module, dims: int) -> onnx.ModelProto:
     torch.manual_seed(0)
     for p in module.parameters():
         nn.init.normal_(p)
@@ -41,7 +41,7 @@ def exported(module: nn.Module, dims: int) -> "onnx.ModelProto":
     return onnx.load_from_string(buf.getvalue())
 
 
-def run(model: "onnx.ModelProto", x: np.ndarray) -> np.ndarray:
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
