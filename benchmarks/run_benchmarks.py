@@ -228,15 +228,16 @@ def main() -> None:
         records = []
         demo = demo_bundle(args.demo_bundle, reporter)
         settings = BenchSettings(shape=(1, 1, 256, 256), warmup=5, iterations=args.demo_iterations, threads=threads)
-        demo_results, _ = bench_many(demo, ["ort", "ov", "torch"], ["fp32", "int8", "fp16"], settings, reporter)
-        for r in demo_results:
-            r["model"] = "demo (base 16)"
+        # bench_many's typed records are read-only: the rows of this page are their dicts plus the model
+        demo_results = [{**r.to_dict(), "model": "demo (base 16)"}
+                        for r in bench_many(demo, ["ort", "ov", "torch"], ["fp32", "int8", "fp16"], settings,
+                                            reporter)[0]]
         reporter.console.print(bench_table(demo_results, title="Demo model at 1x1x256x256"))
         for text in args.shapes:
             shape = parse_shape(text, bundle.in_channels)
             settings = BenchSettings(shape=shape, warmup=args.warmup, iterations=args.iterations, threads=threads)
-            results, _ = bench_many(bundle, ["ort", "ov", "torch", "ort-cuda", "ort-trt", "trt"], ["all"], settings,
-                                    reporter)
+            results = [r.to_dict() for r in bench_many(bundle, ["ort", "ov", "torch", "ort-cuda", "ort-trt", "trt"],
+                                                       ["all"], settings, reporter)[0]]
             flops = conv_flops(shape)
             for r in results:
                 r["model"] = "full size (base 64)"
