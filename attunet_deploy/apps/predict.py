@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ class _SliceStream:
         self.per_file: list[tuple[Path, list[ImageRecord]]] = []
         self.ends: list[int] = []
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[np.ndarray]:
         for f in self.files:
             recs = read_file(f, self.runner.channels)
             try:

@@ -211,7 +211,7 @@ class OpenVinoRunner(Runner):
         The requests are a ring used oldest first, waited for and read on this thread. No Python
         callback is handed to OpenVINO (``AsyncInferQueue.set_callback``): a stream thread that still
         holds one when its compiled model is released needs the GIL that the releasing thread holds,
-        and ``deactivate`` hung in ``~CPUStreamsExecutor`` (seen 1 in 5 runs of a predict loop).
+        and ``deactivate`` hung in ``~CPUStreamsExecutor`` (3 of 6 runs of a script of in-process predicts).
         """
         in_flight: collections.deque[tuple[Any, tuple[int, int]]] = collections.deque()  # oldest first
         free: list[Any] = []

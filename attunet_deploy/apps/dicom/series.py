@@ -32,7 +32,7 @@ def stream_masks(runner: Any, stacks: Iterable[np.ndarray]) -> Iterator[np.ndarr
             yield runner.preprocess(np.repeat(x, channels, axis=1) if channels > 1 else x)
 
     for y in runner.infer_many(model_space()):
-        yield logits_to_masks(y, runner.bundle.postprocessing).astype(np.uint8, copy=False)
+        yield logits_to_masks(y, runner.bundle.postprocessing)  # uint8 already
 
 
 def segment_series(runner: Any, ordered: list[Instance], hu: np.ndarray, batch: int = 8) -> np.ndarray:

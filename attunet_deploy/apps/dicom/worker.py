@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ class Worker(Spool):
         bad: dict[int, str] = {}
         batches: list[list[int]] = []  # instance indices of each batch streamed
 
-        def decoded() -> Any:
+        def decoded() -> Iterator[np.ndarray]:
             """The missing slices, read as the stream reaches them, in batches of one slice shape."""
             part: list[int] = []
             slices: list[np.ndarray] = []
