@@ -14,7 +14,26 @@ import importlib.util
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
+
+
+class GpuIdentity(TypedDict):
+    """A CUDA device as engines are tied to it (and as the manifest records it)."""
+
+    index: int
+    name: str
+    compute_capability: str
+    multiprocessors: int
+    memory_mb: int
+
+
+class MachineInfo(TypedDict):
+    """The machine a figure comes from: CPU model, cores, architecture and the ISA flags that matter."""
+
+    cpu_model: str
+    cores: int
+    arch: str
+    isa: list[str]
 
 
 @dataclass
@@ -75,15 +94,14 @@ def cuda_devices() -> Probe:
         return Probe("cuda", False, detail=f"CUDA runtime unusable: {exc}")
     if int(err) != 0 or count == 0:
         return Probe("cuda", False, detail=f"no CUDA device ({_cuda_error_name(cudart, err)})")
-    gpus = []
+    gpus: list[GpuIdentity] = []
     for i in range(count):
         err, prop = cudart.cudaGetDeviceProperties(i)
         if int(err) == 0:
             name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-            gpus.append({"index": i, "name": name.strip("\x00 "),
-                         "compute_capability": f"{prop.major}.{prop.minor}",
-                         "multiprocessors": int(prop.multiProcessorCount),
-                         "memory_mb": int(prop.totalGlobalMem) // (1 << 20)})
+            gpus.append(GpuIdentity(index=i, name=name.strip("\x00 "), compute_capability=f"{prop.major}.{prop.minor}",
+                                    multiprocessors=int(prop.multiProcessorCount),
+                                    memory_mb=int(prop.totalGlobalMem) // (1 << 20)))
     _, drv = cudart.cudaDriverGetVersion()
     _, rt = cudart.cudaRuntimeGetVersion()
     version = f"driver {drv // 1000}.{drv % 1000 // 10}, runtime {rt // 1000}.{rt % 1000 // 10}"
@@ -109,12 +127,11 @@ def free_device_memory_mb() -> int | None:
         return None
 
 
-def gpu_identity() -> dict[str, Any] | None:
+def gpu_identity() -> GpuIdentity | None:
     """Name and compute capability of device 0 (what engines are tied to)."""
     probe = cuda_devices()
-    if not probe.available or not probe.extra.get("gpus"):
-        return None
-    return dict(probe.extra["gpus"][0])
+    gpus: list[GpuIdentity] = probe.extra.get("gpus") or []
+    return GpuIdentity(**gpus[0]) if probe.available and gpus else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,7 +158,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx51
 
 
 @functools.lru_cache(maxsize=1)
-def machine_info() -> dict[str, Any]:
+def machine_info() -> MachineInfo:
     """CPU model, core count and the ISA flags that matter, recorded with every benchmark:
     figures from two machines are never comparable, and this says which machine it was."""
     import os
@@ -162,7 +179,7 @@ def machine_info() -> dict[str, Any]:
     isa = [f for f in ISA_FLAGS if f in flags]
     if platform.machine().lower() in ("aarch64", "arm64"):
         isa += [f for f in ("asimddp", "i8mm", "bf16", "sve") if f in flags]
-    return {"cpu_model": model, "cores": os.cpu_count() or 1, "arch": platform.machine(), "isa": isa}
+    return MachineInfo(cpu_model=model, cores=os.cpu_count() or 1, arch=platform.machine(), isa=isa)
 
 
 def tensorrt_probe() -> Probe:

@@ -23,7 +23,14 @@ class AttDeployError(Exception):
 
 
 class InputError(AttDeployError, ValueError):
-    """Bad user input: a file, a shape, an option. Exit status 2."""
+    """Bad user input: a file, a shape, an option. Exit status 2.
+
+    ``field`` names the setting at fault (e.g. ``check_rel_l2``) where the message is worded in
+    domain terms; the CLI names the matching flag (``cli/options.flag_of``)."""
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BundleError(InputError):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from attunet_deploy.bundle.spec import Normalization, Postprocessing, Segment, check_segment_text
 from attunet_deploy.errors import InputError
 from attunet_deploy.limits import IMAGE_FILE, check_pixels, too_large
 
@@ -84,71 +85,26 @@ def crop(y: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- normalisation
-def parse_normalization(spec: str | None) -> dict[str, Any]:
-    """Parse a CLI normalisation spec into the manifest's ``preprocessing`` dict.
-
-    ``none`` | ``ct-window:LEVEL,WIDTH`` | ``mean-std:MEAN,STD`` (per-channel values joined
-    by ``/``, e.g. ``mean-std:0.485/0.456/0.406,0.229/0.224/0.225``) | ``scale:DIVISOR`` |
-    ``minmax`` (per image and channel to [0, 1]).
-    """
-    if spec is None or spec.strip().lower() in ("", "none"):
-        return {"normalize": {"kind": "none"}}
-    kind, _, args = spec.strip().partition(":")
-    kind = kind.lower()
-
-    def num(text: str) -> float:
-        v = float(text)
-        if not math.isfinite(v):
-            raise ValueError
-        return v
-
-    try:
-        if kind == "ct-window":
-            level, width = (num(v) for v in args.split(","))
-            if width <= 0:
-                raise ValueError
-            return {"normalize": {"kind": "ct_window", "level": level, "width": width}}
-        if kind == "mean-std":
-            mean_s, std_s = args.split(",")
-            mean = [num(v) for v in mean_s.split("/")]
-            std = [num(v) for v in std_s.split("/")]
-            if any(s <= 0 for s in std):
-                raise ValueError
-            return {"normalize": {"kind": "mean_std", "mean": mean, "std": std}}
-        if kind == "scale":
-            div = num(args)
-            if div == 0:
-                raise ValueError
-            return {"normalize": {"kind": "scale", "divisor": div}}
-        if kind == "minmax" and not args:
-            return {"normalize": {"kind": "minmax"}}
-    except ValueError:
-        pass
-    raise InputError(f"bad --normalize {spec!r}: use none, ct-window:LEVEL,WIDTH (width > 0), "
-                     "mean-std:MEAN,STD (std > 0), scale:DIVISOR (not 0) or minmax, with finite numbers")
-
-
-def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
-    """Apply the bundle's intensity normalisation to raw [N, C, *spatial] images (float32 out)."""
-    spec = preprocessing.get("normalize", {"kind": "none"})
-    kind = spec.get("kind", "none")
+def normalize(images: np.ndarray, spec: Normalization) -> np.ndarray:
+    """Apply an intensity normalisation to raw [N, C, *spatial] images (float32 out)."""
+    kind = spec.kind
     x = np.asarray(images, dtype=np.float32)
     if kind == "none":
         return x
     if kind == "ct_window":
-        lo = spec["level"] - spec["width"] / 2.0
+        lo = spec.level - spec.width / 2.0
         # One new array, then in place: the same float32 arithmetic as np.clip((x - lo) / width, 0, 1)
         # with a third of the memory traffic (this runs on every slice of a series).
         y = np.subtract(x, np.float32(lo), dtype=np.float32)
-        np.divide(y, np.float32(spec["width"]), out=y)
+        np.divide(y, np.float32(spec.width), out=y)
         return np.clip(y, 0.0, 1.0, out=y)
     if kind == "mean_std":
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(shape)
-        std = np.asarray(spec["std"], dtype=np.float32).reshape(shape)
+        mean = np.asarray(spec.mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(spec.std, dtype=np.float32).reshape(shape)
         return ((x - mean) / std).astype(np.float32)
     if kind == "scale":
-        return (x / np.float32(spec["divisor"])).astype(np.float32)
+        return (x / np.float32(spec.divisor)).astype(np.float32)
     if kind == "minmax":
         spatial = tuple(range(2, x.ndim))
         lo = x.min(axis=spatial, keepdims=True)
@@ -157,35 +113,13 @@ def normalize(images: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
     raise InputError(f"unknown normalisation kind {kind!r} in the bundle manifest")
 
 
-def describe_normalization(preprocessing: dict[str, Any]) -> str:
-    spec = preprocessing.get("normalize", {"kind": "none"})
-    kind = spec.get("kind", "none")
-    if kind == "ct_window":
-        return f"CT window L{spec['level']:g}/W{spec['width']:g}"
-    if kind == "mean_std":
-        return f"(x - {spec['mean']}) / {spec['std']}"
-    if kind == "scale":
-        return f"x / {spec['divisor']:g}"
-    return kind
-
-
 # --------------------------------------------------------------------- post-processing
-def default_postprocessing(out_channels: int) -> dict[str, Any]:
-    if out_channels == 1:
-        return {"kind": "sigmoid_threshold", "threshold": 0.5}
-    return {"kind": "argmax"}
-
-
-#: DICOM value lengths of a segment's label (LO) and code parts (SH, SH, LO).
-_SEGMENT_TEXT_MAX = {"label": 64, "scheme": 16, "code": 16, "meaning": 64}
-
-
-def parse_segments(specs: Sequence[str], out_channels: int) -> list[dict[str, Any]]:
+def parse_segments(specs: Sequence[str], out_channels: int) -> tuple[Segment, ...]:
     """``--segment CLASS=LABEL[@SCHEME:CODE:MEANING]`` options -> the manifest's
     ``postprocessing.segments`` (what each class is called in a DICOM SEG): e.g.
     ``1=Pancreas@SCT:15776009:Pancreas``. Classes are 1 for a one-channel model, 1..K-1 for K classes."""
     top = 1 if out_channels <= 2 else out_channels - 1
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, object]] = []  # as the manifest stores them, checked as such
     for spec in specs:
         head, _, code = spec.partition("@")
         cls_text, eq, label = head.partition("=")
@@ -195,44 +129,24 @@ def parse_segments(specs: Sequence[str], out_channels: int) -> list[dict[str, An
             cls = -1
         if not eq or not 1 <= cls <= top:
             raise InputError(f"--segment {spec!r}: expected CLASS=LABEL[@SCHEME:CODE:MEANING] with CLASS in 1..{top}")
-        entry: dict[str, Any] = {"class": cls, "label": label.strip()}
+        entry: dict[str, object] = {"class": cls, "label": label.strip()}
         if code:
             parts = code.split(":", 2)
             if len(parts) != 3:
                 raise InputError(f"--segment {spec!r}: the code is SCHEME:CODE:MEANING, e.g. SCT:15776009:Pancreas")
             entry["type"] = [p.strip() for p in parts]
-        check_segment(entry, top, f"--segment {spec!r}")
+        check_segment_text(entry, top, f"--segment {spec!r}")
         if any(e["class"] == cls for e in out):
             raise InputError(f"--segment {spec!r}: class {cls} is named twice")
         out.append(entry)
-    return out
+    return tuple(Segment.from_dict(e) for e in out)
 
 
-def check_segment(entry: Any, top: int, where: str) -> None:
-    """One ``postprocessing.segments`` entry: class in 1..top, a label and an optional code that fit DICOM."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("class"), int) or isinstance(entry["class"], bool) \
-            or not 1 <= entry["class"] <= top:
-        raise InputError(f"{where}: a segment is {{class: 1..{top}, label, type: [scheme, code, meaning]}}")
-    texts = {"label": entry.get("label")}
-    if "type" in entry:
-        t = entry["type"]
-        if not isinstance(t, list) or len(t) != 3:
-            raise InputError(f"{where}: type must be [scheme, code, meaning]")
-        texts.update(zip(("scheme", "code", "meaning"), t))
-    for name, text in texts.items():
-        if not isinstance(text, str) or not text.strip() or len(text) > _SEGMENT_TEXT_MAX[name] \
-                or any(ch in text for ch in "\\\r\n\0") or not text.isprintable():
-            raise InputError(f"{where}: {name} must be 1..{_SEGMENT_TEXT_MAX[name]} printable characters "
-                             "(no backslash)")
-
-
-def logits_to_masks(logits: np.ndarray, postprocessing: dict[str, Any]) -> np.ndarray:
+def logits_to_masks(logits: np.ndarray, post: Postprocessing) -> np.ndarray:
     """[N, K, *spatial] logits -> uint8 [N, *spatial] masks (sigmoid > threshold, or argmax)."""
-    kind = postprocessing.get("kind", "sigmoid_threshold" if logits.shape[1] == 1 else "argmax")
+    kind = post.kind
     if kind == "sigmoid_threshold":
-        t = float(postprocessing.get("threshold", 0.5))
-        if not 0.0 < t < 1.0:
-            raise InputError(f"sigmoid threshold must be in (0, 1), got {t}")
+        t = post.threshold
         # sigmoid(z) > t  <=>  z > logit(t); avoids computing exp on every pixel.
         return (logits[:, 0] > np.log(t / (1.0 - t))).view(np.uint8)  # bool is one byte, 0 or 1: no copy
     if kind == "argmax":

@@ -37,12 +37,12 @@ VOLUME_ROWS = [("ort", "fp32", {}), ("ort", "int8", {}), ("ov", "fp32", {}), ("o
 def demo3d_bundle(path: Path, reporter: Any) -> Bundle:
     """The 3D demo exported and quantised (made on the first run, reused after)."""
     from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     if not (path / "manifest.json").exists():
-        export_bundle(DEMO3D_WEIGHTS, path, reporter=reporter)
-        quantize_bundle(Bundle.load(path), reporter=reporter, verify=False)
+        export_bundle(ExportSettings(DEMO3D_WEIGHTS, path), reporter=reporter)
+        quantize_bundle(Bundle.load(path), QuantizeSettings(verify=False), reporter=reporter)
     return Bundle.load(path)
 
 
@@ -65,10 +65,11 @@ def _runners(bundle: Bundle, rows: list[tuple[str, str, dict[str, Any]]], thread
 
 def bench_window(bundle: Bundle, threads: int, iterations: int, reporter: Any) -> list[dict[str, Any]]:
     """Every (backend, precision) at one window, interleaved."""
-    roi = tuple(bundle.sliding_window["roi"])
+    assert bundle.sliding_window is not None
+    roi = bundle.sliding_window.roi
     runners = _runners(bundle, WINDOW_ROWS, threads)
     settings = BenchSettings(shape=(1, 1, *roi), warmup=3, iterations=iterations, threads=threads)
-    results = [dict(r) for r in bench_runners(runners, settings, reporter)]
+    results = [r.to_dict() for r in bench_runners(runners, settings, reporter)]
     for r in runners:
         r.deactivate()
     for r in results:
@@ -97,10 +98,10 @@ class _MonaiTorch:
 
         model = self.runner._module  # the reference module the torch runner holds
         with torch.inference_mode():
-            out = sliding_window_inference(torch.from_numpy(x), roi_size=self.window["roi"],
-                                           sw_batch_size=int(self.window.get("batch", 1)), predictor=model,
-                                           overlap=float(self.window["overlap"]), mode=self.window["mode"],
-                                           sigma_scale=float(self.window.get("sigma_scale", 0.125)))
+            out = sliding_window_inference(torch.from_numpy(x), roi_size=self.window.roi,
+                                           sw_batch_size=self.window.batch, predictor=model,
+                                           overlap=self.window.overlap, mode=self.window.mode,
+                                           sigma_scale=self.window.sigma_scale)
         return out.numpy()
 
 
@@ -108,13 +109,14 @@ def bench_volume(bundle: Bundle, threads: int, rounds: int) -> list[dict[str, An
     """Seconds per whole CT volume, rounds interleaved across backends (median per backend)."""
     from attunet_deploy.demo.phantom3d import make_volume
     from attunet_deploy.environment import machine_info
-    from attunet_deploy.preprocess import normalize, resample_linear, resampled_shape
+    from attunet_deploy.segmenter import Segmenter
 
     hu, _ = make_volume(2026, CT_SIZE)
-    x = normalize(hu[None, None], bundle.preprocessing)[0]
-    x = resample_linear(x, resampled_shape(x.shape[1:], CT_SPACING, bundle.spacing))[None]
+    seg = Segmenter(bundle.spec)
+    x = seg.to_model_grid(seg.prepare(hu), CT_SPACING)
     window = bundle.sliding_window
-    windows = volume_windows(x.shape[2:], window["roi"], float(window["overlap"]))
+    assert window is not None
+    windows = volume_windows(x.shape[2:], window)
     runners: list[Any] = _runners(bundle, VOLUME_ROWS, threads)
     try:
         runners.insert(0, _MonaiTorch(bundle, threads))

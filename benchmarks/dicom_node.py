@@ -58,8 +58,8 @@ def main() -> int:
     args.json = args.json or str(HERE / "results" / ("dicom_node_3d.json" if volume else "dicom_node.json"))
 
     from attunet_deploy import load_runner
-    from attunet_deploy.apps.dicom.series import segment_volume
-    from attunet_deploy.demo.ctseries import write_ct_series
+    from attunet_deploy.apps.dicom.series import segment_slices
+    from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
     from attunet_deploy.environment import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="attdeploy-dicom-bench-"))
@@ -75,9 +75,10 @@ def main() -> int:
     if volume:
         from attunet_deploy.demo.phantom3d import make_volume
 
-        series = [write_ct_series(work / f"series{k}", volume=make_volume(7 + k, (args.slices, args.size,
-                                                                                    args.size))[0],
-                                  spacing=spacing[0], pixel_spacing=spacing[1]) for k in range(args.repeat)]
+        geometry = SeriesGeometry(spacing=spacing[0], pixel_spacing=spacing[1])
+        shape = (args.slices, args.size, args.size)
+        series = [write_ct_series(work / f"series{k}", volume=make_volume(7 + k, shape)[0], geometry=geometry)
+                  for k in range(args.repeat)]
     else:
         series = [write_ct_series(work / f"series{k}", args.slices, (args.size, args.size), seed=7 + k)
                   for k in range(args.repeat)]
@@ -86,7 +87,7 @@ def main() -> int:
         if volume:
             runner.segment_volume(hu, spacing=spacing)  # type: ignore[attr-defined]
         else:
-            segment_volume(runner, hu)
+            segment_slices(runner, hu)  # type: ignore[arg-type]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -92,13 +92,14 @@ def interleaved(fns: dict[str, Any], x: np.ndarray, warmup: int, iterations: int
 def accuracy(bundle: Bundle, infer: Any, judge_dice: bool) -> dict[str, float]:
     from attunet_deploy.io.golden import load_golden
     from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, compare
+    from attunet_deploy.segmenter import Segmenter
 
     cases = load_golden(bundle)
     outputs = [infer(c.inputs) for c in cases]
-    row = compare(outputs, cases, bundle.postprocessing, DEFAULT_TOLERANCES["int8"])
-    out = {"rel_l2": row["rel_l2"]}
+    row = compare(outputs, cases, Segmenter(bundle.spec), DEFAULT_TOLERANCES["int8"])
+    out = {"rel_l2": row.metric("rel_l2")}
     if judge_dice:
-        out.update(mean_dice=row["mean_dice"], worst_dice=row["worst_dice"])
+        out.update(mean_dice=row.metric("mean_dice"), worst_dice=row.metric("worst_dice"))
     return out
 
 
@@ -106,15 +107,16 @@ def full_bundle(path: Path, calib: Path, reporter: Any) -> Bundle:
     """The full-size bundle (run_benchmarks.py's recipe), with quantize's NNCF INT8 IR added."""
     from run_benchmarks import realistic_checkpoint
 
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import calibration_inputs, quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, calibration_inputs, quantize_bundle
 
     if not (path / "manifest.json").exists():
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / "full.pt"
             realistic_checkpoint(ckpt)
-            export_bundle(ckpt, path, check_rel_l2=1e-4, reporter=reporter)
-            quantize_bundle(Bundle.load(path), calib=str(calib), max_samples=32, reporter=reporter, verify=False)
+            export_bundle(ExportSettings(ckpt, path, check_rel_l2=1e-4), reporter=reporter)
+            quantize_bundle(Bundle.load(path), QuantizeSettings(calib=str(calib), max_samples=32, verify=False),
+                            reporter=reporter)
     bundle = Bundle.load(path)
     if not bundle.has(OV_INT8_XML):
         _add_ov_int8(bundle, calibration_inputs(bundle, str(calib), 32)[0], reporter)

@@ -95,6 +95,7 @@ def variants(bundle: Bundle, tmp: Path) -> dict[str, Path]:
 
 def timed(paths: dict[str, Path], bundle: Bundle, iterations: int) -> list[dict[str, object]]:
     from attunet_deploy.io.golden import load_golden
+    from attunet_deploy.segmenter import Segmenter
     from attunet_deploy.steps.quantize import evaluate_int8
 
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
@@ -111,7 +112,7 @@ def timed(paths: dict[str, Path], bundle: Bundle, iterations: int) -> list[dict[
     cases = load_golden(bundle)
     base = statistics.median(times["FP32"])
     return [{"graph": k, "p50_ms": statistics.median(v), "vs_fp32": statistics.median(v) / base,
-             "mean_dice": None if k == "FP32" else evaluate_int8(paths[k], cases, bundle.postprocessing)[0]}
+             "mean_dice": None if k == "FP32" else evaluate_int8(paths[k], cases, Segmenter(bundle.spec))[0]}
             for k, v in times.items()]
 
 

@@ -167,12 +167,12 @@ def int8_gemm_roof_gops(threads: int, sizes: tuple[int, ...] = (2048, 3072), rep
 
 def demo_bundle(path: Path, reporter: object) -> Bundle:
     """The bundled demo model exported and quantised (made on the first run, reused after)."""
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     if not (path / "manifest.json").exists():
-        export_bundle(None, path, reporter=reporter)
-        quantize_bundle(Bundle.load(path), reporter=reporter, verify=False)
+        export_bundle(ExportSettings(None, path), reporter=reporter)
+        quantize_bundle(Bundle.load(path), QuantizeSettings(verify=False), reporter=reporter)
     return Bundle.load(path)
 
 
@@ -199,8 +199,8 @@ def main() -> None:
         return
 
     from attunet_deploy.judge.report import bench_table, markdown_table
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     reporter = RichReporter()
     threads = os.cpu_count() or 1
@@ -212,14 +212,14 @@ def main() -> None:
             with reporter.step("Making the full-size checkpoint (BatchNorm statistics from phantoms)"):
                 realistic_checkpoint(ckpt)
             # docs/design.md's FP32 tolerance: BatchNorm folded by the exporter reorders float32 sums.
-            export_bundle(ckpt, bundle_dir, check_rel_l2=1e-4, reporter=reporter)
+            export_bundle(ExportSettings(ckpt, bundle_dir, check_rel_l2=1e-4), reporter=reporter)
             from attunet_deploy.demo import make_phantoms, window
 
             calib = Path(tmp) / "calib.npy"
             hu, _ = make_phantoms(32, seed=7, size=(256, 256))
             np.save(calib, np.repeat(window(hu), 3, axis=1))
-            quantize_bundle(Bundle.load(bundle_dir), calib=str(calib), max_samples=32, reporter=reporter,
-                            verify=False)
+            quantize_bundle(Bundle.load(bundle_dir), QuantizeSettings(calib=str(calib), max_samples=32, verify=False),
+                            reporter=reporter)
         bundle = Bundle.load(bundle_dir)
         with reporter.step("Measuring the FP32, BF16 and INT8 GEMM roofs"):
             roof = gemm_roof_gflops(threads)

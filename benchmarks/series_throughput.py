@@ -72,7 +72,7 @@ def main() -> None:
 
     from attunet_deploy.apps.predict import predict_files
     from attunet_deploy.demo import make_phantoms
-    from attunet_deploy.demo.ctseries import write_ct_series
+    from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
     from attunet_deploy.io.images import read_file
 
     reporter = RichReporter()
@@ -86,7 +86,7 @@ def main() -> None:
         peer_xml = peer_ir(bundle, Path(tmp) / "peer.xml", reporter)
         series = Path(tmp) / "series"
         hu, _ = make_phantoms(args.slices, seed=11, size=(args.size, args.size))
-        write_ct_series(series, volume=hu[:, 0], spacing=2.5, pixel_spacing=0.7)
+        write_ct_series(series, volume=hu[:, 0], geometry=SeriesGeometry(spacing=2.5, pixel_spacing=0.7))
         files = sorted(series.iterdir())
         with load_runner(bundle, backend="ov", precision="int8") as runner:
             xs = [runner.preprocess(read_file(f, 1)[0].pixels) for f in files]

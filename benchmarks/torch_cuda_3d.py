@@ -34,12 +34,13 @@ except ImportError as exc:  # a bare GPU image: the modules used here need torch
     pkg.__path__ = [str(ROOT / "attunet_deploy")]
     sys.modules["attunet_deploy"] = pkg
 
+from attunet_deploy.bundle.spec import Normalization, SlidingWindow  # noqa: E402
 from attunet_deploy.demo import DEMO3D_WEIGHTS  # noqa: E402
 from attunet_deploy.demo.phantom3d import make_volume  # noqa: E402
 from attunet_deploy.preprocess import normalize, resample_linear, resample_nearest, resampled_shape  # noqa: E402
-from attunet_deploy.runtimes.window import sliding_window  # noqa: E402
+from attunet_deploy.window import sliding_window  # noqa: E402
 
-NORMALIZE = {"normalize": {"kind": "ct_window", "level": 40.0, "width": 400.0}}
+NORMALIZE = Normalization("ct_window", level=40.0, width=400.0)
 SPACING, ROI, CT, CT_SPACING = (5.0, 6.0, 6.0), (32, 48, 48), (200, 512, 512), (2.5, 0.78125, 0.78125)
 
 
@@ -117,7 +118,7 @@ def main() -> int:
             v = normalize(hu[None, None], NORMALIZE)
             v = resample_linear(v, resampled_shape(CT, CT_SPACING, SPACING))
             t1 = time.perf_counter()
-            logits = sliding_window(predict, v, ROI, overlap=0.5, mode="gaussian", batch=4)
+            logits = sliding_window(predict, v, SlidingWindow(ROI, overlap=0.5, mode="gaussian", batch=4))
             torch.cuda.synchronize()
             t2 = time.perf_counter()
             mask = resample_nearest((logits[0, 0] > 0).astype(np.uint8), CT)

@@ -48,10 +48,10 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory: pytest.TempPathFactory, small_ckpt: Path) -> Path:
     """small_ckpt exported with the default exporter (read-only for tests: copy before changing)."""
-    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "small"
-    export_bundle(small_ckpt, out)
+    export_bundle(ExportSettings(small_ckpt, out))
     return out
 
 
@@ -59,12 +59,12 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory, small_ckpt: Path) -> 
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled demo model exported and quantised (fp16 + int8 on demo phantoms)."""
     from attunet_deploy.bundle import Bundle
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "demo"
-    export_bundle(None, out)
-    quantize_bundle(Bundle.load(out), verify=False)
+    export_bundle(ExportSettings(None, out))
+    quantize_bundle(Bundle.load(out), QuantizeSettings(verify=False))
     return out
 
 
@@ -113,6 +113,6 @@ os.environ.setdefault("ATTDEPLOY_TEST", "1")
 # auto keeps ONNX Runtime CPU in tests unless a test measures: timings must not decide test outcomes.
 os.environ.setdefault("ATTDEPLOY_AUTO_MEASURE", "0")
 # INT8 writes the Q/DQ graph only, unless a test asks for NNCF's OpenVINO graph too (about 7 s per quantize:
-# tests/integration/test_int8_openvino.py::test_nncf_openvino_int8_graph_is_written_verified_and_run).
+# tests/integration/test_int8_methods_openvino.py::test_nncf_openvino_int8_graph_is_written_verified_and_run).
 os.environ.setdefault("ATTDEPLOY_INT8_TARGET", "onnx")
 os.environ.setdefault("ATTDEPLOY_CACHE_DIR", tempfile.mkdtemp(prefix="attdeploy-test-cache-"))

@@ -9,38 +9,38 @@ and the manifest, and the pipeline exits 1.
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.judge.results import Status
 from attunet_deploy.runtimes import registry
 
+if TYPE_CHECKING:
+    from attunet_deploy.steps.export import ExportSettings
 
-def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, calib: str | None = None,
-                 images: str | None = None, labels: str | None = None,
-                 trust_pickle: bool = False, force: bool = False, normalize: str | None = None,
-                 bench_iterations: int = 20, shape: str | None = None, check_rel_l2: float = 1e-5,
-                 reporter: Reporter | None = None, console: Any = None) -> int:
-    """Run every step; returns 1 if any backend failed verification, else 0."""
+
+def run_pipeline(export: ExportSettings, *, calib: str | None = None, bench_iterations: int = 20,
+                 shape: str | None = None, reporter: Reporter | None = None, console: Any = None) -> int:
+    """Run every step; returns 1 if any backend failed verification, else 0. ``calib`` calibrates INT8
+    and, without ``export.images``, is also the image set a quarter of is held out from."""
     from attunet_deploy.environment import tensorrt_probe
     from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     reporter = reporter or Reporter()
-    images = images if images is not None else calib  # --calib serves as --images (a quarter is held out)
-    bundle, _ = export_bundle(model, out, trust_pickle=trust_pickle, force=force, normalize=normalize,
-                              check_rel_l2=check_rel_l2, images=images, labels=labels, reporter=reporter)
-    demo = bool(bundle.manifest["model"]["source"].get("demo"))
+    if export.images is None and calib is not None:
+        export = replace(export, images=calib)  # --calib serves as --images (a quarter is held out)
+    bundle, _ = export_bundle(export, reporter=reporter)
     precisions = ["fp16"]
-    notes: dict[str, Any] = {}
-    if demo or calib:
+    notes: dict[str, str] = {}
+    if bundle.is_demo or calib:
         # --images alone or --calib alone: calibration takes what verification did not hold out. One
         # image (or too few) leaves nothing: both skip INT8 with the same notice and exit 0.
-        if bundle.golden_info.get("kind") in ("user-images", "user-volumes") \
-                and not bundle.golden_info.get("calibration_candidates") \
-                and (calib is None or calib == images):
+        golden = bundle.golden
+        if golden.user_data and not golden.calibration_candidates \
+                and (calib is None or str(calib) == str(export.images)):
             reporter.notice("INT8 skipped:", "every image is held out for verification; give more images")
             notes["INT8"] = "Skipped: every image was held out for verification (give more images)."
         else:
@@ -48,7 +48,8 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
     else:
         reporter.notice("INT8 skipped:", "a user model needs calibration images, pass --calib PATH")
         notes["INT8"] = "Skipped: a user model needs calibration images (--calib PATH)."
-    bundle = quantize_bundle(bundle, calib=calib, precisions=precisions, reporter=reporter, verify=False).bundle
+    bundle = quantize_bundle(bundle, QuantizeSettings(calib=calib, precisions=tuple(precisions), verify=False),
+                             reporter=reporter).bundle
 
     trt = tensorrt_probe()
     if trt.available:
@@ -63,7 +64,7 @@ def run_pipeline(model: str | None, out: str | os.PathLike[str] = "deploy", *, c
                             console=console)
 
 
-def judge_and_report(bundle: Bundle, notes: dict[str, Any], *, bench_iterations: int = 20, shape: str | None = None,
+def judge_and_report(bundle: Bundle, notes: dict[str, str], *, bench_iterations: int = 20, shape: str | None = None,
                      reporter: Reporter | None = None, console: Any = None) -> int:
     """The pipeline's last steps on a built bundle: verify all, bench what ran, then record the
     verification and write report.json/.md/.html in one transaction. Returns 1 if a row failed."""
@@ -77,7 +78,7 @@ def judge_and_report(bundle: Bundle, notes: dict[str, Any], *, bench_iterations:
     rows = verify(bundle, ["all"], ["all"], reporter=reporter)
     shp = parse_shape(shape, bundle.in_channels, bundle.spatial_dims) if shape else default_shape(bundle)
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
-    runnable = sorted({r["backend"] for r in rows if r["status"] != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
+    runnable = sorted({r.backend for r in rows if r.status != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
     results, _ = bench_many(bundle, runnable, ["all"], settings, reporter=reporter)
     files = report_files(bundle, rows, results, extra=notes)
     with bundle.transaction() as txn:
@@ -89,7 +90,7 @@ def judge_and_report(bundle: Bundle, notes: dict[str, Any], *, bench_iterations:
         console.print(verify_table(rows))
         if results:
             console.print(bench_table(results, title=f"Latency at {'x'.join(map(str, shp))} "
-                                      f"(ratio vs {results[0]['backend']}/{results[0]['precision']})"))
+                                      f"(ratio vs {results[0].name})"))
         counts = summary_counts(rows)
         console.print(f"[bold]{counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} "
                       f"unavailable here[/bold] · report: {bundle.path('report.html')}", highlight=False)

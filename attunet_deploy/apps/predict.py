@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from attunet_deploy.fileio import StagingDir, fsync_file
 from attunet_deploy.io.arrays import ImageRecord
 from attunet_deploy.io.files import NIFTI_EXT, list_image_files, suffix_of
 from attunet_deploy.io.images import read_file
-from attunet_deploy.runtimes.select import load_runner
+from attunet_deploy.loader import load_runner
+from attunet_deploy.runtimes.base import Runner
 
 
 def _stem(path: Path) -> str:
@@ -152,9 +154,24 @@ def _expected_masks_free(files: list[Path], out: Path) -> None:
             raise InputError(f"{out / name} exists: choose another -o, or pass --overwrite to replace it")
 
 
+@dataclass(frozen=True)
+class PredictRow:
+    """One input file's result: its mask file, the masks' shape and foreground pixels, the runner."""
+
+    input: str
+    shape: tuple[int, ...]
+    foreground: int
+    mask: str
+    backend: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"input": self.input, "shape": list(self.shape), "foreground": self.foreground, "mask": self.mask,
+                "backend": self.backend}
+
+
 def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], backend: str = "auto",
                   precision: str = "fp32", overlay: bool = True, overwrite: bool = False,
-                  reporter: Reporter | None = None, **runner_options: Any) -> list[dict[str, Any]]:
+                  reporter: Reporter | None = None, **runner_options: Any) -> list[PredictRow]:
     """Segment every image in ``inputs`` (files or directories); returns one row per input file.
 
     Files are read while earlier slices are segmented (one stream through ``Runner.infer_many``), and
@@ -192,24 +209,26 @@ def predict_files(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str]
                         for src, name in zip(srcs, plan[f][1])])
     finally:
         staging.discard()
-    return [{"input": str(f), **summary, "mask": str(out / plan[f][1][0]), "backend": runner.name}
-            for (f, _), (_, summary) in zip(stream.per_file, staged)]
+    return [PredictRow(str(f), shape, foreground, str(out / plan[f][1][0]), runner.name)
+            for (f, _), (_, (shape, foreground)) in zip(stream.per_file, staged)]
 
 
 class _SliceStream:
     """Model-space slices of ``files`` in order, each file read (and validated) when the stream
     reaches it; ``per_file`` and ``ends`` (slices up to the end of each file) grow as it goes."""
 
-    def __init__(self, files: list[Path], runner: Any, overlay: bool) -> None:
+    def __init__(self, files: list[Path], runner: Runner, overlay: bool) -> None:
         self.files, self.runner, self.overlay = files, runner, overlay
         self.per_file: list[tuple[Path, list[ImageRecord]]] = []
         self.ends: list[int] = []
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        """Raw images, one [1, C, H, W] batch each, validated before any is yielded (a bad file is
+        named before its first slice reaches the runner)."""
         for f in self.files:
             recs = read_file(f, self.runner.channels)
             try:
-                xs = [self.runner.preprocess(r.pixels) for r in recs]  # NaN/Inf, size (infer_many: memory)
+                xs = [self.runner.segmenter.as_batch(r.pixels) for r in recs]  # shape, NaN/Inf
             except InputError as exc:
                 raise InputError(f"{f}: {exc}") from None
             if not self.overlay:  # the pixels are needed again only for the overlays
@@ -219,20 +238,18 @@ class _SliceStream:
             yield from xs
 
 
-def _segment_and_stage(runner: Any, stream: _SliceStream, staging: StagingDir, overlay: bool,
-                       reporter: Reporter) -> list[tuple[list[Path], dict[str, Any]]]:
+def _segment_and_stage(runner: Runner, stream: _SliceStream, staging: StagingDir, overlay: bool,
+                       reporter: Reporter) -> list[tuple[list[Path], tuple[tuple[int, ...], int]]]:
     """Segment the stream; stage each file's outputs once its slices are done. Per file: the staged
     paths (mask first, then overlays, as ``plan_outputs`` names them) and its row's figures."""
-    from attunet_deploy.preprocess import logits_to_masks
-
     n = len(stream.files)
-    staged: list[tuple[list[Path], dict[str, Any]]] = []
+    staged: list[tuple[list[Path], tuple[tuple[int, ...], int]]] = []
     masks: list[np.ndarray] = []  # of the files not staged yet
     done_slices = 0
     with runner, reporter.progress(f"Segmenting {n} file{'s' * (n != 1)} on {runner.name}", n) as advance:
         # One stream of every slice: a backend with parallel requests (OpenVINO) keeps several in flight.
-        for logits in runner.infer_many(stream):
-            masks.append(logits_to_masks(logits, runner.bundle.postprocessing)[0])
+        for batch_masks in runner.segment_many(stream):
+            masks.append(batch_masks[0])
             while len(staged) < len(stream.ends) and stream.ends[len(staged)] <= done_slices + len(masks):
                 k = len(staged)
                 count = stream.ends[k] - done_slices
@@ -244,7 +261,7 @@ def _segment_and_stage(runner: Any, stream: _SliceStream, staging: StagingDir, o
 
 
 def _stage_file(staging: StagingDir, k: int, recs: list[ImageRecord], masks: list[np.ndarray],
-                overlay: bool) -> tuple[list[Path], dict[str, Any]]:
+                overlay: bool) -> tuple[list[Path], tuple[tuple[int, ...], int]]:
     """Write the ``k``-th file's mask file (and overlays) into the staging folder."""
     nifti = "affine" in recs[0].meta
     mask_path = staging.path(f"{k}_mask{'.nii.gz' if nifti else '.npy'}")
@@ -258,6 +275,5 @@ def _stage_file(staging: StagingDir, k: int, recs: list[ImageRecord], masks: lis
         for j, (rec, m) in enumerate(zip(recs, masks)):
             paths.append(staging.path(f"{k}_{j}_overlay.png"))
             overlay_png(rec.pixels, m, paths[-1])
-    summary = {"shape": list(masks[0].shape) if len(masks) == 1 else [len(masks), *masks[0].shape],
-               "foreground": int(sum(int((m > 0).sum()) for m in masks))}
-    return paths, summary
+    shape = tuple(masks[0].shape) if len(masks) == 1 else (len(masks), *masks[0].shape)
+    return paths, (shape, int(sum(int((m > 0).sum()) for m in masks)))

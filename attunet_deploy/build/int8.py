@@ -52,7 +52,7 @@ class _CalibrationReader:
 #: |x| as percentile (2048 bins, as TensorRT does) and picks its threshold with
 #: :func:`kl_threshold`: onnxruntime's own entropy search with its defaults (128 bins, 128 levels)
 #: has one candidate, the full range, and silently equals minmax.
-_CALIB_OPTIONS: dict[str, dict[str, Any]] = {
+_CALIB_OPTIONS: dict[str, dict[str, object]] = {
     "minmax": {"symmetric": True},
     "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
     "entropy": {"symmetric": True, "num_bins": 2048, "percentile": 100.0},

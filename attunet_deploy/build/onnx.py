@@ -9,13 +9,16 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
-from attunet_deploy.preprocess import crop, pad_to_divisor
+from attunet_deploy.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 DEFAULT_OPSET = 18
 
@@ -121,14 +124,15 @@ def add_metadata(path: Path, metadata: dict[str, str]) -> None:
         onnx.save_model(model, str(tmp))
 
 
-def reference_logits(module: Any, x: np.ndarray, divisor: int | tuple[int, ...]) -> np.ndarray:
-    """PyTorch FP32 logits with the same pad-and-crop the runners apply."""
+def reference_logits(module: Any, x: np.ndarray, segmenter: Segmenter) -> np.ndarray:
+    """PyTorch FP32 logits with the same pad-and-crop the runners apply (the Segmenter's)."""
     import torch
 
-    xp, size = pad_to_divisor(x, divisor)
-    with torch.inference_mode():
-        y = module(torch.from_numpy(xp)).float().numpy()
-    return crop(y, size)
+    def forward(xp: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(xp)).float().numpy()
+
+    return segmenter.infer(forward, x, who="PyTorch")
 
 
 def save_model(model: Any, dst: Path) -> None:
@@ -173,7 +177,7 @@ def float_nodes(onnx_path: Path) -> list[str]:
     return keep
 
 
-def _fused_heads(head: Any, producers: dict[str, Any]) -> list[str]:
+def _fused_heads(head: NodeProto, producers: dict[str, NodeProto]) -> list[str]:
     """Convs whose outputs reach the head only through resizing and concatenation: the deep-supervision
     heads of the paper's 3D network (class logits, upsampled and fused by the head)."""
     out, todo, seen = [], list(head.input[:1]), set()

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from attunet_deploy.segmenter import Segmenter
+
 
 def nncf_available() -> bool:
     import importlib.util
@@ -32,24 +34,25 @@ def nncf_available() -> bool:
 @dataclass(frozen=True)
 class DiceTarget:
     """``--max-dice-drop`` for NNCF's accuracy control: held-out images (model space, padded to the
-    divisor), the reference's masks of them (cropped), and the largest mean-Dice drop allowed."""
+    divisor), the reference's masks of them, the Segmenter that makes masks, and the largest
+    mean-Dice drop allowed."""
 
     images: list[tuple[np.ndarray, tuple[int, ...]]]  # (padded [1, C, ...], original spatial size)
     reference_masks: list[np.ndarray]
-    postprocessing: dict[str, Any]
+    segmenter: Segmenter
     max_drop: float
 
     def validate(self, compiled: Any, items: Iterable[Any]) -> tuple[float, list[float]]:
         """NNCF's validation function: mean Dice of the model's masks against the reference's,
         and each image's Dice (NNCF ranks the layers to return to float by them)."""
         from attunet_deploy.metrics import per_image_overlap
-        from attunet_deploy.preprocess import crop, logits_to_masks
 
+        seg = self.segmenter
         dices = []
         for index in items:
             x, size = self.images[int(index)]
-            logits = crop(np.asarray(next(iter(compiled(x).values())), np.float32), size)
-            mask = logits_to_masks(logits, self.postprocessing)
+            logits = seg.crop(np.asarray(next(iter(compiled(x).values())), np.float32), size)
+            mask = seg.masks(logits)
             ref = self.reference_masks[int(index)]
             dices += per_image_overlap(mask, ref, max(2, int(logits.shape[1])))[0]
         return float(np.mean(dices)), [float(d) for d in dices]

@@ -27,7 +27,7 @@ def input_rank(onnx_path: Path) -> int:
     return len(graph.input[0].type.tensor_type.shape.dim)
 
 
-def quantizer_options(rank: int) -> dict[str, Any]:
+def quantizer_options(rank: int) -> dict[str, list[str]]:
     """Extra quantize_static options that depend on the graph's rank (see the module docstring)."""
     return {"OpTypesToExcludeOutputQuantization": ["Conv"]} if rank == 5 else {}
 

@@ -16,13 +16,14 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES
 from attunet_deploy.environment import (
+    GpuIdentity,
     gpu_identity,
     tensorrt_major,
     tensorrt_probe,
@@ -197,7 +198,7 @@ class BuildSettings:
     strongly_typed: bool
     flags: tuple[str, ...] = ()
     builder_optimization_level: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
     #: False when workspace_mb is our default (a share of *current* free memory): it then stays
     #: out of the cache key, or the key would drift with free memory and engines be rebuilt.
     workspace_explicit: bool = True
@@ -216,7 +217,7 @@ class BuildSettings:
         return d
 
 
-def engine_cache_key(graph_sha256: str, settings: BuildSettings, gpu: dict[str, Any], trt_version: str) -> str:
+def engine_cache_key(graph_sha256: str, settings: BuildSettings, gpu: Mapping[str, object], trt_version: str) -> str:
     """sha256 over graph hash, build settings, GPU name + compute capability, TensorRT version."""
     payload = {"graph": graph_sha256, "settings": settings.key_fields(),
                "gpu": {"name": gpu.get("name"), "compute_capability": gpu.get("compute_capability")},
@@ -224,13 +225,15 @@ def engine_cache_key(graph_sha256: str, settings: BuildSettings, gpu: dict[str, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def engine_name(precision: str, gpu: dict[str, Any], trt_version: str, key: str) -> str:
+def engine_name(precision: str, gpu: Mapping[str, object], trt_version: str, key: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", str(gpu.get("name", "gpu")).lower()).strip("-")
     cc = str(gpu.get("compute_capability", "")).replace(".", "")
     return f"{ENGINE_DIR}/{precision}-{slug}-sm{cc}-trt{trt_version}-{key[:12]}.engine"
 
 
 # ------------------------------------------------------------------------------------ layer check
+#: An engine as Polygraphy's inspector describes it (JSON: its layers, their inputs' formats).
+EngineInfo = dict[str, Any]
 _SKIP_LAYER_TYPES = ("reformat", "shuffle", "nocopy")
 
 
@@ -262,7 +265,7 @@ def _is_convolution(layer: dict[str, Any]) -> bool:
     return "conv" in kind or "gemm" in kind
 
 
-def layer_precisions(engine_info: dict[str, Any]) -> Counter[str]:
+def layer_precisions(engine_info: EngineInfo) -> Counter[str]:
     """Count engine layers by precision, from the engine inspector's JSON (DETAILED verbosity).
 
     A layer's precision is that of its first *input* (as NVIDIA's engine explorer trex reads
@@ -311,7 +314,7 @@ def check_layer_precision(requested: str, counts: Counter[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ building
-def require_tensorrt() -> tuple[str, dict[str, Any]]:
+def require_tensorrt() -> tuple[str, GpuIdentity]:
     """(TensorRT version, GPU identity) or BackendUnavailable naming what is missing."""
     probe = tensorrt_probe()
     if not probe.available:
@@ -331,7 +334,7 @@ def is_polygraphy_exception(exc: BaseException) -> bool:
 
 
 def build_with_polygraphy(graph_path: Path, plan: BuildPlan, settings: BuildSettings,
-                          timing_cache: Path) -> tuple[bytes, dict[str, Any]]:
+                          timing_cache: Path) -> tuple[bytes, EngineInfo]:
     """Build with Polygraphy's loaders; return the serialized engine and its inspector JSON.
 
     ``timing_cache`` is loaded when it exists and saved after the build."""

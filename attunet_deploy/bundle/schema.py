@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attunet_deploy import limits
+from attunet_deploy.bundle.spec import NORMALIZE_KINDS, Postprocessing, SlidingWindow, check_segment_text
 from attunet_deploy.errors import BundleError, InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest JSON document as read from or written to manifest.json. Only bundle/ holds it: every
+#: other module reads the typed spec (``bundle/spec.py``) and the Bundle's accessors.
+Manifest = dict[str, Any]
 FORMAT_NAME = "attunet-deploy-bundle"
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Model families a bundle can hold (models/): the 2D AttU_Net, the paper's 3D networks, MONAI's AttentionUnet.
@@ -62,7 +66,6 @@ OWNED_UNLISTED = re.compile(r"^(report\.md|report\.json|engines/timing-trt[0-9A-
 #: One path component of an artifact name: starts with a letter or digit, no separators.
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,159}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NORMALIZE_KINDS = ("none", "ct_window", "mean_std", "scale", "minmax")
 _MAX_CHANNELS = 4096
 
 
@@ -143,8 +146,8 @@ def validate_preprocessing(pre: Any, channels: int, ck: _Checker) -> None:
             ck.num(v, "preprocessing.spacing[]", lo=0.0, hi=1000.0, lo_open=True)
     norm = ck.obj(pre.get("normalize", {"kind": "none"}), "preprocessing.normalize")
     kind = norm.get("kind", "none")
-    if kind not in _NORMALIZE_KINDS:
-        ck.fail("preprocessing.normalize.kind", f"{str(kind)[:40]!r} is not one of {', '.join(_NORMALIZE_KINDS)}")
+    if kind not in NORMALIZE_KINDS:
+        ck.fail("preprocessing.normalize.kind", f"{str(kind)[:40]!r} is not one of {', '.join(NORMALIZE_KINDS)}")
     if kind == "ct_window":
         ck.num(norm.get("level"), "preprocessing.normalize.level")
         ck.num(norm.get("width"), "preprocessing.normalize.width", lo=0.0, lo_open=True)
@@ -162,7 +165,7 @@ def validate_preprocessing(pre: Any, channels: int, ck: _Checker) -> None:
             ck.fail("preprocessing.normalize.divisor", "must not be 0")
 
 
-def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
+def validate_manifest(manifest: Any, where: Path) -> Manifest:
     """Raise BundleError naming the first field of ``manifest`` we cannot use safely."""
     ck = _Checker(where)
     m = ck.obj(manifest, "the manifest")
@@ -186,7 +189,7 @@ def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     return m
 
 
-def validate_model_io(m: dict[str, Any], ck: _Checker) -> int:
+def validate_model_io(m: Manifest, ck: _Checker) -> int:
     """The ``model``, ``input`` and ``output`` sections; returns the input channel count."""
     model = ck.obj(m.get("model"), "model")
     family = model.get("family", "attunet2d")
@@ -233,13 +236,10 @@ def validate_sliding_window(window: Any, divisors: tuple[int, ...], ck: _Checker
     for r, d in zip(roi, divisors):
         if ck.int_(r, "inference.sliding_window.roi[]", 1, 4096) % d:
             ck.fail("inference.sliding_window.roi", f"{roi} must be a multiple of {list(divisors)} on every axis")
-    ck.num(w.get("overlap", 0.5), "inference.sliding_window.overlap", lo=0.0, hi=1.0)
-    if w.get("overlap", 0.5) == 1.0:
-        ck.fail("inference.sliding_window.overlap", "must be below 1")
-    if w.get("mode", "gaussian") not in ("gaussian", "constant"):
-        ck.fail("inference.sliding_window.mode", "must be gaussian or constant")
-    ck.num(w.get("sigma_scale", 0.125), "inference.sliding_window.sigma_scale", lo=0.0, lo_open=True)
-    ck.int_(w.get("batch", 1), "inference.sliding_window.batch", 1, 4096)
+    try:
+        SlidingWindow.from_dict(w)  # the one statement of its defaults and ranges
+    except (InputError, TypeError, ValueError) as exc:
+        ck.fail("inference.sliding_window", str(exc))
 
 
 #: Classes a manifest may name (a SEG's segment numbers are 1..65535; no model here has more classes).
@@ -248,20 +248,16 @@ MAX_SEGMENTS = 1024
 
 def validate_postprocessing(post: Any, ck: _Checker) -> None:
     post = ck.obj(post, "postprocessing")
-    if post.get("kind") == "sigmoid_threshold":
-        ck.num(post.get("threshold", 0.5), "postprocessing.threshold", lo=0.0, hi=1.0, lo_open=True)
-        if post.get("threshold", 0.5) == 1.0:
-            ck.fail("postprocessing.threshold", "must be below 1")
-    elif post.get("kind") != "argmax":
-        ck.fail("postprocessing.kind", "must be sigmoid_threshold or argmax")
+    try:
+        Postprocessing.from_dict({k: v for k, v in post.items() if k != "segments"})
+    except (InputError, TypeError, ValueError) as exc:
+        ck.fail("postprocessing", str(exc))
     segments = post.get("segments", [])
     if not isinstance(segments, list) or len(segments) > MAX_SEGMENTS:
         ck.fail("postprocessing.segments", f"must be a list of at most {MAX_SEGMENTS} segments")
-    from attunet_deploy.preprocess import check_segment
-
     for i, entry in enumerate(segments):
         try:
-            check_segment(entry, MAX_SEGMENTS, f"postprocessing.segments[{i}]")
+            check_segment_text(entry, MAX_SEGMENTS, f"postprocessing.segments[{i}]")
         except InputError as exc:
             ck.fail(f"postprocessing.segments[{i}]", str(exc).split(": ", 1)[-1])
 
@@ -303,7 +299,7 @@ def validate_golden(golden: Any, ck: _Checker) -> None:
         ck.obj(s, "golden.source[]")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path) -> Manifest:
     mpath = root / MANIFEST
     try:
         st = os.lstat(mpath)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import stat
@@ -18,11 +19,20 @@ from attunet_deploy.bundle.schema import (
     ONNX_FILES,
     PRECISIONS,
     SCHEMA_VERSION,
+    Manifest,
     check_artifact_name,
     inside_bundle,
     now_iso,
     read_manifest,
     validate_manifest,
+)
+from attunet_deploy.bundle.spec import (
+    ArtifactEntry,
+    GoldenInfo,
+    ModelSource,
+    ModelSpec,
+    SlidingWindow,
+    spec_of,
 )
 from attunet_deploy.bundle.txn import Transaction, bundle_lock, recover_if_needed
 from attunet_deploy.errors import BundleError, InputError
@@ -55,23 +65,27 @@ class Bundle:
     runners can check new artifacts before they are committed.
     """
 
-    def __init__(self, root: str | os.PathLike[str], manifest: dict[str, Any],
+    def __init__(self, root: str | os.PathLike[str], manifest: Manifest,
                  overlay: dict[str, Path] | None = None) -> None:
         self.root = Path(root)
         self.manifest = manifest
         self.overlay = overlay or {}
         #: the manifest as read from disk by :meth:`load` (a writer checks it has not changed since)
-        self.loaded: dict[str, Any] | None = None
+        self.loaded: Manifest | None = None
 
     # ----------------------------------------------------------------- creation / loading
     @staticmethod
-    def new_manifest(*, config: dict[str, Any], preprocessing: dict[str, Any], postprocessing: dict[str, Any],
-                     source: dict[str, Any], spatial_divisor: int | list[int] = 16, family: str = "attunet2d",
-                     sliding_window: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A manifest for a new bundle. 3D families (``layout`` NCDHW) take a divisor per spatial axis
-        and the ``sliding_window`` settings their runners tile volumes with."""
-        three_d = sliding_window is not None
-        manifest: dict[str, Any] = {
+    def new_manifest(*, config: dict[str, Any], spec: ModelSpec, source: dict[str, Any],
+                     family: str = "attunet2d") -> Manifest:
+        """A manifest for a new bundle (``spec``: layout, divisors, normalisation, post-processing, and
+        for 3D families the sliding window and spacing)."""
+        three_d = spec.sliding_window is not None
+        divs = spec.input.divisors
+        spatial_divisor: int | list[int] = list(divs) if three_d else divs[-1]
+        preprocessing: dict[str, object] = {"normalize": spec.normalization.to_dict()}
+        if spec.spacing is not None:
+            preprocessing["spacing"] = list(spec.spacing)
+        manifest: Manifest = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,
             "created": now_iso(),
@@ -83,12 +97,12 @@ class Bundle:
                       "dynamic_axes": ["N", "D", "H", "W"] if three_d else ["N", "H", "W"]},
             "output": {"name": "logits", "channels": config["out_channels"], "dtype": "float32"},
             "preprocessing": preprocessing,
-            "postprocessing": postprocessing,
+            "postprocessing": spec.postprocessing.to_dict(),
             "artifacts": {},
             "verification": {},
         }
-        if three_d:
-            manifest["inference"] = {"sliding_window": dict(sliding_window or {})}
+        if spec.sliding_window is not None:
+            manifest["inference"] = {"sliding_window": spec.sliding_window.to_dict()}
         return manifest
 
     @classmethod
@@ -112,7 +126,7 @@ class Bundle:
             path = self.path(name)
             if not os.path.lexists(path):
                 continue  # copied without it (e.g. no weights.pt on a device): fails on use
-            if _hash_artifact(path, entry["bytes"]) != entry["sha256"]:
+            if _hash_artifact(path, entry.bytes) != entry.sha256:
                 raise BundleError(f"{path} does not match its sha256 in the manifest (modified or "
                                   f"replaced): re-create it with {_remedy(name)}")
 
@@ -123,7 +137,7 @@ class Bundle:
         command commits a new version in between.
         """
         path = self.require(name)
-        entry = self.artifacts[name]
+        entry = self.manifest["artifacts"][name]
         with bundle_lock(self.root, exclusive=False):
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
                          | getattr(os, "O_CLOEXEC", 0))
@@ -147,28 +161,53 @@ class Bundle:
                 current = read_manifest(self.root)
             except BundleError:
                 current = None
-            if isinstance(current, dict) and current.get("artifacts", {}).get(name) != self.artifacts.get(name):
+            if isinstance(current, dict) and current.get("artifacts",
+                                                         {}).get(name) != self.manifest["artifacts"].get(name):
                 raise BundleError(f"bundle {self.root} was changed by another command while this one ran "
                                   f"({name} was replaced): run the command again")
         raise BundleError(f"{self.path(name)} does not match its sha256 in the manifest (modified or replaced): "
                           f"re-create it with {_remedy(name)}")
 
     # ----------------------------------------------------------------- accessors
-    @property
-    def artifacts(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["artifacts"]
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        """How this bundle's graphs turn raw images into masks (parsed once from the manifest)."""
+        return spec_of(self.manifest)
 
     @property
-    def config(self) -> dict[str, int]:
-        return self.manifest["model"]["config"]
+    def artifacts(self) -> dict[str, ArtifactEntry]:
+        """Every listed artifact, by name."""
+        return {name: ArtifactEntry.from_dict(name, entry) for name, entry in self.manifest["artifacts"].items()}
+
+    def artifact(self, name: str) -> ArtifactEntry | None:
+        entry = self.manifest["artifacts"].get(name)
+        return ArtifactEntry.from_dict(name, entry) if entry is not None else None
+
+    def sha256(self, name: str) -> str | None:
+        """The recorded sha256 of artifact ``name`` (None when it is not listed)."""
+        entry = self.manifest["artifacts"].get(name)
+        return str(entry["sha256"]) if entry is not None else None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The model family's constructor arguments, as recorded."""
+        return dict(self.manifest["model"]["config"])
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource.from_dict(self.manifest["model"].get("source"))
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source.demo
 
     @property
     def in_channels(self) -> int:
-        return int(self.manifest["input"]["channels"])
+        return self.spec.input.channels
 
     @property
     def out_channels(self) -> int:
-        return int(self.manifest["output"]["channels"])
+        return self.spec.input.out_channels
 
     def describe_model(self) -> str:
         """One line: the architecture and the config that tells it apart (reports and ``info``)."""
@@ -181,8 +220,7 @@ class Bundle:
         text = f"{head} " + " ".join(f"{k}={cfg.get(k)}" for k in extra)
         window = self.sliding_window
         if window is not None:
-            roi = "x".join(map(str, window["roi"]))
-            text += f" · {self.layout}, window {roi} (overlap {window.get('overlap', 0.5)}, {window.get('mode')})"
+            text += f" · {self.layout}, {window.describe()}"
         if self.spacing is not None:
             text += f" · spacing {'x'.join(f'{v:g}' for v in self.spacing)} mm"
         return text
@@ -200,48 +238,55 @@ class Bundle:
         return str(self.manifest["model"].get("family", "attunet2d"))
 
     @property
+    def architecture(self) -> str:
+        return str(self.manifest["model"].get("architecture", "AttentionUNet"))
+
+    @property
     def layout(self) -> str:
-        return str(self.manifest["input"].get("layout", "NCHW"))
+        return self.spec.input.layout
 
     @property
     def spatial_dims(self) -> int:
         """2 for slices ([N, C, H, W]), 3 for volumes ([N, C, D, H, W])."""
-        return len(self.layout) - 2
+        return self.spec.input.spatial_dims
 
     @property
     def divisors(self) -> tuple[int, ...]:
         """What each spatial axis is padded up to a multiple of (one int in 2D manifests: both axes)."""
-        value = self.manifest["input"].get("spatial_divisor", 16)
-        return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),) * self.spatial_dims
+        return self.spec.input.divisors
 
     @property
     def divisor(self) -> int:
         """The in-plane (W) divisor; 2D bundles use the same one on H."""
-        return self.divisors[-1]
+        return self.spec.input.divisor
 
     @property
-    def sliding_window(self) -> dict[str, Any] | None:
+    def sliding_window(self) -> SlidingWindow | None:
         """3D bundles: roi, overlap, mode, sigma_scale and batch of the runners' sliding window."""
-        window = self.manifest.get("inference", {}).get("sliding_window")
-        return dict(window) if isinstance(window, dict) else None
+        return self.spec.sliding_window
 
     @property
     def spacing(self) -> tuple[float, float, float] | None:
         """The voxel spacing (z, y, x) in mm that volumes are resampled to before inference, if any."""
-        value = self.manifest["preprocessing"].get("spacing")
-        return (float(value[0]), float(value[1]), float(value[2])) if isinstance(value, list) else None
+        return self.spec.spacing
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
-        return self.manifest["preprocessing"]
+    def golden(self) -> GoldenInfo:
+        """Where the golden set came from."""
+        return GoldenInfo.from_dict(self.manifest.get("golden"))
 
-    @property
-    def postprocessing(self) -> dict[str, Any]:
-        return self.manifest["postprocessing"]
+    def verification_records(self) -> dict[str, dict[str, Any]]:
+        """The last passing verification of each backend/precision, as recorded (JSON rows)."""
+        return {str(k): dict(v) for k, v in self.manifest.get("verification", {}).items() if isinstance(v, dict)}
 
-    @property
-    def golden_info(self) -> dict[str, Any]:
-        return self.manifest.get("golden") or {}
+    def report_header(self) -> dict[str, Any]:
+        """What report.json repeats of the manifest: the model, its preprocessing, the golden set."""
+        return copy.deepcopy({"model": self.manifest["model"], "preprocessing": self.manifest["preprocessing"],
+                              "golden": self.manifest.get("golden", {})})
+
+    def manifest_copy(self) -> Manifest:
+        """The whole manifest as JSON data (``info --json``)."""
+        return copy.deepcopy(self.manifest)
 
     def path(self, name: str) -> Path:
         """Where artifact ``name`` lives (its staged copy inside an uncommitted transaction)."""
@@ -250,11 +295,15 @@ class Bundle:
         return inside_bundle(self.root, check_artifact_name(name))
 
     def has(self, name: str) -> bool:
-        return name in self.artifacts and self.path(name).is_file()
+        return name in self.manifest["artifacts"] and self.path(name).is_file()
+
+    def lists(self, name: str) -> bool:
+        """True when the manifest lists ``name`` (its file may have been left behind on a copy)."""
+        return name in self.manifest["artifacts"]
 
     def require(self, name: str) -> Path:
         """Path of a listed artifact that exists, else a BundleError saying how to make it."""
-        if name not in self.artifacts:
+        if name not in self.manifest["artifacts"]:
             raise BundleError(f"bundle {self.root} has no {name}: create it with {_remedy(name)}")
         path = self.path(name)
         if not os.path.lexists(path):

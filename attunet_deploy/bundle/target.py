@@ -12,6 +12,7 @@ from attunet_deploy.bundle.schema import (
     INTERNAL_DIR,
     MANIFEST,
     REPORT_FILES,
+    Manifest,
     check_artifact_name,
     is_bundle_dir,
     read_manifest,
@@ -67,7 +68,7 @@ def open_export_target(out: str | os.PathLike[str], force: bool, writes: list[st
         except OSError as exc:
             raise BundleError(f"cannot create {out}: {exc.strerror or exc}") from None
         created = True
-    old_manifest: dict[str, Any] = {"artifacts": {}}
+    old_manifest: Manifest = {"artifacts": {}}
     if mode == "replace":
         try:
             old_manifest = validate_manifest(read_manifest(root), root / MANIFEST)

@@ -14,9 +14,9 @@ import secrets
 import shutil
 import signal
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attunet_deploy.bundle.schema import (
     ENGINE_DIR,
@@ -24,6 +24,7 @@ from attunet_deploy.bundle.schema import (
     MANIFEST,
     OWNED_UNLISTED,
     ArtifactKind,
+    Manifest,
     check_artifact_name,
     inside_bundle,
     now_iso,
@@ -41,6 +42,18 @@ from attunet_deploy.fileio import dir_lock, fsync_dir, write_json_atomic
 def bundle_lock(root: Path, exclusive: bool) -> contextlib.AbstractContextManager[None]:
     """flock on the bundle directory: shared for readers, exclusive while a commit renames."""
     return dir_lock(root, exclusive)
+
+
+class VerificationRecord(Protocol):
+    """What a verification row gives the manifest (``judge.results.VerifyRow`` is one)."""
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 #: Keys of a verification row that list every judged image (left out of the manifest).
@@ -109,8 +122,8 @@ class Transaction:
     the bundle (same filesystem, so the commit is a series of renames).
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], *, bundle_type: type[Bundle],
-                 created_root: bool = False, expect: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, manifest: Manifest, *, bundle_type: type[Bundle],
+                 created_root: bool = False, expect: Manifest | None = None) -> None:
         # The Bundle class is handed in (store imports this module, not the other way round).
         self.bundle_type = bundle_type
         self.root = Path(root)
@@ -182,11 +195,19 @@ class Transaction:
         check_artifact_name(rel)
         self.delete_dirs.add(rel)
 
-    def record_verification(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def record_verification(self, rows: Sequence[VerificationRecord]) -> None:
         for row in rows:
             # The per-image Dice lists are report material (report.json keeps them), not the record.
-            kept = {k: v for k, v in row.items() if k not in PER_IMAGE_KEYS}
-            self.manifest["verification"][f"{row['backend']}/{row['precision']}"] = {**kept, "time": now_iso()}
+            kept = {k: v for k, v in row.to_dict().items() if k not in PER_IMAGE_KEYS}
+            self.manifest["verification"][f"{row.backend}/{row.precision}"] = {**kept, "time": now_iso()}
+
+    def set_golden(self, golden: dict[str, Any]) -> None:
+        """The manifest's ``golden`` record (where the golden set came from)."""
+        self.manifest["golden"] = golden
+
+    def annotate(self, name: str, **extra: Any) -> None:
+        """Add facts to a listed artifact's entry (e.g. ``trt_lint``)."""
+        self.manifest["artifacts"][name].update(extra)
 
     def view(self) -> Bundle:
         """The bundle as it will be after commit (staged files served from staging)."""

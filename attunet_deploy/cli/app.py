@@ -58,7 +58,7 @@ class _Group(click.Group):
             except AttDeployError as exc:
                 if debug:
                     raise
-                click.echo(f"error: {_one_line(exc)}", err=True)
+                click.echo(f"error: {_one_line_text(worded_for_cli(exc))}", err=True)
                 ctx.exit(exc.exit_code)
             except (click.exceptions.Exit, click.ClickException, click.Abort):
                 raise
@@ -101,6 +101,25 @@ def _interruption_in(exc: BaseException) -> BaseException | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+#: Settings fields whose flag is not "--" + the field with dashes.
+FIELD_FLAGS = {"precisions": "--precision", "fp16_keep_fp32": "--fp16-keep-fp32", "keep_archive": "--keep-archive",
+               "quiet_seconds": "--quiet-seconds", "sw_mode": "--sw-mode", "segments": "--segment",
+               "model": "MODEL", "out": "-o"}
+
+
+def flag_of(field: str) -> str:
+    """The CLI flag of a settings field (``check_rel_l2`` -> ``--check-rel-l2``): the one map from the
+    domain's words to the command line's."""
+    return FIELD_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def worded_for_cli(exc: BaseException) -> str:
+    """An error's message, led by the flag to change where it names a settings field."""
+    field = getattr(exc, "field", None)
+    text = str(exc) or type(exc).__name__
+    return f"{flag_of(field)}: {text}" if isinstance(field, str) and field else text
 
 
 def threading_main() -> bool:

@@ -79,5 +79,5 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
 
         write_report_dir(report_dir, report_files(bundle, [], results))
     if not results:
-        raise InputError("nothing could be timed: " + "; ".join(f"{sk['backend']}/{sk['precision']}: {sk['reason']}"
+        raise InputError("nothing could be timed: " + "; ".join(f"{sk.backend}/{sk.precision}: {sk.reason}"
                                                                  for sk in skipped)[:500])

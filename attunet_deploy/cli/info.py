@@ -18,7 +18,7 @@ def info(bundle_dir: str, json_path: str | None) -> None:
     check_json_path(json_path, bundle_dir)
     bundle = load_bundle(bundle_dir)
     if json_path:
-        write_json(json_path, bundle.manifest)
+        write_json(json_path, bundle.manifest_copy())
         if json_path == "-":
             return
     print_bundle_summary(bundle)

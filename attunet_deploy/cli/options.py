@@ -12,6 +12,7 @@ import click
 
 from attunet_deploy.bundle import PRECISIONS
 from attunet_deploy.errors import InputError
+from attunet_deploy.judge.results import Tolerance
 from attunet_deploy.runtimes import registry
 
 #: --backend choices: every registered backend, plus "all" and "auto" where a command takes them.
@@ -34,18 +35,6 @@ def validated(check: Callable[[Any], object]) -> Callable[[click.Context, click.
     return callback
 
 
-def _check_normalize(spec: str) -> None:
-    from attunet_deploy.preprocess import parse_normalization
-
-    parse_normalization(spec)
-
-
-def _check_rel_l2(value: float) -> None:
-    from attunet_deploy.steps.export import check_rel_l2_option
-
-    check_rel_l2_option(value)
-
-
 def _check_shape(text: str) -> None:
     from attunet_deploy.preprocess import parse_shape
 
@@ -64,17 +53,27 @@ def export_options(f: Any) -> Any:
                      "code)."),
         click.option("--force", is_flag=True, help="Add the bundle to a non-empty folder that is not a bundle "
                      "(overwrites nothing)."),
-        click.option("--normalize", default=None, metavar="SPEC", callback=validated(_check_normalize),
+        click.option("--normalize", default=None, metavar="SPEC",
                      help="Input normalisation: none | ct-window:L,W | mean-std:M,S | scale:D | minmax "
                           "(demo: ct-window:40,400)."),
         click.option("--check-rel-l2", type=float, default=1e-5, show_default=True,
-                     callback=validated(_check_rel_l2),
                      help="Tolerance of the ONNX Runtime vs PyTorch check run after export (exit 1 above it, "
                           "nothing written)."),
     ]
     for decorate in reversed(decorators):
         f = decorate(f)
     return f
+
+
+def export_settings(model: str | None, out: str, *, roi: str | None = None, spacing: str | None = None,
+                    segments: tuple[str, ...] = (), **fields: Any) -> Any:
+    """ExportSettings of the export options (checked by its constructor before any work)."""
+    from attunet_deploy.steps.export import ExportSettings  # torch is imported only when export runs
+    from attunet_deploy.steps.model_space import parse_triple
+
+    return ExportSettings(model=model, out=out, roi=parse_triple(roi, "--roi") if roi else None,
+                          spacing=parse_triple(spacing, "--spacing", float) if spacing else None,
+                          segments=tuple(segments), **fields)
 
 
 def shape_option(f: Any, help_text: str = "Input shape (default 1xCx256x256).") -> Any:
@@ -166,7 +165,7 @@ def tolerance_options(f: Any) -> Any:
     return f
 
 
-def parse_tolerances(**opts: tuple[str, ...]) -> dict[str, Any]:
+def parse_tolerances(**opts: tuple[str, ...]) -> dict[str, Tolerance]:
     from dataclasses import replace
 
     from attunet_deploy.judge.verify import DEFAULT_TOLERANCES
@@ -200,9 +199,9 @@ def triton_options(f: Any) -> Any:
 
 
 def runner_options(triton_url: str | None, triton_model: str | None,
-                    triton_timeout: float | None = None) -> dict[str, Any]:
+                    triton_timeout: float | None = None) -> dict[str, str | float]:
     """Runner options of the --triton-* flags, validated before any work."""
-    opts: dict[str, Any] = {}
+    opts: dict[str, str | float] = {}
     if triton_timeout is not None:
         from attunet_deploy.runtimes.triton import check_timeout
 
@@ -239,11 +238,11 @@ RUN_PRECISIONS = (*PRECISIONS, "best")
 
 
 def resolve_precision(bundle: Any, backend: str, precision: str, **options: Any) -> tuple[str, str]:
-    """(backend, precision) to run: ``best`` becomes the fastest that passes verification here."""
-    if precision != "best":
-        return backend, precision
-    from attunet_deploy.judge.best import resolve_best
+    """(backend, precision) to run: ``best`` becomes the fastest that passes verification here
+    (``loader.resolve``, the same as ``load_runner``), said in one notice."""
+    from attunet_deploy.loader import resolve
 
-    choice = resolve_best(bundle, backend, reporter=reporter(), **options)
-    reporter().notice("--precision best:", choice.describe())
-    return choice.backend, choice.precision
+    backend, precision, how = resolve(bundle, backend, precision, reporter=reporter(), **options)
+    if how is not None:
+        reporter().notice("--precision best:", how)
+    return backend, precision

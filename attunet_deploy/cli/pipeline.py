@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from attunet_deploy.cli.app import main
-from attunet_deploy.cli.options import export_options, reporter, require_torch, shape_option, validated
+from attunet_deploy.cli.options import export_options, export_settings, reporter, require_torch, shape_option, validated
 from attunet_deploy.cli.render import stdout
 
 
@@ -39,10 +39,12 @@ def pipeline(model: str | None, out: str, calib: str | None, images: str | None,
         from attunet_deploy.demo import DEMO3D_WEIGHTS
 
         model = str(DEMO3D_WEIGHTS)
+    settings = export_settings(model, out, images=images if images is not None else calib, labels=labels,
+                               trust_pickle=trust_pickle, force=force,
+                               normalize=normalize, check_rel_l2=check_rel_l2)
     require_torch("pipeline")
-    rc = run_pipeline(model, out, calib=calib, images=images, labels=labels, trust_pickle=trust_pickle, force=force,
-                      normalize=normalize, bench_iterations=bench_iterations, shape=shape,
-                      check_rel_l2=check_rel_l2, reporter=reporter(), console=stdout())
+    rc = run_pipeline(settings, calib=calib, bench_iterations=bench_iterations, shape=shape, reporter=reporter(),
+                      console=stdout())
     if rc:
         from attunet_deploy.errors import VerificationFailed
 

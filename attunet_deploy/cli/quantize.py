@@ -41,16 +41,13 @@ def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, 
              no_verify: bool, max_dice_drop: float | None, target: str | None) -> None:
     """Write model.fp16.onnx and model.int8.onnx (Q/DQ), verified on ONNX Runtime CPU, in one commit."""
     from attunet_deploy.judge.report import verify_table
-    from attunet_deploy.judge.verify import check_dice_drop
-    from attunet_deploy.steps.quantize import check_quantize_options, quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
-    check_quantize_options(method, max_samples, list(precisions) or ["fp16", "int8"])
-    check_dice_drop(max_dice_drop)
-    bundle = load_bundle(bundle_dir)
-    done = quantize_bundle(bundle, calib=calib, method=method, max_samples=max_samples,
-                           quantize_all=quantize_all, precisions=list(precisions) or ["fp16", "int8"],
-                           full_range_weights=full_range_weights, fp16_keep_fp32=list(keep_fp32),
-                           verify=not no_verify, reporter=reporter(), max_dice_drop=max_dice_drop, target=target)
+    settings = QuantizeSettings(calib=calib, method=method, max_samples=max_samples, quantize_all=quantize_all,
+                                precisions=tuple(precisions) or ("fp16", "int8"), verify=not no_verify,
+                                full_range_weights=full_range_weights, fp16_keep_fp32=tuple(keep_fp32),
+                                max_dice_drop=max_dice_drop, target=target)
+    done = quantize_bundle(load_bundle(bundle_dir), settings, reporter=reporter())
     if done.rows:
         stdout().print(verify_table(done.rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))
     print_accuracy_aware(done.bundle)

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from attunet_deploy.judge.results import BenchResult, Skip, VerifyRow
+
+if TYPE_CHECKING:
+    from attunet_deploy.apps.dicom.files import SegRow
+    from attunet_deploy.apps.predict import PredictRow
+    from attunet_deploy.steps.engines import EngineRecord
 
 
 def stdout() -> Any:
@@ -23,9 +30,7 @@ def print_bundle_summary(bundle: Any) -> None:
     from rich.table import Table
 
     from attunet_deploy.io.golden import describe
-    from attunet_deploy.preprocess import describe_normalization
 
-    m = bundle.manifest
     table = Table(title=f"Bundle {escape(str(bundle.root))}", title_justify="left", show_header=True)
     table.add_column("artifact")
     table.add_column("precision")
@@ -33,21 +38,17 @@ def print_bundle_summary(bundle: Any) -> None:
     table.add_column("sha256")
     table.add_column("made by")
     for name, entry in sorted(bundle.artifacts.items()):
-        prod = entry.get("producer", {})
-        made = ", ".join(f"{k} {prod[k]}" for k in ("torch", "onnxruntime", "tensorrt", "exporter", "opset")
-                         if k in prod)
         present = "" if os.path.lexists(bundle.path(name)) else " [red](missing)[/red]"
-        table.add_row(escape(name) + present, entry.get("precision", "-"), size_text(entry.get("bytes", 0)),
-                      entry.get("sha256", "")[:12], escape(made))
+        table.add_row(escape(name) + present, entry.precision or "-", size_text(entry.bytes),
+                      entry.sha256[:12], escape(entry.producer.made_by()))
     out = stdout()
-    src = m["model"]["source"]
-    params = src.get("parameters", "?")
-    out.print(escape(f"{bundle.describe_model()} · {params:,} parameters · from {src.get('layout')} "
-                     if isinstance(params, int) else f"{bundle.describe_model()} · ")
-              + escape(f"{Path(str(src.get('path', ''))).name} · normalisation: "
-                       f"{describe_normalization(m['preprocessing'])} · post: {m['postprocessing']['kind']}"),
-              highlight=False)
-    out.print(escape(describe(m.get("golden") or {})), highlight=False)
+    src = bundle.source
+    spec = bundle.spec
+    out.print(escape(f"{bundle.describe_model()} · {src.parameters:,} parameters · from {src.layout} "
+                     if src.parameters is not None else f"{bundle.describe_model()} · ")
+              + escape(f"{Path(src.path).name} · normalisation: {spec.normalization.describe()} · post: "
+                       f"{spec.postprocessing.kind}"), highlight=False)
+    out.print(escape(describe(bundle.golden)), highlight=False)
     out.print(table)
 
 
@@ -63,7 +64,8 @@ def print_accuracy_aware(bundle: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    aa = bundle.artifacts.get("model.int8.onnx", {}).get("producer", {}).get("accuracy_aware")
+    entry = bundle.artifact("model.int8.onnx")
+    aa = entry.producer.get("accuracy_aware") if entry is not None else None
     if not aa:
         return
     table = Table(title=f"Accuracy-aware INT8 (target mean Dice vs FP32 >= {aa['target_mean_dice']:.4f})",
@@ -76,7 +78,7 @@ def print_accuracy_aware(bundle: Any) -> None:
     stdout().print(table)
 
 
-def print_bench(results: Sequence[Mapping[str, Any]], skipped: Sequence[Mapping[str, Any]], shape: tuple[int, ...], *,
+def print_bench(results: Sequence[BenchResult], skipped: Sequence[Skip], shape: tuple[int, ...], *,
                 end_to_end: bool, concurrency: int) -> None:
     """The latency table (CPU and ISA in its title), unstable-timing warnings, skipped rows."""
     from rich.markup import escape
@@ -86,35 +88,34 @@ def print_bench(results: Sequence[Mapping[str, Any]], skipped: Sequence[Mapping[
 
     out = stdout()
     if results:
-        m = results[0].get("machine", {})
+        m = results[0].machine
         out.print(bench_table(results, title=f"Latency at {'x'.join(map(str, shape))}"
                               + (" (end-to-end)" if end_to_end else "")
-                              + (" (whole volume, sliding window)" if results[0].get("mode") == "volume" else "")
+                              + (" (whole volume, sliding window)" if results[0].mode == "volume" else "")
                               + (f", concurrency {concurrency}" if concurrency > 1 else "")
                               + f" · {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores; "
                               + f"{' '.join(m.get('isa', [])) or 'no AVX2'})"))
     for r in results:
-        if r["cov"] > COV_WARNING:
-            out.print(f"[yellow]warning:[/yellow] {r['backend']}/{r['precision']} timing unstable "
-                      f"(CoV {100 * r['cov']:.1f}% > {100 * COV_WARNING:.0f}%): close other programs or use --duration")
+        if r.cov > COV_WARNING:
+            out.print(f"[yellow]warning:[/yellow] {r.name} timing unstable "
+                      f"(CoV {100 * r.cov:.1f}% > {100 * COV_WARNING:.0f}%): close other programs or use --duration")
     for sk in skipped:
-        out.print(f"[dim]skipped {sk['backend']}/{sk['precision']}: {escape(sk['reason'])}[/dim]", highlight=False)
+        out.print(f"[dim]skipped {sk.backend}/{sk.precision}: {escape(sk.reason)}[/dim]", highlight=False)
 
 
-def print_engines(results: list[dict[str, Any]]) -> None:
+def print_engines(results: Sequence[EngineRecord]) -> None:
     from rich.table import Table
 
     table = Table(title="TensorRT engines", title_justify="left")
     for col in ("precision", "engine", "status", "layers by precision", "build s"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["precision"], r["engine"], r["status"],
-                      ", ".join(f"{k} {v}" for k, v in r.get("layer_precisions", {}).items()),
-                      f"{r.get('build_seconds', 0):.1f}")
+        table.add_row(r.precision, r.engine, r.status, ", ".join(f"{k} {v}" for k, v in r.layer_precisions.items()),
+                      f"{r.build_seconds:.1f}")
     stdout().print(table)
 
 
-def print_segs(rows: list[dict[str, Any]], out: str) -> None:
+def print_segs(rows: Sequence[SegRow], out: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -122,11 +123,11 @@ def print_segs(rows: list[dict[str, Any]], out: str) -> None:
     for col in ("series", "slices", "frames with mask", "SEG", "backend"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(escape(r["series"]), str(r["slices"]), str(r["frames"]), escape(r["seg"]), r["backend"])
+        table.add_row(escape(r.series), str(r.slices), str(r.frames), escape(r.seg), r.backend)
     stdout().print(table)
 
 
-def print_masks(results: list[dict[str, Any]], out: str) -> None:
+def print_masks(results: Sequence[PredictRow], out: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -134,8 +135,7 @@ def print_masks(results: list[dict[str, Any]], out: str) -> None:
     for col in ("input", "shape", "foreground px", "mask", "backend"):
         table.add_column(col)
     for r in results:
-        table.add_row(escape(r["input"]), "x".join(map(str, r["shape"])), str(r["foreground"]), escape(r["mask"]),
-                      r["backend"])
+        table.add_row(escape(r.input), "x".join(map(str, r.shape)), str(r.foreground), escape(r.mask), r.backend)
     stdout().print(table)
 
 
@@ -164,29 +164,30 @@ def print_bundle_state(bundle: Any) -> None:
 
     out = stdout()
     for precision, name in ONNX_FILES.items():
-        if name in bundle.artifacts:
-            issues = bundle.artifacts[name].get("trt_lint")
+        entry = bundle.artifact(name)
+        if entry is not None:
+            issues = entry.extra.get("trt_lint")
             state = "not checked" if issues is None else "ok" if not issues else "; ".join(map(str, issues[:3]))
             out.print(f"TensorRT lint {precision}: {escape(state)}", highlight=False)
-    int8 = bundle.artifacts.get(ONNX_FILES["int8"], {}).get("producer", {})
-    if int8.get("calibration"):
-        files = int8.get("calibration_files") or []
-        out.print(escape(f"INT8 calibration: {int8['calibration']}" + (f"; files: {', '.join(map(str, files[:5]))}"
-                                                                        + (" ..." if len(files) > 5 else "")
-                                                                        if files else "")), highlight=False)
-    ver = bundle.manifest.get("verification", {})
+    int8 = bundle.artifact(ONNX_FILES["int8"])
+    if int8 is not None and int8.producer.get("calibration"):
+        files = int8.producer.calibration_files
+        out.print(escape(f"INT8 calibration: {int8.producer.get('calibration')}"
+                         + (f"; files: {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "") if files else "")),
+                  highlight=False)
+    ver = bundle.verification_records()
     if ver:
         table = Table(title="Last recorded verification (passing runs)", title_justify="left")
         for col in ("backend/precision", "status", "rel L2", "mean Dice", "Dice vs truth", "when"):
             table.add_column(col)
 
-        def num(r: dict[str, Any], key: str, fmt: str) -> str:
-            v = r.get(key)
-            return "-" if not isinstance(v, (int, float)) else format(v, fmt)
+        def num(value: Any, fmt: str) -> str:
+            return "-" if not isinstance(value, (int, float)) else format(value, fmt)
 
-        for key, r in sorted(ver.items()):
-            table.add_row(escape(str(key)), escape(str(r.get("status", "?"))), num(r, "rel_l2", ".2e"),
-                          num(r, "mean_dice", ".4f"), num(r, "gt_dice", ".4f"), escape(str(r.get("time", ""))))
+        for key, raw in sorted(ver.items()):
+            r = VerifyRow.from_dict(raw)
+            table.add_row(escape(key), escape(str(r.status)), num(r.metric("rel_l2"), ".2e"),
+                          num(r.mean_dice, ".4f"), num(r.metric("gt_dice"), ".4f"), escape(str(raw.get("time", ""))))
         stdout().print(table)
     else:
         stdout().print("not verified yet: run 'attdeploy verify'")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from attunet_deploy.cli.app import main
@@ -75,16 +77,15 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
     work is picked up on the next start.
     """
     require_extra("serve-dicom", ("pydicom", "pynetdicom", "highdicom"), "dicom")
-    from attunet_deploy.apps.dicom.node import DicomNode, NodeLimits, parse_keep
+    from attunet_deploy.apps.dicom.node import DicomNode, NodeConfig, NodeLimits, parse_keep
 
     limits = NodeLimits(max_instance_mb=max_instance_mb, min_free_mb=min_free_mb,
                         keep_archive_days=parse_keep(keep_archive), max_associations=max_associations,
                         acse_timeout=acse_timeout, dimse_timeout=dimse_timeout, network_timeout=network_timeout)
+    config = NodeConfig(port=port, ae_title=ae_title, bind=bind, allow_ae=allow_ae, any_called_ae=any_called_ae,
+                        allow_host=allow_host, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                        quiet_seconds=quiet_seconds, forward=forward, http_port=http_port, log_json=log_json,
+                        backend=backend, precision=precision, segment_label=segment_label, limits=limits)
     bundle = load_bundle(bundle_dir)
     backend, precision = resolve_precision(bundle, backend, precision)
-    node = DicomNode(bundle, out, port=port, ae_title=ae_title, bind=bind, allow_ae=list(allow_ae),
-                     quiet_seconds=quiet_seconds, forward=forward, log_json=log_json, backend=backend,
-                     precision=precision, segment_label=segment_label, limits=limits, any_called_ae=any_called_ae,
-                     allow_host=list(allow_host), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
-                     http_port=http_port)
-    node.serve()
+    DicomNode(bundle, out, replace(config, backend=backend, precision=precision)).serve()

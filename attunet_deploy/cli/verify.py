@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import click
 
 from attunet_deploy.cli.app import main
@@ -55,37 +52,32 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
     """
     from attunet_deploy.errors import VerificationFailed
     from attunet_deploy.judge.report import verify_table
-    from attunet_deploy.judge.verify import check_dice_drop, summary_counts, verify_images
+    from attunet_deploy.judge.verify import ImageSet, summary_counts, verify_images
     from attunet_deploy.judge.verify import verify as run_verify
 
     tolerances = parse_tolerances(**tols)
-    check_dice_drop(max_dice_drop)
     check_json_path(json_path, bundle_dir)
     if labels is not None and images is None:
         raise InputError("--labels needs --images (the images the labels belong to)")
-    if save_diff is not None:
-        from attunet_deploy.outputs import check_output
-
-        check_output(save_diff, "--save-diff", kind="dir", empty=True, bundles=[bundle_dir])
     check_report_dir(report_dir, bundle_dir, save_diff)
     bundle = load_bundle(bundle_dir)
     backend_list = ["all"] if "all" in backends else list(backends)
     precision_list = ["all"] if "all" in precisions else list(precisions)
     opts = runner_options(triton_url, triton_model, triton_timeout)
     if images is not None:
-        rows = verify_images(bundle, images, labels, backend_list, precision_list, tolerances, reporter=reporter(),
-                             max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
+        rows = verify_images(bundle, ImageSet(images, labels), backend_list, precision_list, tolerances,
+                             reporter=reporter(), max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
     else:
         rows = run_verify(bundle, backend_list, precision_list, tolerances, reporter=reporter(),
                           max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
     if json_path != "-":
-        ref = rows[0]["reference"] if rows else "reference"
+        ref = rows[0].reference if rows else "reference"
         stdout().print(verify_table(rows, title=f"Verification against {ref}"))
         if save_diff is not None:
             from attunet_deploy.judge.diffimages import LEGEND
 
             stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
-    write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": rows})
+    write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": [r.to_dict() for r in rows]})
     if report_dir is not None:
         from attunet_deploy.judge.report_html import report_files, write_report_dir
 
@@ -94,21 +86,13 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
     counts = summary_counts(rows)
     if counts[Status.PASS] + counts[Status.FAIL] == 0:
         raise InputError("no requested backend can run here: " + "; ".join(
-            f"{r['backend']}/{r['precision']}: {r['reason']}" for r in rows)[:500])
+            f"{r.name}: {r.reason}" for r in rows)[:500])
     if counts[Status.FAIL]:
-        failed = ", ".join(f"{r['backend']}/{r['precision']}" for r in rows if r["status"] == Status.FAIL)
+        failed = ", ".join(r.name for r in rows if r.status == Status.FAIL)
         raise VerificationFailed(f"{counts['fail']} backend(s) missed tolerance: {failed} (bundle not changed)")
     if images is None:
-        _record_verification(bundle, rows)
+        from attunet_deploy.steps.record import record_verification
 
-
-def _record_verification(bundle: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Record a passing run in the manifest; a busy or read-only bundle is only a notice."""
-    from attunet_deploy.errors import BundleError
-
-    try:
-        with bundle.transaction() as txn:
-            txn.record_verification(rows)
-            txn.commit()
-    except BundleError as exc:
-        reporter().notice("not recorded in the manifest:", str(exc))
+        why = record_verification(bundle, rows)
+        if why is not None:
+            reporter().notice("not recorded in the manifest:", why)

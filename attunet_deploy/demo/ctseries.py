@@ -29,10 +29,44 @@ class SeriesSlice:
     z: float
 
 
-def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tuple[int, int],
-                   position: list[float], spacing: float, pixel_spacing: float, modality: str, patient_id: str,
-                   series_number: int, today: str) -> Any:
-    """The header of slice ``k`` (no pixel data): what a CT scanner writes for one axial image."""
+@dataclass(frozen=True)
+class SeriesHeader:
+    """Who and what a written series is: study, series and patient, modality, the series description
+    and ImageType a scanner writes (``("DERIVED", "SECONDARY", ...)`` for a MIP or reformat)."""
+
+    study_uid: str | None = None
+    series_uid: str | None = None
+    patient_id: str = "PHANTOM-1"
+    series_number: int = 1
+    modality: str = "CT"
+    series_description: str = "Phantom abdomen CT"
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Where the slices lie: the gap between them and their thickness (mm), in-plane spacing (mm), the
+    orientation (ImageOrientationPatient; default axial), or explicit ``positions`` (irregular or tilted
+    series in tests)."""
+
+    spacing: float = 2.5
+    pixel_spacing: float = 1.0
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    slice_thickness: float | None = None  # None: the spacing
+    positions: tuple[tuple[float, float, float], ...] | None = None
+
+    def position(self, k: int, size: tuple[int, int]) -> list[float]:
+        if self.positions is not None:
+            return list(self.positions[k])
+        o = np.asarray(self.orientation, dtype=np.float64)
+        normal = np.cross(o[:3], o[3:])
+        corner = -0.5 * size[1] * self.pixel_spacing * o[:3] - 0.5 * size[0] * self.pixel_spacing * o[3:]
+        return [float(v) for v in corner + k * self.spacing * normal]
+
+
+def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tuple[int, int], header: SeriesHeader,
+                   geometry: SeriesGeometry, today: str) -> Any:
+    """The header of slice ``k`` (no pixel data): what a CT scanner writes for one image."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -49,9 +83,9 @@ def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tup
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = frame_uid
-    ds.Modality = modality
+    ds.Modality = header.modality
     ds.PatientName = "Phantom^Synthetic"
-    ds.PatientID = patient_id
+    ds.PatientID = header.patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.StudyDate = today
@@ -60,16 +94,17 @@ def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tup
     ds.AccessionNumber = "ACC0001"
     ds.ReferringPhysicianName = ""
     ds.Manufacturer = "attunet-deploy phantom"
-    ds.SeriesNumber = series_number
+    ds.SeriesNumber = header.series_number
+    ds.SeriesDescription = header.series_description
     ds.PatientPosition = "HFS"
     ds.PositionReferenceIndicator = ""
     ds.BodyPartExamined = "ABDOMEN"
     ds.InstanceNumber = k + 1
     ds.AcquisitionNumber = 1
-    ds.ImagePositionPatient = position
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-    ds.SliceThickness = spacing
+    ds.ImagePositionPatient = geometry.position(k, size)
+    ds.ImageOrientationPatient = list(geometry.orientation)
+    ds.PixelSpacing = [geometry.pixel_spacing, geometry.pixel_spacing]
+    ds.SliceThickness = geometry.slice_thickness if geometry.slice_thickness is not None else geometry.spacing
     ds.Rows, ds.Columns = size
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -80,31 +115,29 @@ def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tup
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
-    if modality == "CT":
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    if header.modality == "CT":
+        ds.ImageType = list(header.image_type)
         ds.KVP = 120
     return ds
 
 
 def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int] = (128, 128), seed: int = 0, *,
-                    study_uid: str | None = None, series_uid: str | None = None, patient_id: str = "PHANTOM-1",
-                    series_number: int = 1, name: str = "slice_{:03d}.dcm", modality: str = "CT",
-                    spacing: float = 2.5, pixels: bool = True, volume: np.ndarray | None = None,
-                    labels: np.ndarray | None = None, pixel_spacing: float = 1.0,
-                    positions: list[tuple[float, float, float]] | None = None) -> list[SeriesSlice]:
+                    header: SeriesHeader | None = None, geometry: SeriesGeometry | None = None,
+                    name: str = "slice_{:03d}.dcm", pixels: bool = True, volume: np.ndarray | None = None,
+                    labels: np.ndarray | None = None) -> list[SeriesSlice]:
     """Write ``n_slices`` phantom slices of one series into ``folder``; returns them in z order.
 
-    ``volume`` (HU [D, H, W], with ``labels`` alike) is written instead of independent 2D phantoms,
-    with ``spacing`` between slices and ``pixel_spacing`` in-plane; ``positions`` overrides each
-    slice's ImagePositionPatient (irregular or tilted series in tests)."""
+    ``volume`` (HU [D, H, W], with ``labels`` alike) is written instead of independent 2D phantoms.
+    ``header`` and ``geometry`` say what the series is and where its slices lie (defaults: an axial
+    ORIGINAL/PRIMARY CT series, 2.5 mm apart, 1 mm pixels)."""
     from pydicom.uid import generate_uid
 
+    header = header or SeriesHeader()
+    geometry = geometry or SeriesGeometry()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    frame_uid = generate_uid()
-    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    uids = (header.study_uid or generate_uid(), header.series_uid or generate_uid(), generate_uid())
+    sop_class = CT_IMAGE_STORAGE if header.modality == "CT" else MR_IMAGE_STORAGE
     today = _dt.date.today().strftime("%Y%m%d")
     out = []
     if volume is not None:
@@ -116,14 +149,11 @@ def write_ct_series(folder: str | Path, n_slices: int = 40, size: tuple[int, int
         else:
             hu, label = make_phantom(seed * 10_007 + k, size)
         stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
-        ds = _slice_dataset(sop_class, (study_uid, series_uid, frame_uid), k, size,
-                            list(positions[k]) if positions else [-0.5 * size[1] * pixel_spacing,
-                                                                  -0.5 * size[0] * pixel_spacing, float(k * spacing)],
-                            spacing, pixel_spacing, modality, patient_id, series_number, today)
+        ds = _slice_dataset(sop_class, uids, k, size, header, geometry, today)
         if pixels:
             ds.PixelData = stored.tobytes()
         path = folder / name.format(k)
         ds.save_as(path, enforce_file_format=True)
         out.append(SeriesSlice(path, stored.astype(np.float32) - 1024.0, label, str(ds.SOPInstanceUID),
-                               float(k * spacing)))
+                               float(ds.ImagePositionPatient[2])))
     return out

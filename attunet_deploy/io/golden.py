@@ -17,8 +17,8 @@ import numpy as np
 
 from attunet_deploy import limits
 from attunet_deploy.bundle import GOLDEN_FILE, Bundle
+from attunet_deploy.bundle.spec import GoldenInfo
 from attunet_deploy.errors import BundleError, InputError
-from attunet_deploy.preprocess import check_batch, normalize
 
 #: Images per golden case at most (cases of equal shape are batched).
 CASE_BATCH = 8
@@ -39,9 +39,9 @@ class GoldenCase:
 
 def load_golden(bundle: Bundle) -> list[GoldenCase]:
     """The bundle's golden cases, read from hash-checked bytes with bounded decompression."""
-    entry = bundle.artifacts.get(GOLDEN_FILE)
-    if entry is not None and entry["bytes"] > limits.GOLDEN.bytes():
-        raise BundleError(f"{bundle.path(GOLDEN_FILE)} is {entry['bytes'] / 2**20:.1f} MB, above "
+    entry = bundle.artifact(GOLDEN_FILE)
+    if entry is not None and entry.bytes > limits.GOLDEN.bytes():
+        raise BundleError(f"{bundle.path(GOLDEN_FILE)} is {entry.bytes / 2**20:.1f} MB, above "
                           f"{limits.GOLDEN.describe()}: set {limits.GOLDEN.env} to raise it")
     data = bundle.read_artifact(GOLDEN_FILE)
     path = bundle.path(GOLDEN_FILE)
@@ -101,12 +101,6 @@ def group_by_shape(inputs: list[np.ndarray], labels: list[np.ndarray] | None, na
     return out
 
 
-def model_space(raw_chw: np.ndarray, preprocessing: dict[str, Any], name: str) -> np.ndarray:
-    """Raw [C,H,W] image -> normalised float32 [C,H,W] (validated)."""
-    x = check_batch(raw_chw[None], raw_chw.shape[0], name=name)
-    return normalize(x, preprocessing)[0]
-
-
 def non_divisible_crop(raw: np.ndarray, label: np.ndarray | None, divisor: int
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A crop of a real image whose H and W are not multiples of ``divisor`` (shape coverage)."""
@@ -118,19 +112,19 @@ def non_divisible_crop(raw: np.ndarray, label: np.ndarray | None, divisor: int
     return raw[:, :nh, :nw].copy(), (label[:nh, :nw].copy() if label is not None else None)
 
 
-def describe(golden: dict[str, Any]) -> str:
+def describe(golden: GoldenInfo) -> str:
     """One line for `attdeploy info`: where the golden set came from."""
-    if not golden:
+    if not golden.recorded:
         return "golden set: origin not recorded (bundle from an older attunet-deploy)"
-    kind = golden.get("kind", "")
-    synth = int(golden.get("synthetic_cases", 0) or 0)
-    labels = " with ground-truth labels" if golden.get("labels") else ""
-    if kind == "user-images":
-        src = golden.get("source", [])
-        n = sum(int(s.get("images", 1)) for s in src if isinstance(s, dict))
-        where = golden.get("root", "")
+    kind = golden.kind
+    synth = golden.synthetic_cases
+    labels = " with ground-truth labels" if golden.labels else ""
+    if kind in ("user-images", "user-volumes"):
+        n = sum(s.images for s in golden.sources)
         extra = f" + {synth} synthetic case(s) for shape coverage" if synth else ""
-        return f"golden set: {n} image(s) from {len(src)} held-out file(s) of {where}{labels}{extra}"
+        what = "image(s)" if kind == "user-images" else "volume window(s)"
+        return (f"golden set: {n} {what} from {len(golden.sources)} held-out file(s) of {golden.root or ''}"
+                f"{labels}{extra}")
     if kind == "demo-phantoms":
         return f"golden set: {synth} batches of synthetic CT phantoms{labels} (demo model)"
     return (f"golden set: {synth} synthetic case(s) of smooth random fields: pass --images to export to judge "

@@ -33,7 +33,7 @@ from attunet_deploy.io.files import (
     relative_name,
     suffix_of,
 )
-from attunet_deploy.preprocess import check_batch, normalize, pad_to_divisor
+from attunet_deploy.segmenter import Segmenter
 
 
 def read_file(path: Path, channels: int, rel: str = "") -> list[ImageRecord]:
@@ -172,11 +172,6 @@ def subsample(records: list[ImageRecord], max_samples: int | None) -> list[Image
     return records
 
 
-def model_inputs(records: list[ImageRecord], preprocessing: dict[str, Any], divisor: int) -> list[np.ndarray]:
+def model_inputs(records: list[ImageRecord], segmenter: Segmenter) -> list[np.ndarray]:
     """Raw records -> normalised, padded float32 [1, C, H, W] arrays, one per image."""
-    out = []
-    for rec in records:
-        x = check_batch(rec.pixels[None], rec.pixels.shape[0], name=rec.label)
-        x = normalize(x, preprocessing)
-        out.append(pad_to_divisor(x, divisor)[0])
-    return out
+    return [segmenter.pad(segmenter.prepare(rec.pixels[None], rec.label))[0] for rec in records]

@@ -30,7 +30,7 @@ from attunet_deploy.io.files import (
     suffix_of,
     walk_files,
 )
-from attunet_deploy.preprocess import normalize, resample_linear, resampled_shape
+from attunet_deploy.segmenter import Segmenter
 
 VOLUME_EXT = (".npy", *NIFTI_EXT)
 
@@ -135,10 +135,6 @@ def read_label_volume(path: Path, num_classes: int) -> np.ndarray:
     return vol.astype(np.uint8)
 
 
-def to_model_space(volume: Volume, preprocessing: dict[str, Any]) -> np.ndarray:
+def to_model_space(volume: Volume, segmenter: Segmenter) -> np.ndarray:
     """Normalised float32 [C, D, H, W], resampled to the bundle's spacing when both are known."""
-    x = normalize(volume.voxels[None], preprocessing)[0]
-    target = preprocessing.get("spacing")
-    if target is not None and volume.spacing is not None:
-        x = resample_linear(x, resampled_shape(x.shape[1:], volume.spacing, target))
-    return x
+    return segmenter.to_model_grid(segmenter.normalize(volume.voxels[None]), volume.spacing)[0]

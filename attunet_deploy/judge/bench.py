@@ -8,6 +8,7 @@ padding, inference, cropping and post-processing. GPU runners that expose device
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -17,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from attunet_deploy.bundle import Bundle
+from attunet_deploy.bundle.spec import SlidingWindow
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import machine_info, versions
 from attunet_deploy.errors import BackendUnavailable, InputError
 from attunet_deploy.judge.results import BenchResult, Skip
-from attunet_deploy.preprocess import pad_to_divisor
 from attunet_deploy.runtimes import registry
 from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.select import open_runner, resolve_auto
@@ -73,7 +74,7 @@ def default_shape(bundle: Bundle) -> tuple[int, ...]:
     """What ``bench`` times without --shape: one 256x256 image, or one sliding window of a 3D bundle."""
     window = bundle.sliding_window
     if window is not None:
-        return (1, bundle.in_channels, *(int(r) for r in window["roi"]))
+        return (1, bundle.in_channels, *window.roi)
     return (1, bundle.in_channels, 256, 256)
 
 
@@ -174,7 +175,7 @@ def bench_runners(runners: list[Runner], settings: BenchSettings, reporter: Repo
                              f"N x C x {' x '.join('DHW'[-runner.spatial_dims:])}")
     rng = np.random.default_rng(seed)
     raw = rng.standard_normal(settings.shape).astype(np.float32)
-    padded, _ = pad_to_divisor(raw, runners[0].divisors)
+    padded, _ = runners[0].segmenter.pad(raw)
     for runner in runners:
         if settings.volume:
             if runner.bundle.sliding_window is None:
@@ -243,31 +244,30 @@ def _record(runner: Runner, settings: BenchSettings, times: list[float], wall: f
     stats = latency_stats(times)
     timing = ("host perf_counter, interleaved" if interleaved else "host perf_counter") \
         + (f"; {settings.concurrency} concurrent clients, throughput = requests x batch / wall time" if wall else "")
-    result = BenchResult(
-        backend=runner.backend, precision=runner.precision, device=runner.device, shape=list(settings.shape),
-        mode="end-to-end" if settings.end_to_end else "compute", warmup=settings.warmup, iterations=len(times),
+    if dev_times:
+        timing += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
+    extras = dict(runner.bench_extras())
+    window = runner.bundle.sliding_window
+    if settings.volume and window is not None:
+        windows = volume_windows(settings.shape[2:], window)
+        p50_s = stats["p50"] / 1000.0
+        extras.update(volume_seconds=p50_s, windows=windows * n,
+                      windows_per_s=windows * n / p50_s if p50_s > 0 else None)
+    mode = "volume" if settings.volume else "end-to-end" if settings.end_to_end else "compute"
+    return BenchResult(
+        backend=runner.backend, precision=runner.precision, device=runner.device, shape=tuple(settings.shape),
+        mode=mode, warmup=settings.warmup, iterations=len(times),
         latency_ms=stats, throughput_ips=(n * len(times) / wall) if wall else n / (stats["mean"] / 1000.0),
         cov=coefficient_of_variation(stats), peak_rss_mb=rss, threads=settings.threads or os.cpu_count(),
-        concurrency=settings.concurrency, timing=timing, versions=versions(), machine=machine)
-    if dev_times:
-        result.device_latency_ms = latency_stats(dev_times)
-        result.timing += "; device_latency_ms: GPU compute, CUDA events around the enqueue only"
-    result.extras = runner.bench_extras()
-    if settings.volume:
-        result.mode = "volume"
-        window = runner.bundle.sliding_window or {}
-        windows = volume_windows(settings.shape[2:], window.get("roi", []), float(window.get("overlap", 0.5)))
-        p50_s = stats["p50"] / 1000.0
-        result.extras.update(volume_seconds=p50_s, windows=windows * n,
-                             windows_per_s=windows * n / p50_s if p50_s > 0 else None)
-    return result
+        concurrency=settings.concurrency, timing=timing, versions=versions(), machine=machine,
+        device_latency_ms=latency_stats(dev_times) if dev_times else None, extras=extras)
 
 
-def volume_windows(size: tuple[int, ...], roi: list[int], overlap: float) -> int:
+def volume_windows(size: tuple[int, ...], window: SlidingWindow) -> int:
     """Windows the sliding window runs over one volume of ``size``."""
-    from attunet_deploy.runtimes.window import window_starts
+    from attunet_deploy.window import window_starts
 
-    return math.prod(len(window_starts(max(s, r), r, overlap)) for s, r in zip(size, roi))
+    return math.prod(len(window_starts(max(s, r), r, window.overlap)) for s, r in zip(size, window.roi))
 
 
 def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], settings: BenchSettings,
@@ -280,7 +280,7 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
     reporter = reporter or Reporter()
     pairs = registry.expand(backends, precisions, allow_auto=True, keep_unrunnable=True)
     threads = settings.threads or os.cpu_count() or 1
-    settings.threads = threads
+    settings = dataclasses.replace(settings, threads=threads)
     runners: list[Runner] = []
     skipped: list[Skip] = []
     try:
@@ -300,6 +300,4 @@ def bench_many(bundle: Bundle, backends: list[str], precisions: list[str], setti
     finally:
         for runner in runners:
             runner.deactivate()
-    for r in results:
-        r.set_ratio(results[0].latency_ms["p50"])
-    return results, skipped
+    return [r.with_ratio(results[0].p50) for r in results], skipped

@@ -13,10 +13,12 @@ graph: a new machine, a new library or a re-quantised graph measures again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,24 +30,45 @@ from attunet_deploy.errors import BackendUnavailable
 from attunet_deploy.judge.results import Status
 from attunet_deploy.runtimes.registry import check
 from attunet_deploy.runtimes.select import measure_pairs, read_cache, resolve_auto, write_cache
+from attunet_deploy.segmenter import Segmenter
 
 CACHE_FILE = "best-precision.json"
 #: Timed calls per candidate (after one warm-up), round-robin.
 RUNS = 5
 
 
-@dataclass
+@dataclass(frozen=True)
+class Candidate:
+    """One (backend, precision) considered: its verdict here, why, and its p50 (ms) when it passed."""
+
+    backend: str
+    precision: str
+    status: str
+    reason: str = ""
+    p50_ms: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"backend": self.backend, "precision": self.precision, "status": self.status, "reason": self.reason,
+                "p50_ms": self.p50_ms}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Candidate:
+        p50 = d.get("p50_ms")
+        return cls(str(d.get("backend", "?")), str(d.get("precision", "?")), str(d.get("status", "?")),
+                   str(d.get("reason", "")), float(p50) if isinstance(p50, (int, float)) else None)
+
+
+@dataclass(frozen=True)
 class BestChoice:
     """The picked (backend, precision) and every candidate's verdict and p50 (ms) here."""
 
     backend: str
     precision: str
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: tuple[Candidate, ...] = ()
     cached: bool = False
 
     def describe(self) -> str:
-        parts = [f"{c['backend']}/{c['precision']} " + (f"{c['p50_ms']:.1f} ms" if c.get("p50_ms") is not None
-                                                         else c.get("status", "?"))
+        parts = [f"{c.backend}/{c.precision} " + (f"{c.p50_ms:.1f} ms" if c.p50_ms is not None else c.status)
                  for c in self.candidates]
         return (f"{self.backend}/{self.precision}, the fastest that passes verification on this machine "
                 f"({'; '.join(parts)}{'; cached' if self.cached else ''})")
@@ -53,7 +76,7 @@ class BestChoice:
 
 def best_key(bundle: Bundle, backend: str) -> str:
     m = machine_info()
-    graphs = {n: bundle.artifacts.get(n, {}).get("sha256") for n in (*ONNX_FILES.values(), OV_INT8_XML)}
+    graphs = {n: bundle.sha256(n) for n in (*ONNX_FILES.values(), OV_INT8_XML)}
     payload = {"cpu": m["cpu_model"], "cores": m["cores"], "isa": m["isa"], "backend": backend, "graphs": graphs,
                "libs": {k: module_version(k) for k in ("onnxruntime", "openvino", "tensorrt")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -89,32 +112,33 @@ def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | Non
     entry = read_cache(CACHE_FILE).get(key)
     if isinstance(entry, dict) and entry.get("backend") and entry.get("precision") in ONNX_FILES \
             and check(bundle, entry["backend"], entry["precision"]) is None:
-        return BestChoice(entry["backend"], entry["precision"], list(entry.get("candidates", [])), cached=True)
+        return BestChoice(entry["backend"], entry["precision"],
+                          tuple(Candidate.from_dict(c) for c in entry.get("candidates", []) if isinstance(c, dict)),
+                          cached=True)
     reporter = reporter or Reporter()
     candidates, why = _candidates(bundle, backend)
     if not candidates:
         raise BackendUnavailable(f"--precision best: no precision of this bundle can run on {backend} here: "
                                  + "; ".join(f"{', '.join(pairs)}: {reason}" for reason, pairs in why.items())[:400])
     cases = load_golden(bundle)
-    ref_gt = reference_gt_dice(cases, bundle.postprocessing)
-    records: list[dict[str, Any]] = []
+    ref_gt = reference_gt_dice(cases, Segmenter(bundle.spec))
+    records: list[Candidate] = []
     with reporter.progress("Choosing the precision: verifying each here", len(candidates)) as advance:
         for b, p in candidates:
             row = run_backend(bundle, b, p, cases, DEFAULT_TOLERANCES[p], ref_gt_dice=ref_gt, **options)
-            records.append({"backend": b, "precision": p, "status": str(row.status), "reason": row.reason})
+            records.append(Candidate(b, p, str(row.status), row.reason))
             advance()
-    passing = [(r["backend"], r["precision"]) for r in records if r["status"] == Status.PASS.value]
+    passing = [(r.backend, r.precision) for r in records if r.status == Status.PASS.value]
     if not passing:
         raise BackendUnavailable("--precision best: no precision passes verification here: " + "; ".join(
-            f"{r['backend']}/{r['precision']}: {r['reason'] or r['status']}" for r in records)[:400])
+            f"{r.backend}/{r.precision}: {r.reason or r.status}" for r in records)[:400])
     from attunet_deploy.judge.bench import default_shape
 
     x = np.random.default_rng(0).standard_normal(default_shape(bundle)).astype(np.float32)
     with reporter.step("Choosing the precision: timing the ones that pass"):
         p50 = {pair: 1000.0 * s for pair, s in measure_pairs(bundle, passing, x, RUNS, **options).items()}
-    for r in records:
-        r["p50_ms"] = p50.get((r["backend"], r["precision"]))
+    timed = tuple(dataclasses.replace(r, p50_ms=p50.get((r.backend, r.precision))) for r in records)
     b, p = min(passing, key=lambda pair: p50[pair])
-    write_cache(key, {"backend": b, "precision": p, "candidates": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                CACHE_FILE)
-    return BestChoice(b, p, records)
+    write_cache(key, {"backend": b, "precision": p, "candidates": [c.to_dict() for c in timed],
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, CACHE_FILE)
+    return BestChoice(b, p, timed)

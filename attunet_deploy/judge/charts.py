@@ -8,9 +8,10 @@ hover tells the number the picture rounds.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from html import escape
-from typing import Any
+
+from attunet_deploy.judge.results import BenchResult, VerifyRow
 
 #: Colours by verdict (the table uses the same).
 STATUS_COLOUR = {"pass": "#1b7f3b", "fail": "#c62828", "unavailable": "#777777"}
@@ -53,13 +54,13 @@ def dice_lower_bound(values: Sequence[float]) -> float:
     return max(0.0, min(0.95, math.floor(low * 20) / 20))
 
 
-def dice_strip(rows: Sequence[Mapping[str, Any]]) -> str:
+def dice_strip(rows: Sequence[VerifyRow]) -> str:
     """One lane per judged row: a dot per image's Dice against the reference (and, with labels,
     a hollow diamond per image's Dice against the truth), the mean as a bar, the row's gates."""
-    lanes = [r for r in rows if r.get("dice_per_image")]
+    lanes = [(r, r.agreement) for r in rows if r.agreement is not None and r.agreement.dice_per_image]
     if not lanes:
         return ""
-    values = [d for r in lanes for d in r["dice_per_image"] + (r.get("gt_dice_per_image") or [])]
+    values = [d for _, a in lanes for d in (*(a.dice_per_image or ()), *(a.gt_dice_per_image or ()))]
     lo, hi = dice_lower_bound(values), 1.0
     x0, x1 = LABEL_W, WIDTH - RIGHT_PAD
 
@@ -68,26 +69,27 @@ def dice_strip(rows: Sequence[Mapping[str, Any]]) -> str:
 
     body: list[str] = []
     y = 10
-    for r in lanes:
-        name = f"{r['backend']}/{r['precision']}"
-        colour = STATUS_COLOUR.get(str(r.get("status")), "#333")
+    for r, a in lanes:
+        name = r.name
+        dices = a.dice_per_image or ()
+        colour = STATUS_COLOUR.get(str(r.status), "#333")
         body.append(f'<text x="{LABEL_W - 10}" y="{y + 19}" text-anchor="end" fill="#111">{escape(name)}</text>')
         body.append(f'<rect x="{x0}" y="{y + 2}" width="{x1 - x0}" height="26" fill="#f4f4f4"/>')
-        tol = r.get("tolerance") or {}
+        tol = r.tolerance
         for key, dash, label in (("mean_dice", "5 3", "mean Dice gate"), ("worst_dice", "2 3", "worst Dice gate")):
             gate = tol.get(key)
             if isinstance(gate, (int, float)) and lo <= gate <= hi:
                 body.append(f'<line x1="{px(gate):.1f}" y1="{y}" x2="{px(gate):.1f}" y2="{y + 30}" stroke="#555" '
                             f'stroke-dasharray="{dash}"><title>{label} {gate:g}</title></line>')
-        for k, d in enumerate(r["dice_per_image"]):
+        for k, d in enumerate(dices):
             jitter = ((k * 0.618034) % 1.0 - 0.5) * 16
             body.append(f'<circle cx="{px(d):.1f}" cy="{y + 15 + jitter:.1f}" r="3.5" fill="{colour}" '
                         f'fill-opacity="0.65"><title>{escape(name)} image {k + 1}: Dice {d:.4f}</title></circle>')
-        mean = sum(r["dice_per_image"]) / len(r["dice_per_image"])
+        mean = sum(dices) / len(dices)
         body.append(f'<rect x="{px(mean) - 1.5:.1f}" y="{y + 1}" width="3" height="28" fill="#111">'
                     f'<title>{escape(name)} mean Dice {mean:.4f}</title></rect>')
         y += 32
-        gts = r.get("gt_dice_per_image") or []
+        gts = a.gt_dice_per_image or ()
         if gts:
             body.append(f'<text x="{LABEL_W - 10}" y="{y + 15}" text-anchor="end" fill="#555">vs truth</text>')
             for k, d in enumerate(gts):
@@ -101,23 +103,23 @@ def dice_strip(rows: Sequence[Mapping[str, Any]]) -> str:
     return _svg(y + 44, body, "Dice of every judged image, per backend and precision")
 
 
-def latency_bars(results: Sequence[Mapping[str, Any]]) -> str:
+def latency_bars(results: Sequence[BenchResult]) -> str:
     """A bar per benchmark row: p50, with p90 and p99 marked, the ratio to the first row and the
     throughput written beside it."""
     if not results:
         return ""
-    hi = max(float(r["latency_ms"].get("p99", r["latency_ms"]["p50"])) for r in results) * 1.05 or 1.0
+    hi = max(float(r.latency_ms.get("p99", r.p50)) for r in results) * 1.05 or 1.0
     x0, x1 = LABEL_W, WIDTH - 190
     body: list[str] = []
     y = 10
     for r in results:
-        lat = r["latency_ms"]
-        name = f"{r['backend']}/{r['precision']}"
+        lat = r.latency_ms
+        name = r.name
 
         def px(v: float) -> float:
             return x0 + max(0.0, v) / hi * (x1 - x0)
 
-        colour = PRECISION_COLOUR.get(str(r["precision"]), "#666")
+        colour = PRECISION_COLOUR.get(r.precision, "#666")
         body.append(f'<text x="{LABEL_W - 10}" y="{y + 16}" text-anchor="end" fill="#111">{escape(name)}</text>')
         body.append(f'<rect x="{x0}" y="{y + 3}" width="{px(lat["p50"]) - x0:.1f}" height="18" fill="{colour}">'
                     f'<title>{escape(name)} p50 {lat["p50"]:.3f} ms</title></rect>')
@@ -125,13 +127,13 @@ def latency_bars(results: Sequence[Mapping[str, Any]]) -> str:
             if key in lat:
                 body.append(f'<line x1="{px(lat[key]):.1f}" y1="{y}" x2="{px(lat[key]):.1f}" y2="{y + 24}" '
                             f'stroke="#111" stroke-width="{width}"><title>{key} {lat[key]:.3f} ms</title></line>')
-        ratio = r.get("ratio_vs_first")
+        ratio = r.ratio_vs_first
         text = f"{lat['p50']:.2f} ms" + (f" · {ratio:.2f}×" if ratio is not None else "") \
-            + f" · {float(r.get('throughput_ips', 0)):.1f} img/s"
+            + f" · {r.throughput_ips:.1f} img/s"
         body.append(f'<text x="{x1 + 8}" y="{y + 16}" fill="#111">{escape(text)}</text>')
         y += 28
     body += _axis(x0, x1, y + 4, 0.0, hi, "g", _ticks(0.0, hi))
-    first = f"{results[0]['backend']}/{results[0]['precision']}"
+    first = results[0].name
     body.append(f'<text x="{(x0 + x1) / 2}" y="{y + 36}" text-anchor="middle" fill="#333">milliseconds per call '
                 f'(bar = p50; thin mark = p90, thick = p99; × = p50 ratio to {escape(first)})</text>')
     return _svg(y + 44, body, "Latency per backend and precision")

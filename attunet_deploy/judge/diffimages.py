@@ -10,12 +10,12 @@ carries the slice (``-z12``). ``report.md`` in the folder has the legend and a t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from attunet_deploy.fileio import write_bytes_atomic, write_text_atomic
 from attunet_deploy.judge.panels import LEGEND, Panel, encode_png, render_panel
+from attunet_deploy.judge.results import VerifyRow
 
 
 def _safe(text: str) -> str:
@@ -26,10 +26,10 @@ def _file_label(panel: Panel) -> str:
     return _safe(panel.name) + ("" if panel.axial_slice is None else f"-z{panel.axial_slice}")
 
 
-def write_diff_images(folder: Path, row: Mapping[str, Any], panels: Sequence[Panel]) -> list[str]:
+def write_diff_images(folder: Path, row: VerifyRow, panels: Sequence[Panel]) -> list[str]:
     """A PNG per panel of ``row`` (its worst images, lowest Dice first); returns their paths
     relative to ``folder``."""
-    sub = folder / f"{row['backend']}-{row['precision']}"
+    sub = folder / f"{row.backend}-{row.precision}"
     written = []
     for rank, panel in enumerate(panels, 1):
         path = sub / f"{rank}-{_file_label(panel)}.png"
@@ -38,14 +38,14 @@ def write_diff_images(folder: Path, row: Mapping[str, Any], panels: Sequence[Pan
     return sorted(written)
 
 
-def write_diff_index(folder: Path, rows: Sequence[Mapping[str, Any]], reference: str) -> None:
+def write_diff_index(folder: Path, rows: Sequence[VerifyRow], reference: str) -> None:
     lines = [f"# Mask differences against {reference}", "", f"Legend: {LEGEND}.", "",
              "| backend | precision | image | Dice vs reference | picture |", "|---|---|---|---|---|"]
     for r in rows:
-        pics = dict(zip([w["file"] for w in r.get("worst_images", [])], r.get("diff_images", [])))
-        for w in r.get("worst_images", []):
-            pic = pics.get(w["file"], "")
-            lines.append(f"| {r['backend']} | {r['precision']} | {w['file'].replace('|', '/')} | {w['dice']:.4f} | "
+        pics = dict(zip([w.file for w in r.worst_images], r.diff_images or ()))
+        for w in r.worst_images:
+            pic = pics.get(w.file, "")
+            lines.append(f"| {r.backend} | {r.precision} | {w.file.replace('|', '/')} | {w.dice:.4f} | "
                          + (f"![]({pic})" if pic else "-") + " |")
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")

@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from attunet_deploy.io.golden import GoldenCase
-from attunet_deploy.preprocess import logits_to_masks
+from attunet_deploy.judge.results import WorstImage
+from attunet_deploy.segmenter import Segmenter
 
 #: Tiles are at least this many pixels wide (and at most twice that, when cropped).
 MIN_TILE = 384
@@ -70,17 +70,17 @@ def worst_slice(mask: np.ndarray, ref: np.ndarray) -> int:
     return int(np.argmax((ref > 0).reshape(len(ref), -1).sum(axis=1)))
 
 
-def collect_panels(worst_images: Sequence[Mapping[str, Any]], outputs: list[np.ndarray], cases: list[GoldenCase],
-                   postprocessing: dict[str, Any]) -> list[Panel]:
+def collect_panels(worst_images: Sequence[WorstImage], outputs: list[np.ndarray], cases: list[GoldenCase],
+                   segmenter: Segmenter) -> list[Panel]:
     """Panels of the listed worst images, in the order listed (the lowest Dice first)."""
-    wanted = {w["file"]: float(w["dice"]) for w in worst_images}
+    wanted = {w.file: float(w.dice) for w in worst_images}
     found: dict[str, Panel] = {}
     for out, case in zip(outputs, cases):
         names = case.image_names()
         if not wanted.keys() & set(names):
             continue
-        masks = logits_to_masks(out, postprocessing)
-        refs = logits_to_masks(case.logits, postprocessing)
+        masks = segmenter.masks(out)
+        refs = segmenter.masks(case.logits)
         for i, name in enumerate(names):
             if name not in wanted or name in found:
                 continue
@@ -89,7 +89,7 @@ def collect_panels(worst_images: Sequence[Mapping[str, Any]], outputs: list[np.n
                 z = worst_slice(mask, ref)
                 image, mask, ref = image[z], mask[z], ref[z]
             found[name] = Panel(name, wanted[name], np.asarray(image, np.float32).copy(), ref.copy(), mask.copy(), z)
-    return [found[w["file"]] for w in worst_images if w["file"] in found]
+    return [found[w.file] for w in worst_images if w.file in found]
 
 
 def crop_box(panel: Panel) -> tuple[int, int, int, int]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attunet_deploy.bundle import Bundle, now_iso
-from attunet_deploy.judge.results import Status
+from attunet_deploy.judge.results import BenchResult, Status, VerifyRow
 
 _STATUS_STYLE = {Status.PASS.value: "[green]pass[/green]", Status.FAIL.value: "[bold red]FAIL[/bold red]",
                  Status.UNAVAILABLE.value: "[dim]unavailable[/dim]"}
@@ -22,39 +22,43 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.4f}"
 
 
-def verify_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
+VerifyColumn = tuple[str, Callable[[VerifyRow], str]]
+
+
+def verify_columns(rows: Sequence[VerifyRow]) -> list[VerifyColumn]:
     """(header, row -> text) pairs shared by the rich table and the markdown report."""
-    cols: list[tuple[str, Any]] = [
-        ("backend", lambda r: r["backend"]),
-        ("precision", lambda r: r["precision"]),
-        ("status", lambda r: r["status"]),
-        ("rel L2", lambda r: _fmt(r.get("rel_l2"), ".2e")),
-        ("max abs err", lambda r: _fmt(r.get("max_abs"), ".2e")),
-        ("pixels agree %", lambda r: _pct(r.get("pixel_agreement"))),
-        ("mean Dice", lambda r: _fmt(r.get("mean_dice"), ".4f")),
-        ("worst Dice", lambda r: _fmt(r.get("worst_dice"), ".4f")),
-        ("mean IoU", lambda r: _fmt(r.get("mean_iou"), ".4f")),
-        ("flips (confident)", lambda r: "-" if r.get("flipped_pixels") is None
-         else f"{r['flipped_pixels']} ({r['confident_flips']})"),
+    m = VerifyRow.metric
+    cols: list[VerifyColumn] = [
+        ("backend", lambda r: r.backend),
+        ("precision", lambda r: r.precision),
+        ("status", lambda r: str(r.status)),
+        ("rel L2", lambda r: _fmt(m(r, "rel_l2"), ".2e")),
+        ("max abs err", lambda r: _fmt(m(r, "max_abs"), ".2e")),
+        ("pixels agree %", lambda r: _pct(m(r, "pixel_agreement"))),
+        ("mean Dice", lambda r: _fmt(m(r, "mean_dice"), ".4f")),
+        ("worst Dice", lambda r: _fmt(m(r, "worst_dice"), ".4f")),
+        ("mean IoU", lambda r: _fmt(m(r, "mean_iou"), ".4f")),
+        ("flips (confident)", lambda r: "-" if r.agreement is None
+         else f"{r.agreement.flipped_pixels} ({r.agreement.confident_flips})"),
     ]
-    if any("gt_dice" in r for r in rows):
-        cols.append(("Dice vs truth", lambda r: _fmt(r.get("gt_dice"), ".4f")))
-        cols.append(("drop vs ref", lambda r: _fmt(r.get("gt_dice_drop"), "+.4f")))
-    if any(r.get("reason") for r in rows):
-        cols.append(("note", lambda r: r.get("reason", "")))
+    if any(m(r, "gt_dice") is not None for r in rows):
+        cols.append(("Dice vs truth", lambda r: _fmt(m(r, "gt_dice"), ".4f")))
+        cols.append(("drop vs ref", lambda r: _fmt(m(r, "gt_dice_drop"), "+.4f")))
+    if any(r.reason for r in rows):
+        cols.append(("note", lambda r: r.reason))
     return cols
 
 
-def verify_table(rows: Sequence[Mapping[str, Any]], title: str = "Verification against PyTorch FP32") -> Any:
+def verify_table(rows: Sequence[VerifyRow], title: str = "Verification against PyTorch FP32") -> Any:
     """Rows that ran as a table; unavailable ones grouped into a caption (same reason, one line)."""
     from rich.markup import escape
     from rich.table import Table
 
-    ran = [r for r in rows if r["status"] != Status.UNAVAILABLE]
+    ran = [r for r in rows if r.status != Status.UNAVAILABLE]
     grouped: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        if r["status"] == Status.UNAVAILABLE:
-            grouped.setdefault((r["backend"], r.get("reason", "")), []).append(r["precision"])
+        if r.status == Status.UNAVAILABLE:
+            grouped.setdefault((r.backend, r.reason), []).append(r.precision)
     caption = "\n".join(f"unavailable here: {b} ({', '.join(p)}): {escape(reason)}"
                         for (b, reason), p in grouped.items()) or None
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
@@ -65,30 +69,30 @@ def verify_table(rows: Sequence[Mapping[str, Any]], title: str = "Verification a
                          else "right", overflow="fold", max_width=60 if header == "note" else None)
     for r in rows:
         cells = [escape(str(fn(r))) for _, fn in cols]
-        cells[2] = _STATUS_STYLE.get(r["status"], r["status"])
+        cells[2] = _STATUS_STYLE.get(str(r.status), str(r.status))
         table.add_row(*cells)
     return table
 
 
-BENCH_COLUMNS: list[tuple[str, Any]] = [
-    ("backend", lambda r: r["backend"]),
-    ("precision", lambda r: r["precision"]),
-    ("device", lambda r: r.get("device", "")),
-    ("shape", lambda r: "x".join(map(str, r["shape"]))),
-    ("p50 ms", lambda r: f"{r['latency_ms']['p50']:.2f}"),
-    ("mean ms", lambda r: f"{r['latency_ms']['mean']:.2f}"),
-    ("p90 ms", lambda r: f"{r['latency_ms']['p90']:.2f}"),
-    ("p99 ms", lambda r: f"{r['latency_ms']['p99']:.2f}"),
-    ("min ms", lambda r: f"{r['latency_ms']['min']:.2f}"),
-    ("max ms", lambda r: f"{r['latency_ms']['max']:.2f}"),
-    ("img/s", lambda r: f"{r['throughput_ips']:.1f}"),
-    ("CoV %", lambda r: f"{100 * r['cov']:.1f}"),
-    ("RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
-    ("vs first", lambda r: "-" if r.get("ratio_vs_first") is None else f"{r['ratio_vs_first']:.2f}x"),
+BENCH_COLUMNS: list[tuple[str, Callable[[BenchResult], str]]] = [
+    ("backend", lambda r: r.backend),
+    ("precision", lambda r: r.precision),
+    ("device", lambda r: r.device),
+    ("shape", lambda r: "x".join(map(str, r.shape))),
+    ("p50 ms", lambda r: f"{r.latency_ms['p50']:.2f}"),
+    ("mean ms", lambda r: f"{r.latency_ms['mean']:.2f}"),
+    ("p90 ms", lambda r: f"{r.latency_ms['p90']:.2f}"),
+    ("p99 ms", lambda r: f"{r.latency_ms['p99']:.2f}"),
+    ("min ms", lambda r: f"{r.latency_ms['min']:.2f}"),
+    ("max ms", lambda r: f"{r.latency_ms['max']:.2f}"),
+    ("img/s", lambda r: f"{r.throughput_ips:.1f}"),
+    ("CoV %", lambda r: f"{100 * r.cov:.1f}"),
+    ("RSS MB", lambda r: "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"),
+    ("vs first", lambda r: "-" if r.ratio_vs_first is None else f"{r.ratio_vs_first:.2f}x"),
 ]
 
 
-def bench_table(results: Sequence[Mapping[str, Any]], title: str = "Latency") -> Any:
+def bench_table(results: Sequence[BenchResult], title: str = "Latency") -> Any:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -118,45 +122,41 @@ def machine_record() -> dict[str, Any]:
     return {"cpu": machine_info(), "gpu": gpu, "versions": versions()}
 
 
-def render_report(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], bench_rows: Sequence[Mapping[str, Any]],
-                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+def render_report(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: Sequence[BenchResult],
+                  extra: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str]:
     """(report.json data, report.md text) of a pipeline, verify or bench run."""
-    m = bundle.manifest
     data = {"bundle": str(bundle.root), "title": f"attunet-deploy report: {bundle.root.name}",
-            "generated": now_iso(), "model": m["model"], "preprocessing": m["preprocessing"],
-            "golden": m.get("golden", {}), "machine": machine_record(),
-            "verification": [dict(r) for r in verify_rows], "benchmarks": [dict(r) for r in bench_rows],
-            "notes": {k: v for k, v in (extra or {}).items() if isinstance(v, str)}, **(extra or {})}
-    intro = report_intro(bundle, data)
-    ref = verify_rows[0].get("reference", "torch/fp32") if verify_rows else "torch/fp32"
+            "generated": now_iso(), **bundle.report_header(), "machine": machine_record(),
+            "verification": [r.to_dict() for r in verify_rows], "benchmarks": [r.to_dict() for r in bench_rows],
+            "notes": dict(extra or {}), **(extra or {})}
+    intro = report_intro(bundle, str(data["generated"]))
+    ref = verify_rows[0].reference if verify_rows else "torch/fp32"
     md = [f"# {data['title']}", "", *[line + "\n" for line in intro]]
     if verify_rows:
         vcols = verify_columns(verify_rows)
         md += [f"## Verification against {ref}", "",
                markdown_table([h for h, _ in vcols], [[fn(r) for _, fn in vcols] for r in verify_rows]), ""]
-        worst = [r for r in verify_rows if r.get("worst_images")]
+        worst = [r for r in verify_rows if r.worst_images]
         if worst:
             md += ["Lowest Dice against the reference, per backend: "
-                   + "; ".join(f"{r['backend']}/{r['precision']}: "
-                               + ", ".join(f"{w['file']} {w['dice']:.4f}" for w in r["worst_images"])
+                   + "; ".join(f"{r.name}: " + ", ".join(f"{w.file} {w.dice:.4f}" for w in r.worst_images)
                                for r in worst), ""]
     if bench_rows:
-        mach = bench_rows[0].get("machine", {})
+        mach = bench_rows[0].machine
         md += ["## Latency", "",
                f"Machine: {mach.get('cpu_model', '?')}, {mach.get('cores', '?')} cores, ISA "
                f"{' '.join(mach.get('isa', [])) or '-'}.", "",
                markdown_table([h for h, _ in BENCH_COLUMNS], [[fn(r) for _, fn in BENCH_COLUMNS] for r in bench_rows]),
                ""]
     for key, value in (extra or {}).items():
-        if isinstance(value, str):
-            md += [f"## {key}", "", value, ""]
+        md += [f"## {key}", "", value, ""]
     return data, "\n".join(md)
 
 
-def report_intro(bundle: Bundle, data: Mapping[str, Any]) -> list[str]:
+def report_intro(bundle: Bundle, generated: str) -> list[str]:
     from attunet_deploy.io.golden import describe
 
-    m = bundle.manifest
-    return [f"Generated {data['generated']}. Model: {bundle.describe_model()} "
-            f"({m['model']['source'].get('parameters', '?')} parameters), from `{m['model']['source'].get('path')}`.",
-            describe(m.get("golden") or {}).capitalize() + "."]
+    src = bundle.source
+    params = "?" if src.parameters is None else src.parameters
+    return [f"Generated {generated}. Model: {bundle.describe_model()} ({params} parameters), from `{src.path}`.",
+            describe(bundle.golden).capitalize() + "."]

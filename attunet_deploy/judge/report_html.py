@@ -31,6 +31,7 @@ from attunet_deploy.judge.panels import (
     render_panel,
 )
 from attunet_deploy.judge.report import BENCH_COLUMNS, render_report, report_intro
+from attunet_deploy.judge.results import BenchResult, Status, VerifyRow
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1720px;padding:0 16px;
@@ -72,28 +73,27 @@ def tolerance_text(tol: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "reported only"
 
 
-def verdict_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def verdict_table(rows: Sequence[VerifyRow]) -> str:
     """Every row; those that ran first (in their order), then those unavailable here."""
-    rows = [r for r in rows if str(r.get("status")) != "unavailable"] + \
-        [r for r in rows if str(r.get("status")) == "unavailable"]
-    gt = any("gt_dice" in r for r in rows)
+    rows = [r for r in rows if r.status != Status.UNAVAILABLE] + [r for r in rows if r.status == Status.UNAVAILABLE]
+    gt = any(r.metric("gt_dice") is not None for r in rows)
     heads = ["backend", "precision", "verdict", "judged against", "reference", "device", "rel L2",
              "pixels agree %", "mean Dice", "worst Dice"] + (["Dice vs truth"] if gt else []) + ["note"]
     left = {"backend", "precision", "verdict", "judged against", "reference", "device", "note"}
     out = ['<table id="verdict"><thead><tr>'
            + "".join(f'<th class="{"l" if h in left else ""}">{h}</th>' for h in heads) + "</tr></thead><tbody>"]
     for r in rows:
-        status = str(r.get("status"))
-        agree = r.get("pixel_agreement")
-        cells = [(r["backend"], "l"), (r["precision"], "l"), (status.upper() if status == "fail" else status, status),
-                 (tolerance_text(r.get("tolerance") or {}), "l nw"), (r.get("reference", ""), "l"),
-                 (r.get("device") or "", "l"), (_f(r.get("rel_l2"), ".2e"), ""),
-                 ("-" if agree is None else f"{100 * agree:.4f}", ""), (_f(r.get("mean_dice"), ".4f"), ""),
-                 (_f(r.get("worst_dice"), ".4f"), "")]
+        status = str(r.status)
+        agree = r.metric("pixel_agreement")
+        cells = [(r.backend, "l"), (r.precision, "l"), (status.upper() if status == "fail" else status, status),
+                 (tolerance_text(r.tolerance), "l nw"), (r.reference, "l"),
+                 (r.device or "", "l"), (_f(r.metric("rel_l2"), ".2e"), ""),
+                 ("-" if agree is None else f"{100 * agree:.4f}", ""), (_f(r.metric("mean_dice"), ".4f"), ""),
+                 (_f(r.metric("worst_dice"), ".4f"), "")]
         if gt:
-            cells.append((_f(r.get("gt_dice"), ".4f"), ""))
-        cells.append((r.get("reason") or "", "l"))
-        out.append(f'<tr data-backend="{escape(str(r["backend"]))}" data-precision="{escape(str(r["precision"]))}" '
+            cells.append((_f(r.metric("gt_dice"), ".4f"), ""))
+        cells.append((r.reason, "l"))
+        out.append(f'<tr data-backend="{escape(r.backend)}" data-precision="{escape(r.precision)}" '
                    f'data-status="{escape(status)}">'
                    + "".join(f'<td class="{c}">{escape(str(v))}</td>' for v, c in cells) + "</tr>")
     out.append("</tbody></table>")
@@ -121,17 +121,19 @@ def legend() -> str:
             f'(added). Colour-blind-safe pair (Paul Tol); tiles upscaled with nearest-neighbour.</p>')
 
 
-def worst_sections(rows: Sequence[Mapping[str, Any]], panels: Mapping[str, Sequence[Panel]]) -> str:
+def worst_sections(rows: Sequence[VerifyRow]) -> str:
     """Each row that ran, failures first, then by mean Dice (lowest first): what needs a look leads."""
-    ran = [r for r in rows if str(r.get("status")) != "unavailable"]
+    ran = [r for r in rows if r.status != Status.UNAVAILABLE]
     out = [legend()]
-    for r in sorted(ran, key=lambda r: (str(r.get("status")) != "fail", r.get("mean_dice") or 0.0)):
-        name = f"{r['backend']}/{r['precision']}"
-        got = panels.get(name, [])
-        colour = STATUS_COLOUR.get(str(r.get("status")), "#333")
+    for r in sorted(ran, key=lambda r: (r.status != Status.FAIL, r.mean_dice or 0.0)):
+        name = r.name
+        got = r.panels
+        colour = STATUS_COLOUR.get(str(r.status), "#333")
+        flipped = r.metric("flipped_pixels")
         out.append(f'<h3 id="worst-{escape(name.replace("/", "-"))}"><span style="color:{colour}">■</span> '
-                   f'{escape(name)} · mean Dice {_f(r.get("mean_dice"), ".4f")} · '
-                   f'worst {_f(r.get("worst_dice"), ".4f")} · {r.get("flipped_pixels", "-")} pixels differ</h3>')
+                   f'{escape(name)} · mean Dice {_f(r.mean_dice, ".4f")} · '
+                   f'worst {_f(r.metric("worst_dice"), ".4f")} · '
+                   f'{"-" if flipped is None else flipped} pixels differ</h3>')
         if not got:
             out.append('<p class="muted">No pictures: the masks were not kept with these results.</p>')
         out += [panel_figure(p) for p in got]
@@ -147,7 +149,7 @@ def machine_section(machine: Mapping[str, Any], versions: Mapping[str, Any], gpu
                                              for k, v in rows) + "</table>"
 
 
-def bench_table_html(results: Sequence[Mapping[str, Any]]) -> str:
+def bench_table_html(results: Sequence[BenchResult]) -> str:
     heads = [h for h, _ in BENCH_COLUMNS]
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i < 4 else ""}">{escape(str(fn(r)))}</td>'
                                     for i, (_, fn) in enumerate(BENCH_COLUMNS)) + "</tr>" for r in results)
@@ -155,13 +157,13 @@ def bench_table_html(results: Sequence[Mapping[str, Any]]) -> str:
             + body + "</tbody></table>")
 
 
-def render_html(data: Mapping[str, Any], intro: Sequence[str], panels: Mapping[str, Sequence[Panel]]) -> str:
-    """The whole page. ``data`` is what report.json holds; ``intro`` lines of plain text under the
-    title; ``panels`` by 'backend/precision'."""
-    rows = list(data.get("verification", []))
-    results = list(data.get("benchmarks", []))
-    counts = {s: sum(str(r.get("status")) == s for r in rows) for s in ("pass", "fail", "unavailable")}
-    ref = rows[0].get("reference", "torch/fp32") if rows else "torch/fp32"
+def render_html(rows: Sequence[VerifyRow], results: Sequence[BenchResult], data: Mapping[str, Any],
+                intro: Sequence[str]) -> str:
+    """The whole page: the rows (their mask panels included), the benchmark results, and from
+    ``data`` (what report.json holds) the title, notes and machine; ``intro`` lines of plain text
+    under the title."""
+    counts = {s: sum(str(r.status) == s for r in rows) for s in ("pass", "fail", "unavailable")}
+    ref = rows[0].reference if rows else "torch/fp32"
     title = escape(str(data.get("title", "attunet-deploy report")))
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
@@ -174,9 +176,9 @@ def render_html(data: Mapping[str, Any], intro: Sequence[str], panels: Mapping[s
         parts.append(verdict_table(rows))
         strip = dice_strip(rows)
         parts.append("<h2>Dice of every judged image</h2>" + (strip or '<p class="muted">No row ran.</p>'))
-        parts.append(f"<h2>Worst images per backend</h2>{worst_sections(rows, panels)}")
+        parts.append(f"<h2>Worst images per backend</h2>{worst_sections(rows)}")
     if results:
-        shape = "x".join(map(str, results[0].get("shape", [])))
+        shape = "x".join(map(str, results[0].shape))
         parts.append(f"<h2>Latency at {escape(shape)}</h2>{latency_bars(results)}{bench_table_html(results)}")
     for key, value in (data.get("notes") or {}).items():
         if isinstance(value, str):
@@ -187,13 +189,13 @@ def render_html(data: Mapping[str, Any], intro: Sequence[str], panels: Mapping[s
     return "\n".join(parts)
 
 
-def report_files(bundle: Bundle, verify_rows: Sequence[Mapping[str, Any]], bench_rows: Sequence[Mapping[str, Any]],
-                 extra: dict[str, Any] | None = None) -> dict[str, str]:
+def report_files(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: Sequence[BenchResult],
+                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """report.json, report.md and report.html of one run, by file name. The page's mask panels come
     from the rows (``VerifyRow.panels``: kept by verify, never in JSON)."""
     data, md = render_report(bundle, verify_rows, bench_rows, extra)
-    panels = {f"{r['backend']}/{r['precision']}": list(getattr(r, "panels", None) or []) for r in verify_rows}
-    html = render_html(data, [line.replace("`", "") for line in report_intro(bundle, data)], panels)
+    intro = [line.replace("`", "") for line in report_intro(bundle, str(data["generated"]))]
+    html = render_html(verify_rows, bench_rows, data, intro)
     return {"report.json": dumps(data) + "\n", "report.md": md, "report.html": html}
 
 

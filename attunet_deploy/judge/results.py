@@ -1,18 +1,24 @@
 """Typed records of what ``verify`` and ``bench`` found: :class:`VerifyRow`, :class:`BenchResult`,
-:class:`Skip`, and the :class:`Status` of a verification row.
+:class:`Skip`, the :class:`Status` of a verification row and the :class:`Tolerance` it was judged by.
 
-``to_dict()`` gives the JSON written today (``verify --json``, ``bench --json``, report.json and
-the manifest's ``verification`` section), key for key and in the same order. The records also
-read like those dicts (``row["status"]``), so code and reports written against the dicts, and
-rows loaded back from old manifests and reports (plain dicts), are read the same way.
+Records are only records (frozen dataclasses, as Polygraphy's ``comparator/struct.py``): JSON is
+made at the edges by ``to_dict()`` (``verify --json``, ``bench --json``, report.json and the
+manifest's ``verification`` section, key for key and in the order they always had) and read back by
+``from_dict()`` (rows recorded in a manifest or a report).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from attunet_deploy.errors import InputError
+
+JsonRow = dict[str, Any]
 
 
 class Status(str, enum.Enum):
@@ -29,24 +35,44 @@ class Status(str, enum.Enum):
         return format(self.value, spec)
 
 
-class Record(Mapping[str, Any]):
-    """Read access by key, exactly as the dict :meth:`to_dict` returns."""
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria; None means 'reported only'. Fractions, not percent."""
 
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    rel_l2: float | None = None
+    pixel_agreement: float | None = None
+    mean_dice: float | None = None
+    worst_dice: float | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"tolerance {f.name} {v!r}: must be a finite number (or 'none')", field=f.name)
+            if f.name == "rel_l2" and v < 0:
+                raise InputError(f"tolerance {f.name} {v}: must be >= 0", field=f.name)
+            if f.name != "rel_l2" and not 0.0 <= v <= 1.0:
+                raise InputError(f"tolerance {f.name} {v}: must be a fraction in [0, 1]", field=f.name)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
 
 
-@dataclass(eq=False)
-class Agreement(Record):
+@dataclass(frozen=True)
+class WorstImage:
+    """One of a row's lowest-Dice images."""
+
+    file: str
+    dice: float
+
+    def to_dict(self) -> JsonRow:
+        return {"file": self.file, "dice": self.dice}
+
+
+@dataclass(frozen=True)
+class Agreement:
     """How closely one backend's outputs follow the reference's (docs/design.md section 7)."""
 
     rel_l2: float
@@ -59,32 +85,50 @@ class Agreement(Record):
     flipped_pixels: int
     confident_flips: int
     images: int
-    worst_images: list[dict[str, Any]]
+    worst_images: tuple[WorstImage, ...]
     #: Dice against ground truth, and the reference's minus this one (only where labels exist)
     gt_dice: float | None = None
     gt_dice_drop: float | None = None
     #: Dice of every judged image against the reference (and against the truth, with labels), in
     #: judging order: what report.html's distributions are drawn from
-    dice_per_image: list[float] | None = None
-    gt_dice_per_image: list[float] | None = None
+    dice_per_image: tuple[float, ...] | None = None
+    gt_dice_per_image: tuple[float, ...] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("rel_l2", "max_abs", "mean_abs", "pixel_agreement", "mean_dice",
-                                           "worst_dice", "mean_iou", "flipped_pixels", "confident_flips",
-                                           "images", "worst_images")}
-        if self.gt_dice is not None:
-            d["gt_dice"] = self.gt_dice
-        if self.gt_dice_drop is not None:
-            d["gt_dice_drop"] = self.gt_dice_drop
-        if self.dice_per_image is not None:
-            d["dice_per_image"] = self.dice_per_image
-        if self.gt_dice_per_image is not None:
-            d["gt_dice_per_image"] = self.gt_dice_per_image
+    _ALWAYS = ("rel_l2", "max_abs", "mean_abs", "pixel_agreement", "mean_dice", "worst_dice", "mean_iou",
+               "flipped_pixels", "confident_flips", "images")
+    _OPTIONAL = ("gt_dice", "gt_dice_drop", "dice_per_image", "gt_dice_per_image")
+
+    def to_dict(self) -> JsonRow:
+        d: JsonRow = {k: getattr(self, k) for k in self._ALWAYS}
+        d["worst_images"] = [w.to_dict() for w in self.worst_images]
+        for k in self._OPTIONAL:
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = list(v) if isinstance(v, tuple) else v
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Agreement | None:
+        """The figures of a recorded row (None where it has none, or they are not numbers)."""
+        if any(not isinstance(d.get(k), (int, float)) for k in cls._ALWAYS if k != "images"):
+            return None
+        def per_image(key: str) -> tuple[float, ...] | None:
+            v = d.get(key)
+            return tuple(float(x) for x in v) if isinstance(v, list) else None
 
-@dataclass(eq=False)
-class VerifyRow(Record):
+        def opt(key: str) -> float | None:
+            v = d.get(key)
+            return float(v) if isinstance(v, (int, float)) else None
+
+        return cls(float(d["rel_l2"]), float(d["max_abs"]), float(d["mean_abs"]), float(d["pixel_agreement"]),
+                   float(d["mean_dice"]), float(d["worst_dice"]), float(d["mean_iou"]), int(d["flipped_pixels"]),
+                   int(d["confident_flips"]), int(d.get("images", 0)),
+                   tuple(WorstImage(str(w["file"]), float(w["dice"])) for w in d.get("worst_images", [])),
+                   opt("gt_dice"), opt("gt_dice_drop"), per_image("dice_per_image"), per_image("gt_dice_per_image"))
+
+
+@dataclass(frozen=True)
+class VerifyRow:
     """One backend/precision judged against the reference."""
 
     backend: str
@@ -92,80 +136,125 @@ class VerifyRow(Record):
     reference: str
     status: Status
     reason: str = ""
-    tolerance: dict[str, Any] = field(default_factory=dict)
+    tolerance: Mapping[str, float | None] = field(default_factory=dict)
     device: str | None = None
     agreement: Agreement | None = None
-    diff_images: list[Any] | None = None
+    diff_images: tuple[str, ...] | None = None
     #: the worst images with both masks (judge/panels.py), for report.html and --save-diff; not
     #: part of the JSON record (pictures are written from it, not stored in it)
-    panels: list[Any] = field(default_factory=list, repr=False)
+    panels: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"backend": self.backend, "precision": self.precision, "reference": self.reference}
+    def to_dict(self) -> JsonRow:
+        d: JsonRow = {"backend": self.backend, "precision": self.precision, "reference": self.reference}
         if self.device is not None:
             d["device"] = self.device
         if self.agreement is not None:
             d.update(self.agreement.to_dict())
         d.update(status=Status(self.status).value, reason=self.reason, tolerance=dict(self.tolerance))
         if self.diff_images is not None:
-            d["diff_images"] = self.diff_images
+            d["diff_images"] = list(self.diff_images)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VerifyRow:
+        """A row as recorded (manifest, report.json); unknown keys (a record's ``time``) are ignored."""
+        diff = d.get("diff_images")
+        status = d.get("status")
+        tolerance = d.get("tolerance")
+        return cls(str(d.get("backend", "?")), str(d.get("precision", "?")), str(d.get("reference", "torch/fp32")),
+                   Status(status) if status in {s.value for s in Status} else Status.FAIL,
+                   str(d.get("reason", "") or ""), dict(tolerance) if isinstance(tolerance, Mapping) else {},
+                   d.get("device"), Agreement.from_dict(d), tuple(diff) if isinstance(diff, list) else None)
 
     @property
     def name(self) -> str:
         return f"{self.backend}/{self.precision}"
 
+    def metric(self, key: str) -> Any:
+        """An agreement figure by name (None where the row has none: unavailable, or a backend that broke)."""
+        return getattr(self.agreement, key, None) if self.agreement is not None else None
 
-@dataclass(eq=False)
-class Skip(Record):
+    @property
+    def mean_dice(self) -> float | None:
+        return self.metric("mean_dice")
+
+    @property
+    def worst_images(self) -> tuple[WorstImage, ...]:
+        return self.agreement.worst_images if self.agreement is not None else ()
+
+
+@dataclass(frozen=True)
+class Skip:
     """A backend/precision that could not be timed here, and why."""
 
     backend: str
     precision: str
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonRow:
         return {"backend": self.backend, "precision": self.precision, "reason": self.reason}
 
 
-@dataclass(eq=False)
-class BenchResult(Record):
+@dataclass(frozen=True)
+class BenchResult:
     """One runner's timings (docs/design.md section 8)."""
 
     backend: str
     precision: str
     device: str
-    shape: list[int]
+    shape: tuple[int, ...]
     mode: str
     warmup: int
     iterations: int
-    latency_ms: dict[str, float]
+    latency_ms: Mapping[str, float]
     throughput_ips: float
     cov: float
     peak_rss_mb: float | None
     threads: int | None
     concurrency: int
     timing: str
-    versions: dict[str, Any]
-    machine: dict[str, Any]
-    device_latency_ms: dict[str, float] | None = None
+    versions: Mapping[str, Any]
+    machine: Mapping[str, Any]
+    device_latency_ms: Mapping[str, float] | None = None
     #: backend facts worth keeping with the timings (device memory, CUDA graphs, OpenVINO hints)
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, Any] = field(default_factory=dict)
     #: p50 over the first result's p50 in one run (set by ``bench_many``; None when the first is 0)
     ratio_vs_first: float | None = None
     has_ratio: bool = False
 
-    def set_ratio(self, first_p50: float) -> None:
-        self.ratio_vs_first = self.latency_ms["p50"] / first_p50 if first_p50 > 0 else None
-        self.has_ratio = True
+    _KEYS = ("backend", "precision", "device", "shape", "mode", "warmup", "iterations", "latency_ms",
+             "throughput_ips", "cov", "peak_rss_mb", "threads", "concurrency", "timing", "versions", "machine")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("backend", "precision", "device", "shape", "mode", "warmup",
-                                           "iterations", "latency_ms", "throughput_ips", "cov", "peak_rss_mb",
-                                           "threads", "concurrency", "timing", "versions", "machine")}
+    def with_ratio(self, first_p50: float) -> BenchResult:
+        return dataclasses.replace(self, ratio_vs_first=self.latency_ms["p50"] / first_p50 if first_p50 > 0 else None,
+                                   has_ratio=True)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.precision}"
+
+    @property
+    def p50(self) -> float:
+        return float(self.latency_ms["p50"])
+
+    def to_dict(self) -> JsonRow:
+        d: JsonRow = {k: getattr(self, k) for k in self._KEYS}
+        d["shape"] = list(self.shape)
+        d["latency_ms"] = dict(self.latency_ms)
+        d["versions"], d["machine"] = dict(self.versions), dict(self.machine)
         if self.device_latency_ms is not None:
-            d["device_latency_ms"] = self.device_latency_ms
+            d["device_latency_ms"] = dict(self.device_latency_ms)
         d.update(self.extras)
         if self.has_ratio:
             d["ratio_vs_first"] = self.ratio_vs_first
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BenchResult:
+        known = {*cls._KEYS, "device_latency_ms", "ratio_vs_first"}
+        return cls(str(d["backend"]), str(d["precision"]), str(d.get("device", "")), tuple(d.get("shape", ())),
+                   str(d.get("mode", "compute")), int(d.get("warmup", 0)), int(d.get("iterations", 0)),
+                   dict(d["latency_ms"]), float(d.get("throughput_ips", 0.0)), float(d.get("cov", 0.0)),
+                   d.get("peak_rss_mb"), d.get("threads"), int(d.get("concurrency", 1)), str(d.get("timing", "")),
+                   dict(d.get("versions", {})), dict(d.get("machine", {})), d.get("device_latency_ms"),
+                   {k: v for k, v in d.items() if k not in known}, d.get("ratio_vs_first"), "ratio_vs_first" in d)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +19,17 @@ import numpy as np
 from attunet_deploy.bundle import WEIGHTS_FILE, Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import AttDeployError, BackendUnavailable, InputError
-from attunet_deploy.io.golden import GoldenCase, group_by_shape, load_golden, model_space, require_labels
+from attunet_deploy.io.golden import GoldenCase, group_by_shape, load_golden, require_labels
 from attunet_deploy.judge.panels import collect_panels
-from attunet_deploy.judge.results import Agreement, Status, VerifyRow
+from attunet_deploy.judge.results import Agreement, Status, Tolerance, VerifyRow, WorstImage
 from attunet_deploy.metrics import confident_flips, per_image_overlap, streamed_errors
-from attunet_deploy.preprocess import logits_to_masks
 from attunet_deploy.runtimes import registry
 from attunet_deploy.runtimes.registry import available_backends
 from attunet_deploy.runtimes.select import open_runner
+from attunet_deploy.segmenter import Segmenter
 
 #: How many of a row's lowest-Dice images it lists.
 WORST_SHOWN = 3
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Pass criteria; None means 'reported only'. Fractions, not percent."""
-
-    rel_l2: float | None = None
-    pixel_agreement: float | None = None
-    mean_dice: float | None = None
-    worst_dice: float | None = None
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                continue
-            name = "--" + f.name.replace("_", "-")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InputError(f"{name} {v!r}: must be a finite number (or 'none')")
-            if f.name == "rel_l2" and v < 0:
-                raise InputError(f"{name} {v}: must be >= 0")
-            if f.name != "rel_l2" and not 0.0 <= v <= 1.0:
-                raise InputError(f"{name} {v}: must be a fraction in [0, 1]")
-
-    def to_dict(self) -> dict[str, float | None]:
-        return asdict(self)
 
 
 #: docs/design.md section 7.
@@ -71,7 +45,7 @@ def check_dice_drop(value: float | None) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 <= value <= 1.0:
-        raise InputError(f"--max-dice-drop {value!r}: must be a fraction in [0, 1]")
+        raise InputError(f"the largest Dice drop {value!r} must be a fraction in [0, 1]", field="max_dice_drop")
     return float(value)
 
 
@@ -86,24 +60,25 @@ def _gt_dices(masks: list[np.ndarray], cases: list[GoldenCase], num_classes: int
     return gt
 
 
-def reference_gt_dice(cases: list[GoldenCase], postprocessing: dict[str, Any]) -> float | None:
+def reference_gt_dice(cases: list[GoldenCase], segmenter: Segmenter) -> float | None:
     """Dice of the reference's masks against the ground truth (None without labels)."""
     if not cases:
         return None
-    ref_masks = [logits_to_masks(c.logits, postprocessing) for c in cases]
+    ref_masks = [segmenter.masks(c.logits) for c in cases]
     gt = _gt_dices(ref_masks, cases, cases[0].logits.shape[1])
     return None if gt is None else float(np.mean(gt))
 
 
-def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: dict[str, Any],
+def compare(outputs: list[np.ndarray], cases: list[GoldenCase], segmenter: Segmenter,
             tolerance: Tolerance, ref_gt_dice: float | None = None,
             max_dice_drop: float | None = None) -> VerifyRow:
     """Metrics of ``outputs`` (one array per case) against the reference logits, and the verdict
-    (the row's backend, precision and reference are left for the caller to fill in)."""
+    (the row's backend, precision and reference are left for the caller to fill in). Masks are the
+    Segmenter's, post-processing included, on both sides."""
     rel, max_abs, mean_abs = streamed_errors((o, c.logits) for o, c in zip(outputs, cases))
     num_classes = cases[0].logits.shape[1]
-    masks = [logits_to_masks(o, postprocessing) for o in outputs]
-    ref_masks = [logits_to_masks(c.logits, postprocessing) for c in cases]
+    masks = [segmenter.masks(o) for o in outputs]
+    ref_masks = [segmenter.masks(c.logits) for c in cases]
     total = sum(m.size for m in masks)
     flipped = sum(int((m != r).sum()) for m, r in zip(masks, ref_masks))
     dices: list[float] = []
@@ -115,44 +90,41 @@ def compare(outputs: list[np.ndarray], cases: list[GoldenCase], postprocessing: 
         ious += j
         names += c.image_names()
     worst = sorted(range(len(dices)), key=lambda i: (dices[i], i))[:WORST_SHOWN]
+    gts = _gt_dices(masks, cases, num_classes)
+    gt = float(np.mean(gts)) if gts is not None else None
+    if gts is not None and ref_gt_dice is None:
+        ref_gt_dice = reference_gt_dice(cases, segmenter)
     agreement = Agreement(
         rel_l2=rel, max_abs=max_abs, mean_abs=mean_abs, pixel_agreement=1.0 - flipped / total,
         mean_dice=float(np.mean(dices)), worst_dice=float(np.min(dices)), mean_iou=float(np.mean(ious)),
         flipped_pixels=flipped,
         confident_flips=sum(confident_flips(m, r, c.logits) for m, r, c in zip(masks, ref_masks, cases)),
-        images=len(dices), worst_images=[{"file": names[i], "dice": dices[i]} for i in worst],
-        dice_per_image=[float(d) for d in dices])
-    gts = _gt_dices(masks, cases, num_classes)
-    if gts is not None:
-        gt = float(np.mean(gts))
-        agreement.gt_dice = gt
-        agreement.gt_dice_per_image = [float(d) for d in gts]
-        if ref_gt_dice is None:
-            ref_gt_dice = reference_gt_dice(cases, postprocessing)
-        if ref_gt_dice is not None:
-            agreement.gt_dice_drop = float(ref_gt_dice - gt)
+        images=len(dices), worst_images=tuple(WorstImage(names[i], dices[i]) for i in worst),
+        dice_per_image=tuple(float(d) for d in dices), gt_dice=gt,
+        gt_dice_drop=float(ref_gt_dice - gt) if gt is not None and ref_gt_dice is not None else None,
+        gt_dice_per_image=tuple(float(d) for d in gts) if gts is not None else None)
     failures = judge(agreement, tolerance)
     drop = agreement.gt_dice_drop
     if max_dice_drop is not None and drop is not None and not drop <= max_dice_drop:
         failures.append(f"Dice vs truth drops {drop:.4f} > {max_dice_drop:g}")
-    tol: dict[str, Any] = tolerance.to_dict()
+    tol: dict[str, float | None] = dict(tolerance.to_dict())
     if max_dice_drop is not None:
         tol["max_dice_drop"] = max_dice_drop
     return VerifyRow(backend="", precision="", reference="", status=Status.FAIL if failures else Status.PASS,
                      reason="; ".join(failures), tolerance=tol, agreement=agreement)
 
 
-def judge(row: Mapping[str, Any], tol: Tolerance) -> list[str]:
+def judge(a: Agreement, tol: Tolerance) -> list[str]:
     """Human-readable list of missed criteria (empty when everything holds)."""
     failures = []
-    if tol.rel_l2 is not None and not row["rel_l2"] <= tol.rel_l2:
-        failures.append(f"rel_l2 {row['rel_l2']:.3g} > {tol.rel_l2:g}")
-    if tol.pixel_agreement is not None and not row["pixel_agreement"] >= tol.pixel_agreement:
-        failures.append(f"pixel agreement {100 * row['pixel_agreement']:.4f}% < {100 * tol.pixel_agreement:g}%")
-    if tol.mean_dice is not None and not row["mean_dice"] >= tol.mean_dice:
-        failures.append(f"mean Dice {row['mean_dice']:.4f} < {tol.mean_dice:g}")
-    if tol.worst_dice is not None and not row["worst_dice"] >= tol.worst_dice:
-        failures.append(f"worst Dice {row['worst_dice']:.4f} < {tol.worst_dice:g}")
+    if tol.rel_l2 is not None and not a.rel_l2 <= tol.rel_l2:
+        failures.append(f"rel_l2 {a.rel_l2:.3g} > {tol.rel_l2:g}")
+    if tol.pixel_agreement is not None and not a.pixel_agreement >= tol.pixel_agreement:
+        failures.append(f"pixel agreement {100 * a.pixel_agreement:.4f}% < {100 * tol.pixel_agreement:g}%")
+    if tol.mean_dice is not None and not a.mean_dice >= tol.mean_dice:
+        failures.append(f"mean Dice {a.mean_dice:.4f} < {tol.mean_dice:g}")
+    if tol.worst_dice is not None and not a.worst_dice >= tol.worst_dice:
+        failures.append(f"worst Dice {a.worst_dice:.4f} < {tol.worst_dice:g}")
     return failures
 
 
@@ -169,50 +141,46 @@ def run_outputs(bundle: Bundle, backend: str, precision: str, cases: list[Golden
 
 def run_backend(bundle: Bundle, backend: str, precision: str, cases: list[GoldenCase], tolerance: Tolerance,
                 *, reference: str = "torch/fp32", ref_gt_dice: float | None = None,
-                max_dice_drop: float | None = None, keep: dict[str, Any] | None = None,
+                max_dice_drop: float | None = None, keep: dict[str, list[np.ndarray]] | None = None,
                 **runner_options: Any) -> VerifyRow:
     """One verification row; BackendUnavailable becomes an 'unavailable' row, a backend that fails
     at run time a 'fail' row. ``keep`` receives the outputs (for diff images)."""
-    base: dict[str, Any] = {"backend": backend, "precision": precision, "reference": reference}
     try:
         outputs, device = run_outputs(bundle, backend, precision, cases, **runner_options)
     except BackendUnavailable as exc:
-        return VerifyRow(**base, status=Status.UNAVAILABLE, reason=str(exc), tolerance=tolerance.to_dict())
+        return VerifyRow(backend, precision, reference, Status.UNAVAILABLE, str(exc), tolerance.to_dict())
     except AttDeployError:
         raise
     except Exception as exc:  # the backend itself broke on the golden inputs: a failed verification
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        return VerifyRow(**base, status=Status.FAIL, reason=f"{backend} raised {type(exc).__name__}: {text}",
-                         tolerance=tolerance.to_dict())
+        return VerifyRow(backend, precision, reference, Status.FAIL, f"{backend} raised {type(exc).__name__}: {text}",
+                         tolerance.to_dict())
     if keep is not None:
         keep["outputs"] = outputs
-    row = compare(outputs, cases, bundle.postprocessing, tolerance, ref_gt_dice=ref_gt_dice,
+    row = compare(outputs, cases, Segmenter(bundle.spec), tolerance, ref_gt_dice=ref_gt_dice,
                   max_dice_drop=max_dice_drop)
-    return replace(row, **base, device=device)
-
-
-def expand(bundle: Bundle, backends: list[str], precisions: list[str]) -> list[tuple[str, str]]:
-    """(backend, precision) pairs for 'all' selections, torch only at fp32."""
-    return registry.expand(backends, precisions)
+    return replace(row, backend=backend, precision=precision, reference=reference, device=device)
 
 
 def _judge_all(bundle: Bundle, pairs: list[tuple[str, str]], cases: list[GoldenCase],
                tolerances: dict[str, Tolerance], reference: str, max_dice_drop: float | None,
                save_diff: Path | None, reporter: Reporter, title: str, **runner_options: Any
                ) -> list[VerifyRow]:
-    ref_gt = reference_gt_dice(cases, bundle.postprocessing)
+    segmenter = Segmenter(bundle.spec)
+    ref_gt = reference_gt_dice(cases, segmenter)
     rows: list[VerifyRow] = []
     with reporter.progress(title, len(pairs)) as advance:
         for backend, precision in pairs:
-            keep: dict[str, Any] = {}
+            keep: dict[str, list[np.ndarray]] = {}
             row = run_backend(bundle, backend, precision, cases, tolerances[precision], reference=reference,
                               ref_gt_dice=ref_gt, max_dice_drop=max_dice_drop, keep=keep, **runner_options)
             if "outputs" in keep and row.agreement is not None:
-                row.panels = collect_panels(row.agreement.worst_images, keep["outputs"], cases, bundle.postprocessing)
+                row = replace(row, panels=tuple(collect_panels(row.agreement.worst_images, keep["outputs"], cases,
+                                                               segmenter)))
             if save_diff is not None and row.panels:
                 from attunet_deploy.judge.diffimages import write_diff_images
 
-                row.diff_images = write_diff_images(save_diff, row, row.panels)
+                row = replace(row, diff_images=tuple(write_diff_images(save_diff, row, list(row.panels))))
             rows.append(row)
             advance()
     if save_diff is not None:
@@ -242,11 +210,11 @@ def verify(bundle: Bundle, backends: list[str], precisions: list[str],
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     max_dice_drop = check_dice_drop(max_dice_drop)
     _check_diff_target(bundle, save_diff)
-    pairs = expand(bundle, backends, precisions)
+    pairs = registry.expand(backends, precisions)
     cases = load_golden(bundle)
     if max_dice_drop is not None:
         require_labels(cases)
-    reference = str(bundle.golden_info.get("reference", "torch/fp32"))
+    reference = bundle.golden.reference
     return _judge_all(bundle, pairs, cases, tolerances, reference, max_dice_drop,
                       Path(save_diff) if save_diff is not None else None, reporter,
                       f"Verifying against {reference} golden outputs", **runner_options)
@@ -261,25 +229,35 @@ def reference_backend(bundle: Bundle) -> str:
     return "ort"
 
 
-def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | os.PathLike[str] | None,
-                  backends: list[str], precisions: list[str], tolerances: dict[str, Tolerance] | None = None,
-                  reporter: Reporter | None = None, max_dice_drop: float | None = None,
-                  save_diff: str | os.PathLike[str] | None = None, max_images: int | None = None,
+@dataclass(frozen=True)
+class ImageSet:
+    """Images to judge backends on instead of the golden set (a file or folder), with optional
+    ground-truth ``labels``; 2D images beyond ``max_images`` (default: limits.VERIFY_IMAGES) are
+    sampled evenly."""
+
+    images: str | os.PathLike[str]
+    labels: str | os.PathLike[str] | None = None
+    max_images: int | None = None
+
+
+def verify_images(bundle: Bundle, image_set: ImageSet, backends: list[str], precisions: list[str],
+                  tolerances: dict[str, Tolerance] | None = None, reporter: Reporter | None = None,
+                  max_dice_drop: float | None = None, save_diff: str | os.PathLike[str] | None = None,
                   **runner_options: Any) -> list[VerifyRow]:
-    """Judge backends on any image set (with optional ground truth); the bundle is not changed.
-    2D images beyond ``max_images`` (default: limits.VERIFY_IMAGES) are sampled evenly."""
+    """Judge backends on any image set (with optional ground truth); the bundle is not changed."""
     from attunet_deploy.io.files import list_image_files, relative_name
     from attunet_deploy.io.images import check_held, read_file, sample_files, subsample
     from attunet_deploy.io.labels import attach_labels, check_label_shapes, match_labels
     from attunet_deploy.limits import VERIFY_IMAGES
 
+    images, labels, max_images = image_set.images, image_set.labels, image_set.max_images
     reporter = reporter or Reporter()
     tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     max_dice_drop = check_dice_drop(max_dice_drop)
     _check_diff_target(bundle, save_diff)
     if max_dice_drop is not None and labels is None:
         raise InputError("--max-dice-drop needs ground truth: pass --labels PATH with --images")
-    pairs = expand(bundle, backends, precisions)
+    pairs = registry.expand(backends, precisions)
     if bundle.spatial_dims == 3:
         return _verify_volumes(bundle, images, labels, pairs, tolerances, max_dice_drop, save_diff, reporter,
                                **runner_options)
@@ -305,7 +283,8 @@ def verify_images(bundle: Bundle, images: str | os.PathLike[str], labels: str | 
         records = subsample(records, max_images)
         reporter.notice("note:", f"{len(files)} file(s); judging {len(records)} evenly spaced images of them")
     masks = attach_labels(records, label_map, bundle.out_channels) if label_map is not None else None
-    inputs = [model_space(r.pixels, bundle.preprocessing, r.label) for r in records]
+    segmenter = Segmenter(bundle.spec)
+    inputs = [segmenter.prepare(r.pixels, r.label)[0] for r in records]
     groups = group_by_shape(inputs, masks, [r.label for r in records])
     n_images = len(records)
     del records, inputs, masks  # the batches hold their own copies: keep one set of pixels, not three
@@ -344,12 +323,12 @@ def runnable_reference(bundle: Bundle) -> str:
     return ref_backend
 
 
-def summary_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def summary_counts(rows: Sequence[VerifyRow]) -> dict[str, int]:
     out = {str(s): 0 for s in Status}
     for r in rows:
-        out[str(r["status"])] = out.get(str(r["status"]), 0) + 1
+        out[str(r.status)] += 1
     return out
 
 
-__all__ = ["DEFAULT_TOLERANCES", "GoldenCase", "Tolerance", "available_backends", "compare", "expand",
+__all__ = ["DEFAULT_TOLERANCES", "GoldenCase", "Tolerance", "available_backends", "compare",
            "judge", "load_golden", "run_backend", "verify", "verify_images"]

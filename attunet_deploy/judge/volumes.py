@@ -19,8 +19,8 @@ from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.golden import GoldenCase
 from attunet_deploy.io.volumes import list_volumes, read_label_volume, read_volume, to_model_space
-from attunet_deploy.preprocess import resample_nearest
 from attunet_deploy.runtimes.select import open_runner
+from attunet_deploy.segmenter import Segmenter
 
 #: Volumes one ``verify --images`` judges at most (evenly spaced over the sorted list).
 MAX_VERIFY_VOLUMES = 16
@@ -39,19 +39,20 @@ def volume_cases(bundle: Bundle, images: str | os.PathLike[str], labels: str | o
         reporter.notice("note:", f"{len(files)} volumes; judging {len(idx)} evenly spaced ones")
         files = [files[i] for i in idx]
     cases: list[GoldenCase] = []
+    segmenter = Segmenter(bundle.spec)
     held = 0
     with open_runner(bundle, reference, "fp32") as ref, reporter.progress(
             f"Reference outputs ({reference}/fp32, sliding window)", len(files)) as advance:
         for f in files:
             v = read_volume(f, bundle.in_channels, root)
-            x = to_model_space(v, bundle.preprocessing)
+            x = to_model_space(v, segmenter)
             y = None
             if label_map is not None:
                 m = read_label_volume(label_map[f], bundle.out_channels)
                 if m.shape != v.voxels.shape[1:]:
                     raise InputError(f"label {label_map[f]} is {'x'.join(map(str, m.shape))}, volume {f} is "
                                      f"{'x'.join(map(str, v.voxels.shape[1:]))}: shapes must match")
-                y = resample_nearest(m, x.shape[1:])[None]
+                y = segmenter.labels_to(m, x.shape[1:])[None]
             logits = ref.infer_volume(x[None])
             held += x.nbytes + logits.nbytes
             if held > limits.HELD_IMAGES.bytes():

@@ -2,8 +2,9 @@
 ``select`` opens them).
 
 In Polygraphy's terms a Runner *runs* an artifact that a builder in ``attunet_deploy.build``
-made. All runners share the same input handling: validation, pad H/W up to the model's
-divisor, crop the logits back, so every backend sees byte-identical padded inputs.
+made. A runner only runs padded batches (``_infer_padded``); everything around that (validation,
+normalisation, pad and crop, the sliding window, masks) is the bundle's
+:class:`~attunet_deploy.segmenter.Segmenter`, so every backend sees byte-identical padded inputs.
 """
 
 from __future__ import annotations
@@ -12,23 +13,14 @@ import abc
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from attunet_deploy.bundle import PRECISIONS, Bundle
 from attunet_deploy.errors import BackendUnavailable, InputError
-from attunet_deploy.preprocess import (
-    check_batch,
-    crop,
-    logits_to_masks,
-    normalize,
-    pad_to_divisor,
-    resample_linear,
-    resample_nearest,
-    resampled_shape,
-)
+from attunet_deploy.segmenter import Segmenter
 
 
 class Runner(abc.ABC):
@@ -52,6 +44,7 @@ class Runner(abc.ABC):
         self.bundle = bundle
         self.precision = precision
         self.options = options
+        self.segmenter = Segmenter(bundle.spec, bad_output=BackendUnavailable)
         self.channels = bundle.in_channels
         self.out_channels = bundle.out_channels
         self.divisor = bundle.divisor
@@ -99,7 +92,7 @@ class Runner(abc.ABC):
         """Where the model runs, e.g. 'cpu', 'cuda:0 (NVIDIA H100)'."""
         return "cpu"
 
-    def get_input_metadata(self) -> dict[str, dict[str, Any]]:
+    def get_input_metadata(self) -> dict[str, dict[str, object]]:
         return {"image": {"dtype": "float32", "shape": ("N", self.channels, *"DHW"[-self.spatial_dims:])}}
 
     def last_inference_time(self) -> float | None:
@@ -107,40 +100,35 @@ class Runner(abc.ABC):
         return getattr(self._local, "last_time", None)
 
     # ------------------------------------------------------------------ inference
-    def infer(self, images: Any) -> np.ndarray:
-        """Logits for a model-space batch [N, C, H, W] (3D bundles: [N, C, D, H, W]) of any spatial size
-        (padded up to the divisors and cropped back here)."""
-        x = check_batch(images, self.channels, spatial_dims=self.spatial_dims)
-        xp, size = pad_to_divisor(x, self.divisors)
+    def _run_padded(self, xp: np.ndarray) -> np.ndarray:
+        """The backend on one padded batch: memory check, lazy activation, timing."""
         self.check_memory(xp.shape)
         if not self.is_active:
             self.activate()
         t0 = time.perf_counter()
         y = self._infer_padded(xp)
         self._local.last_time = time.perf_counter() - t0
-        y = np.asarray(y, dtype=np.float32)
-        if y.ndim != xp.ndim or y.shape[0] != xp.shape[0] or y.shape[1] != self.out_channels \
-                or y.shape[2:] != xp.shape[2:]:
-            raise BackendUnavailable(f"{self.name} returned logits of shape {tuple(y.shape)} for input "
-                                     f"{tuple(xp.shape)}: expected [N, {self.out_channels}, "
-                                     f"{', '.join('DHW'[-self.spatial_dims:])}]")
-        return crop(y, size)
+        return y
+
+    def infer(self, images: Any) -> np.ndarray:
+        """Logits for a model-space batch [N, C, H, W] (3D bundles: [N, C, D, H, W]) of any spatial size
+        (padded up to the divisors and cropped back by the Segmenter)."""
+        return self.segmenter.infer(self._run_padded, images, who=self.name)
 
     def infer_many(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
         """Logits of each batch, in order: ``infer`` over a stream. Backends that keep several
         requests in flight (OpenVINO's throughput streams) overlap them; the results and their
         order are those of ``infer`` one by one."""
-        def padded() -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
-            for images in batches:
-                x = check_batch(images, self.channels, spatial_dims=self.spatial_dims)
-                xp, size = pad_to_divisor(x, self.divisors)
-                self.check_memory(xp.shape)
-                yield xp, size
-
         if not self.is_active:
             self.activate()
-        for y, size in self._infer_stream(padded()):
-            yield crop(np.asarray(y, dtype=np.float32), size)
+        return self.segmenter.infer_stream(self._infer_stream, batches, check=lambda xp: self.check_memory(xp.shape))
+
+    def segment_many(self, raw_batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """uint8 masks of each raw batch, in order, through one request stream (``infer_many``)."""
+        if not self.is_active:
+            self.activate()
+        return self.segmenter.segment_stream(self._infer_stream, raw_batches,
+                                             check=lambda xp: self.check_memory(xp.shape))
 
     def _infer_stream(self, items: Iterator[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         """(padded logits, tag) for each (padded batch, tag), in order; one at a time by default."""
@@ -180,59 +168,29 @@ class Runner(abc.ABC):
         backend has no device timer."""
         return None
 
-    def bench_extras(self) -> dict[str, Any]:
+    def bench_extras(self) -> dict[str, object]:
         """Backend facts worth recording with a benchmark (device memory, CUDA graphs, ...)."""
         return {}
 
     def preprocess(self, raw: Any) -> np.ndarray:
         """Raw images ([N,C,H,W], [C,H,W] or [H,W] for one channel) -> model space [N,C,H,W];
         3D bundles: raw volumes ([N,C,D,H,W], [C,D,H,W] or [D,H,W]) -> [N,C,D,H,W]."""
-        arr = np.asarray(raw)
-        dims = self.spatial_dims
-        if arr.ndim == dims and self.channels == 1:
-            arr = arr[None, None]
-        elif arr.ndim == dims + 1 and arr.shape[0] == self.channels:
-            arr = arr[None]
-        arr = check_batch(arr, self.channels, spatial_dims=dims)
-        return normalize(arr, self.bundle.preprocessing)
+        return self.segmenter.prepare(raw)
 
     def segment(self, raw: Any) -> np.ndarray:
         """Normalise raw images, infer, post-process: uint8 masks [N, H, W]."""
-        return logits_to_masks(self.infer(self.preprocess(raw)), self.bundle.postprocessing)
+        return self.segmenter.segment(self._run_padded, raw, who=self.name)
 
     def infer_volume(self, volume: Any) -> np.ndarray:
         """Logits of model-space volumes [N, C, D, H, W] of any size, by the bundle's sliding window
         (roi, overlap, mode, sigma_scale, windows per call): [N, K, D, H, W]."""
-        from attunet_deploy.runtimes.window import sliding_window
-
-        window = self.bundle.sliding_window
-        if window is None or self.spatial_dims != 3:
-            raise InputError(f"infer_volume needs a 3D bundle (layout NCDHW); this one is {self.bundle.layout}: "
-                             "use infer() or segment()")
-        x = check_batch(volume, self.channels, spatial_dims=3, name="volume")
-        return sliding_window(self.infer, x, window["roi"], overlap=float(window.get("overlap", 0.5)),
-                              mode=str(window.get("mode", "gaussian")),
-                              sigma_scale=float(window.get("sigma_scale", 0.125)), batch=int(window.get("batch", 1)))
+        return self.segmenter.infer_volume(self._run_padded, volume, who=self.name)
 
     def segment_volume(self, raw: Any, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
         """Raw volume [D, H, W] (or [C, D, H, W]) -> uint8 labels [D, H, W] (class index, or 0/1 for one
         output channel). With ``spacing`` (z, y, x in mm) and a bundle spacing, the volume is resampled
         to the model's spacing (linear) and the labels back to the volume's grid (nearest)."""
-        arr = np.asarray(raw)
-        if arr.ndim not in (3, 4):
-            raise InputError(f"segment_volume takes one volume [D, H, W] or [C, D, H, W], got shape {arr.shape}")
-        x = self.preprocess(arr)
-        size = x.shape[2:]
-        target = self.bundle.spacing
-        if spacing is not None:
-            if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-                raise InputError(f"spacing {spacing!r}: three positive numbers (z, y, x) in mm")
-            if target is not None:
-                x = resample_linear(x, resampled_shape(size, spacing, target))
-        masks = logits_to_masks(self.infer_volume(x), self.bundle.postprocessing)[0]
-        if masks.shape != size:
-            masks = resample_nearest(masks, size)
-        return masks.astype(np.uint8)
+        return self.segmenter.segment_volume(self._run_padded, raw, spacing, who=self.name)
 
     @abc.abstractmethod
     def _activate(self) -> None: ...
@@ -245,7 +203,7 @@ class Runner(abc.ABC):
         """Run the backend on float32 [N, C, H, W] with H, W multiples of ``divisor``."""
 
 
-def first_width(config: dict[str, Any]) -> int:
+def first_width(config: Mapping[str, Any]) -> int:
     """Channels of a model's full-resolution level, whatever its family's config calls it."""
     if "base_channels" in config:
         return int(config["base_channels"])

@@ -50,8 +50,8 @@ class _OrtRunner(Runner):
 
         if self.precision != "int8" or self.provider != "CPUExecutionProvider":
             return False
-        entry = self.bundle.artifacts.get(ONNX_FILES["int8"], {})
-        return entry.get("producer", {}).get("weight_bits", 8) == 8 and not cpu_has_int8_dot()
+        entry = self.bundle.artifact(ONNX_FILES["int8"])
+        return (entry is None or entry.producer.weight_bits == 8) and not cpu_has_int8_dot()
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -126,14 +126,14 @@ class OrtTensorrtRunner(OrtCudaRunner):
     provider = "TensorrtExecutionProvider"
 
     def _providers(self) -> list[Any]:
-        graph_sha = self.bundle.artifacts[ONNX_FILES[self.precision]]["sha256"]
+        graph_sha = self.bundle.sha256(ONNX_FILES[self.precision]) or "unlisted"
         # ONNX Runtime keys its engine cache on the model's file name and node names, not its
         # weights or scales: a folder per graph sha256 keeps a re-calibrated graph from running
         # an old engine (quantize also deletes the old folders).
         cache = Path(self.bundle.root) / ENGINE_DIR / "ort-trt" / f"{self.precision}-{graph_sha[:12]}"
         cache.mkdir(parents=True, exist_ok=True)
         flags = ort_trt_needs_flags(_ort_version(), module_version("tensorrt"))
-        trt_opts: dict[str, Any] = {
+        trt_opts: dict[str, str | int | bool] = {
             "device_id": int(self.options.get("device_id", 0)),
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),

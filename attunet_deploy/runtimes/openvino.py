@@ -78,7 +78,7 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         graph, hint = precision_plan(self.precision, machine_info()["isa"])
-        self._choice: dict[str, Any] = {}
+        self._choice: dict[str, object] = {}
         pinned = self.options.get("hint")
         if pinned is not None:
             if self.precision != "fp16" or pinned not in ("bf16", "f16"):
@@ -101,7 +101,7 @@ class OpenVinoRunner(Runner):
             except RuntimeError as exc:
                 raise BackendUnavailable(f"OpenVINO cannot compile the 16-bit candidates: "
                                          f"{str(exc).splitlines()[0][:200]}") from exc
-        config: dict[str, Any] = {
+        config: dict[str, str | int] = {
             "INFERENCE_PRECISION_HINT": hint,
             "INFERENCE_NUM_THREADS": int(self.options.get("threads") or os.cpu_count() or 1),
             "PERFORMANCE_HINT": "LATENCY",
@@ -145,7 +145,7 @@ class OpenVinoRunner(Runner):
         self._model = None
         self._requests = threading.local()
 
-    def _compile(self, model: Any, config: dict[str, Any]) -> Any:
+    def _compile(self, model: Any, config: dict[str, str | int]) -> Any:
         try:
             return self._core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
@@ -277,7 +277,7 @@ class OpenVinoRunner(Runner):
                 self._throughput[key] = self._compile(model, config)
             return self._throughput[key]
 
-    def bench_extras(self) -> dict[str, Any]:
+    def bench_extras(self) -> dict[str, object]:
         return {"openvino_precision_hint": getattr(self, "_hint", None),
                 "openvino_graph": getattr(self, "_graph", None),
                 **({"openvino_16bit_choice": self._choice} if getattr(self, "_choice", None) else {})}

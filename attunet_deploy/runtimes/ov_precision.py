@@ -59,11 +59,11 @@ def fixed_rule(isa: list[str]) -> tuple[str, str]:
 def _key(bundle: Bundle) -> str:
     m = machine_info()
     payload = {"cpu": m["cpu_model"], "cores": m["cores"], "isa": m["isa"], "openvino": module_version("openvino"),
-               "graphs": [bundle.artifacts.get(ONNX_FILES[p], {}).get("sha256") for p in ("fp32", "fp16")]}
+               "graphs": [bundle.sha256(ONNX_FILES[p]) for p in ("fp32", "fp16")]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, str, dict[str, Any]]:
+def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, str, dict[str, object]]:
     """(hint, graph, record) for the fp16 row: cached, measured (``compile_fn(graph, hint)`` gives a
     callable OpenVINO compiled model), or the fixed rule when measuring is off."""
     from attunet_deploy.runtimes.select import read_cache, write_cache
@@ -91,8 +91,7 @@ def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, 
 def measure(bundle: Bundle, options: list[tuple[str, str]], compile_fn: Callable[[str, str], Any]
             ) -> dict[str, Any]:
     """Time every candidate on one input (interleaved) and check it against FP32; the fastest exact one."""
-    window = (bundle.sliding_window or {}).get("roi")
-    spatial = tuple(window) if window else (256, 256)
+    spatial = bundle.sliding_window.roi if bundle.sliding_window else (256, 256)
     x = np.random.default_rng(0).random((1, bundle.in_channels, *spatial), dtype=np.float32)
     reference = np.asarray(compile_fn(ONNX_FILES["fp32"], "f32")([x])[0], dtype=np.float32)
     models = {hint: compile_fn(graph, hint) for hint, graph in options}

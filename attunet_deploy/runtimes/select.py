@@ -1,5 +1,6 @@
-"""Opening runners: :func:`load_runner` (the one public entry), what ``backend="auto"`` means
-here, and the measured-speed cache behind it.
+"""Opening runners: :func:`open_runner`, what ``backend="auto"`` means here, and the measured-speed
+cache behind it (the public entry, which also resolves ``precision="best"``, is
+:func:`attunet_deploy.loader.load_runner`).
 
 ``auto`` picks OpenVINO over ONNX Runtime CPU only where it was measured faster on this
 machine, for this graph and precision.
@@ -48,7 +49,7 @@ def cache_key(bundle: Bundle, precision: str, a: str, b: str) -> str:
     m = machine_info()
     v = versions()
     payload = {"cpu": m["cpu_model"], "cores": m["cores"], "isa": m["isa"], "a": a, "b": b, "precision": precision,
-               "graph": bundle.artifacts.get(ONNX_FILES[precision], {}).get("sha256"),
+               "graph": bundle.sha256(ONNX_FILES[precision]),
                "onnxruntime": v.get("onnxruntime"), "openvino": _ov_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -148,27 +149,10 @@ def resolve_auto(bundle: Bundle, precision: str) -> str:
 
 
 def open_runner(bundle: Bundle, backend: str, precision: str, **options: Any) -> Runner:
-    """A runner (not yet activated) for a named backend; BackendUnavailable with the reason when
-    it cannot run here."""
+    """A runner (not yet activated) for a named backend; InputError for an unknown name,
+    BackendUnavailable with the reason when it cannot run here."""
+    runner_class(backend)  # an unknown name is a usage error (InputError), not "unavailable"
     reason = check(bundle, backend, precision)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend} unavailable: {reason}")
     return runner_class(backend)(bundle, precision, **options)
-
-
-def load_runner(bundle: str | os.PathLike[str] | Bundle, backend: str = "auto",
-                precision: str = "fp32", **options: Any) -> Runner:
-    """The one entry point: a runner for ``bundle`` on ``backend`` at ``precision``.
-
-    ``backend="auto"`` picks TensorRT > ONNX Runtime CUDA > OpenVINO (only where measured faster
-    than ONNX Runtime CPU here) > ONNX Runtime CPU by what this machine can run. Raises
-    BackendUnavailable (with the reason) when the backend cannot run here and
-    InputError/BundleError for a bad bundle or argument. The runner is activated
-    lazily on first use, or explicitly with ``with`` / ``activate()``.
-    """
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle)
-    if backend == "auto":
-        backend = resolve_auto(bundle, precision)
-    runner_class(backend)  # an unknown name is a usage error (InputError), not "unavailable"
-    return open_runner(bundle, backend, precision, **options)

@@ -15,6 +15,7 @@ Outputs are copied out of Polygraphy's host buffers, which it reuses on the next
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,18 +27,18 @@ from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.registry import register
 
 
-def find_engine(bundle: Bundle, precision: str, gpu: dict[str, Any] | None, trt_version: str
+def find_engine(bundle: Bundle, precision: str, gpu: Mapping[str, object] | None, trt_version: str
                 ) -> tuple[str | None, str]:
     """(engine artifact name, reason) for this GPU and TensorRT; name None when there is none.
 
     An engine built from an older version of the graph (re-quantised since) is stale.
     """
-    engines = {n: e for n, e in bundle.artifacts.items()
-               if e.get("kind") == ArtifactKind.ENGINE and e.get("precision") == precision}
+    engines = {n: e.extra for n, e in bundle.artifacts.items()
+               if e.kind == ArtifactKind.ENGINE and e.precision == precision}
     if not engines:
         return None, (f"no {precision} engine in the bundle: run 'attdeploy build --precision {precision}' "
                       "on this device")
-    graph = bundle.artifacts.get(ONNX_FILES[precision], {}).get("sha256")
+    graph = bundle.sha256(ONNX_FILES[precision])
     stale = False
     for name, entry in engines.items():
         egpu = entry.get("gpu", {})
@@ -149,7 +150,9 @@ class TensorrtRunner(Runner):
         name, reason = find_engine(self.bundle, self.precision, gpu_identity(), probe.version)
         if name is None:
             raise BackendUnavailable(reason)
-        self._entry = self.bundle.artifacts[name]
+        entry = self.bundle.artifact(name)
+        assert entry is not None  # find_engine named a listed engine
+        self._entry = entry.extra
         self._trt_version = probe.version
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -170,7 +173,7 @@ class TensorrtRunner(Runner):
         if ctx is None:
             from polygraphy.backend.trt import TrtRunner  # type: ignore[import-not-found]
 
-            kwargs: dict[str, Any] = {"optimization_profile": profile}
+            kwargs: dict[str, object] = {"optimization_profile": profile}
             strategy = allocation_strategy(self._trt_version)
             if strategy is not None:
                 kwargs["allocation_strategy"] = strategy
@@ -215,7 +218,7 @@ class TensorrtRunner(Runner):
             _polygraphy_call(ctx.infer, {"image": np.ascontiguousarray(padded)})  # shapes + addresses set
             return enqueue_times(ctx, iterations)
 
-    def bench_extras(self) -> dict[str, Any]:
+    def bench_extras(self) -> dict[str, object]:
         from attunet_deploy.environment import free_device_memory_mb
 
         return {"engine_device_memory_mb": engine_device_memory_mb(self._engine),

@@ -192,7 +192,7 @@ class TritonRunner(Runner):
                              f"request: {text}") from None
         return np.array(result.as_numpy("logits"), dtype=np.float32, copy=True)
 
-    def bench_extras(self) -> dict[str, Any]:
+    def bench_extras(self) -> dict[str, object]:
         return {"triton_model": getattr(self, "_model", None), "triton_url": getattr(self, "_where", None)}
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from attunet_deploy.build.tensorrt import (
     BuildPlan,
     BuildSettings,
+    EngineInfo,
     Profile,
     build_plan,
     build_with_polygraphy,
@@ -36,11 +39,26 @@ from attunet_deploy.errors import BackendUnavailable, BuildFailed, InputError
 from attunet_deploy.runtimes.base import first_width
 
 
+@dataclass(frozen=True)
+class EngineRecord:
+    """One engine of a ``build``: built now, or reused from the bundle (``cached``)."""
+
+    precision: str
+    engine: str
+    status: str  # "built" or "cached"
+    layer_precisions: Mapping[str, int]
+    build_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"precision": self.precision, "engine": self.engine, "status": self.status,
+                "layer_precisions": dict(self.layer_precisions), "build_seconds": self.build_seconds}
+
+
 class Built(NamedTuple):
     """What ``build`` committed: the bundle and one record per engine (built or reused from the cache)."""
 
     bundle: Bundle
-    engines: list[dict[str, Any]]
+    engines: list[EngineRecord]
 
 
 def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile] | None = None,
@@ -63,24 +81,25 @@ def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile]
     for plan in plans:
         bundle.onnx_path(plan.precision)  # BundleError says to run quantize, before any work
         estimate = check_engine_fits(profiles, first_width(bundle.config), plan.precision,
-                                     int(bundle.artifacts[plan.graph]["bytes"]), workspace_mb, free_mb)
+                                     bundle.artifacts[plan.graph].bytes, workspace_mb, free_mb)
         reporter.info(f"{plan.precision} engine: about {estimate} MB of device memory at the largest profile shape "
                       f"(estimate), {free_mb if free_mb is not None else '?'} MB free")
-    results = []
+    results: list[EngineRecord] = []
+    engines = {n: e for n, e in bundle.artifacts.items() if e.kind == ArtifactKind.ENGINE}
     with bundle.transaction() as txn:
         for plan in plans:
             precision = plan.precision
-            graph_sha = bundle.artifacts[plan.graph]["sha256"]
+            graph_sha = bundle.artifacts[plan.graph].sha256
             settings = BuildSettings(precision, profiles, workspace_mb, plan.strongly_typed, plan.flags,
                                      workspace_explicit=explicit)
             key = engine_cache_key(graph_sha, settings, gpu, trt_version)
             name = engine_name(precision, gpu, trt_version, key)
-            stale = [n for n, e in bundle.artifacts.items() if e.get("kind") == ArtifactKind.ENGINE
-                     and e.get("precision") == precision and e.get("gpu", {}).get("name") == gpu["name"]
-                     and e.get("tensorrt") == trt_version and n != name]
-            if not force and bundle.has(name) and bundle.artifacts[name].get("cache_key") == key:
-                results.append({"precision": precision, "engine": name, "status": "cached",
-                                "layer_precisions": bundle.artifacts[name].get("layer_precisions", {})})
+            stale = [n for n, e in engines.items() if e.precision == precision
+                     and e.extra.get("gpu", {}).get("name") == gpu["name"] and e.extra.get("tensorrt") == trt_version
+                     and n != name]
+            if not force and bundle.has(name) and name in engines and engines[name].extra.get("cache_key") == key:
+                results.append(EngineRecord(precision, name, "cached",
+                                            dict(engines[name].extra.get("layer_precisions", {}))))
                 continue
             for old in stale:
                 reporter.info(f"rebuilding {precision}: {old} is stale (graph or build settings changed)")
@@ -99,8 +118,7 @@ def build_engines(bundle: Bundle, precisions: list[str], profiles: list[Profile]
                              gpu=gpu, tensorrt=trt_version, cache_key=key, graph=plan.graph, graph_sha256=graph_sha,
                              profiles=[p.to_dict() for p in profiles], settings=settings.canonical(),
                              layer_precisions=dict(counts))
-            results.append({"precision": precision, "engine": name, "status": "built",
-                            "layer_precisions": dict(counts), "build_seconds": time.perf_counter() - t0})
+            results.append(EngineRecord(precision, name, "built", dict(counts), time.perf_counter() - t0))
         return Built(txn.commit(), results)
 
 
@@ -110,15 +128,16 @@ def bundle_profile(bundle: Bundle) -> Profile:
     if bundle.spatial_dims != 3 or bundle.sliding_window is None:
         return default_profile(bundle.in_channels)
     window = bundle.sliding_window
-    roi = tuple(int(r) for r in window["roi"])
     divisors = bundle.divisors
+    golden = bundle.artifact("golden.npz")
+    shapes = golden.extra.get("shapes", []) if golden is not None else []
     cover = [tuple(int(s) for s in (shape[0], shape[1], *(-(-n // d) * d for n, d in zip(shape[2:], divisors))))
-             for shape in bundle.artifacts.get("golden.npz", {}).get("shapes", []) if len(shape) == 5]
-    return volume_profile(bundle.in_channels, roi, int(window.get("batch", 1)), cover)
+             for shape in shapes if len(shape) == 5]
+    return volume_profile(bundle.in_channels, window.roi, window.batch, cover)
 
 
 def _build_guarded(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
-                   trt_version: str) -> tuple[bytes, dict[str, Any]]:
+                   trt_version: str) -> tuple[bytes, EngineInfo]:
     """_build_with_polygraphy, with Polygraphy's and TensorRT's failures as one-line BuildFailed."""
     try:
         return _build_with_polygraphy(bundle, txn, plan, settings, trt_version)
@@ -135,7 +154,7 @@ def _build_guarded(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSet
 
 
 def _build_with_polygraphy(bundle: Bundle, txn: Any, plan: BuildPlan, settings: BuildSettings,
-                           trt_version: str) -> tuple[bytes, dict[str, Any]]:
+                           trt_version: str) -> tuple[bytes, EngineInfo]:
     """Build one engine from the bundle's graph, with TensorRT's timing cache staged in ``txn``."""
     cache_name = f"{ENGINE_DIR}/timing-trt{trt_version}.cache"
     live_cache = bundle.root / cache_name

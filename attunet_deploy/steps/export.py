@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,13 +29,15 @@ from attunet_deploy.bundle import (
     check_export_target,
     open_export_target,
 )
+from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
 from attunet_deploy.fileio import sha256_file
-from attunet_deploy.io.golden import GoldenCase, group_by_shape, model_space, non_divisible_crop, save_golden
+from attunet_deploy.io.golden import GoldenCase, group_by_shape, non_divisible_crop, save_golden
 from attunet_deploy.judge.results import Status, VerifyRow
-from attunet_deploy.preprocess import default_postprocessing, parse_normalization, parse_segments
+from attunet_deploy.preprocess import parse_segments
+from attunet_deploy.segmenter import Segmenter
 from attunet_deploy.steps.model_space import ModelSpace, demo_volumes, space_of, synthetic_volumes
 from attunet_deploy.steps.volume_data import (
     UserVolumes,
@@ -56,28 +58,25 @@ GENERIC_GOLDEN = ((1, 128, 128), (2, 96, 160), (1, 90, 75))
 DEMO_GOLDEN = ((8, 128, 128), (2, 160, 128), (4, 100, 120))
 
 
-def synthetic_cases(in_channels: int, preprocessing: dict[str, Any], demo: bool
-                    ) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+def synthetic_cases(segmenter: Segmenter, demo: bool) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """Golden cases when the user gave no images: demo phantoms (with labels), or smooth fields."""
-    from attunet_deploy.preprocess import normalize
-
     cases: list[tuple[np.ndarray, np.ndarray | None, list[str]]] = []
     if demo:
         from attunet_deploy.demo import GOLDEN_SEED, make_phantoms
 
         for i, (n, h, w) in enumerate(DEMO_GOLDEN):
             hu, labels = make_phantoms(n, seed=GOLDEN_SEED * 100 + i, size=(h, w))
-            cases.append((normalize(hu, preprocessing), labels, [f"phantom {i}.{k} ({h}x{w})" for k in range(n)]))
+            cases.append((segmenter.normalize(hu), labels, [f"phantom {i}.{k} ({h}x{w})" for k in range(n)]))
         return cases
     rng = np.random.default_rng(20260101)
-    kind = preprocessing.get("normalize", {}).get("kind", "none")
+    in_channels = segmenter.channels
     for i, (n, h, w) in enumerate(GENERIC_GOLDEN):
         # Smooth random fields: closer to images than white noise, so masks have structure.
         coarse = rng.standard_normal((n, in_channels, h // 8 + 2, w // 8 + 2)).astype(np.float32)
         field = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)[:, :, :h, :w]
         field = field + 0.3 * rng.standard_normal(field.shape).astype(np.float32)
-        if kind in ("ct_window", "scale", "minmax"):
-            field = (1.0 / (1.0 + np.exp(-field))).astype(np.float32)  # these normalisations produce [0, 1]
+        if segmenter.spec.normalization.unit_range:
+            field = (1.0 / (1.0 + np.exp(-field))).astype(np.float32)  # as the normalised images: in [0, 1]
         cases.append((np.ascontiguousarray(field, dtype=np.float32), None,
                       [f"synthetic field {i}.{k} ({h}x{w})" for k in range(n)]))
     return cases
@@ -127,11 +126,12 @@ def prepare_user_images(images: str | os.PathLike[str], labels: str | os.PathLik
     return UserImages(root, golden_files, calib_files, records, masks, indices)
 
 
-def user_golden_cases(user: UserImages, preprocessing: dict[str, Any], divisor: int
+def user_golden_cases(user: UserImages, segmenter: Segmenter
                       ) -> tuple[list[tuple[np.ndarray, np.ndarray | None, list[str]]], int]:
     """Golden cases from held-out user images (+ one crop of a real image when no image has a size
-    that is not a multiple of ``divisor``); returns (cases, number of synthetic cases)."""
-    inputs = [model_space(r.pixels, preprocessing, r.label) for r in user.records]
+    that is not a multiple of the divisor); returns (cases, number of synthetic cases)."""
+    divisor = segmenter.spec.input.divisor
+    inputs = [segmenter.prepare(r.pixels, r.label)[0] for r in user.records]
     names = [r.label for r in user.records]
     labels = list(user.labels) if user.labels is not None else None
     synthetic = 0
@@ -139,7 +139,7 @@ def user_golden_cases(user: UserImages, preprocessing: dict[str, Any], divisor: 
         crop_ = non_divisible_crop(user.records[0].pixels, labels[0] if labels else None, divisor)
         if crop_ is not None:
             raw, lab = crop_
-            inputs.append(model_space(raw, preprocessing, "synthetic crop"))
+            inputs.append(segmenter.prepare(raw, "synthetic crop")[0])
             names.append(f"synthetic: {raw.shape[1]}x{raw.shape[2]} crop of {user.records[0].label}")
             if labels is not None and lab is not None:
                 labels.append(lab)
@@ -170,20 +170,55 @@ def golden_manifest(user: UserImages | None, demo: bool, synthetic: int, n_cases
             "calibration_candidates": len(user.calib_files)}
 
 
-def check_opset(opset: int) -> None:
-    if opset not in SUPPORTED_OPSETS:
-        raise InputError(f"--opset {opset} unsupported: choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+@dataclass(frozen=True)
+class ExportSettings:
+    """What ``export`` makes of which checkpoint, checked here once (each problem names its field).
 
+    ``model`` None is the bundled demo. ``images`` (a file or folder) gives the golden set: a
+    deterministic quarter is held out (the rest is for calibration); ``labels`` adds their
+    ground-truth masks. ``arch`` overrides the family read from the checkpoint; ``monai_args`` gives
+    MONAI strides. 3D families take the sliding window ``roi``/``overlap``/``sw_mode`` and the voxel
+    ``spacing`` (z, y, x mm) volumes are resampled to. ``segments`` name classes in DICOM outputs
+    (``CLASS=LABEL[@SCHEME:CODE:MEANING]``). ONNX Runtime must match PyTorch within ``check_rel_l2``.
+    """
 
-def check_rel_l2_option(check_rel_l2: float) -> None:
-    if isinstance(check_rel_l2, bool) or not isinstance(check_rel_l2, (int, float)) or not math.isfinite(check_rel_l2) \
-            or check_rel_l2 < 0:
-        raise InputError(f"--check-rel-l2 {check_rel_l2!r}: must be a finite number >= 0")
+    model: str | os.PathLike[str] | None = None
+    out: str | os.PathLike[str] = "deploy"
+    opset: int = DEFAULT_OPSET
+    trust_pickle: bool = False
+    force: bool = False
+    normalize: str | None = None
+    exporter: str = "auto"
+    check_rel_l2: float = EXPORT_REL_L2
+    images: str | os.PathLike[str] | None = None
+    labels: str | os.PathLike[str] | None = None
+    arch: str | None = None
+    monai_args: str | None = None
+    roi: tuple[int, ...] | None = None
+    overlap: float = 0.5
+    sw_mode: str = "gaussian"
+    spacing: tuple[float, ...] | None = None
+    segments: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.opset not in SUPPORTED_OPSETS:
+            raise InputError(f"opset {self.opset} unsupported: choose {SUPPORTED_OPSETS.start}.."
+                             f"{SUPPORTED_OPSETS.stop - 1}", field="opset")
+        v = self.check_rel_l2
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise InputError(f"the export check's rel L2 tolerance {v!r} must be a finite number >= 0",
+                             field="check_rel_l2")
+        if self.labels is not None and self.images is None:
+            raise InputError("labels need the images they belong to", field="labels")
+        if self.exporter not in ("auto", "dynamo", "torchscript"):
+            raise InputError(f"exporter {self.exporter!r}: auto, dynamo or torchscript", field="exporter")
+        Normalization.parse(self.normalize)  # a bad spec fails here, before any work
 
-def check_export_options(opset: int, check_rel_l2: float) -> None:
-    check_opset(opset)
-    check_rel_l2_option(check_rel_l2)
+    @property
+    def demo(self) -> bool:
+        from attunet_deploy.demo import is_demo
+
+        return self.model is None or is_demo(self.model)
 
 
 class Exported(NamedTuple):
@@ -193,93 +228,80 @@ class Exported(NamedTuple):
     check: VerifyRow
 
 
-def export_bundle(model_path: str | os.PathLike[str] | None, out: str | os.PathLike[str] = "deploy", *,
-                  opset: int = DEFAULT_OPSET, trust_pickle: bool = False, force: bool = False,
-                  normalize: str | None = None, exporter: str = "auto", check_rel_l2: float = EXPORT_REL_L2,
-                  images: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
-                  reporter: Reporter | None = None, arch: str | None = None, monai_args: str | None = None,
-                  roi: tuple[int, ...] | None = None, overlap: float = 0.5, sw_mode: str = "gaussian",
-                  spacing: tuple[float, ...] | None = None, segments: list[str] | None = None) -> Exported:
-    """Export ``model_path`` (None: the bundled demo) to a verified bundle at ``out``.
+#: What export writes into a bundle (a foreign folder is refused before any work).
+EXPORT_WRITES = [WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILES["fp32"], GOLDEN_FILE]
 
-    ``images`` (a file or folder) gives the golden set: a deterministic quarter is held out
-    (the rest is for calibration); ``labels`` adds their ground-truth masks. Returns the
-    committed bundle and its ONNX Runtime parity row. Raises VerificationFailed, with nothing
-    written, when ONNX Runtime differs from PyTorch by more than ``check_rel_l2`` in relative L2.
 
-    The model family is read from the checkpoint (``arch`` overrides it; ``monai_args`` gives MONAI
-    strides). 3D families make an NCDHW bundle with the sliding window ``roi``/``overlap``/``sw_mode``
-    and, if given, the voxel ``spacing`` (z, y, x mm) volumes are resampled to.
+def export_bundle(settings: ExportSettings, reporter: Reporter | None = None) -> Exported:
+    """Export ``settings.model`` to a verified bundle at ``settings.out`` (see :class:`ExportSettings`).
+
+    Returns the committed bundle and its ONNX Runtime parity row. Raises VerificationFailed, with
+    nothing written, when ONNX Runtime differs from PyTorch by more than ``check_rel_l2`` in relative L2.
     """
     from attunet_deploy.checkpoint import load_checkpoint
-    from attunet_deploy.demo import DEMO_NORMALIZE, DEMO_WEIGHTS, is_demo
+    from attunet_deploy.demo import DEMO_NORMALIZE, DEMO_WEIGHTS
 
     reporter = reporter or Reporter()
-    check_export_options(opset, check_rel_l2)
-    writes = [WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILES["fp32"], GOLDEN_FILE]
-    check_export_target(out, force, writes)  # refuse a foreign folder before any work
-    if labels is not None and images is None:
-        raise InputError("--labels needs --images (the images the labels belong to)")
-    demo = model_path is None or is_demo(model_path)
-    src = Path(model_path) if model_path is not None else DEMO_WEIGHTS
+    s = settings
+    check_export_target(s.out, s.force, EXPORT_WRITES)  # refuse a foreign folder before any work
+    demo = s.demo
+    src = Path(s.model) if s.model is not None else DEMO_WEIGHTS
     if demo and not src.is_file():
         raise InputError(f"demo weights missing at {src}: reinstall attunet-deploy or run "
                          f"'python -m attunet_deploy.demo.{'train3d' if 'oktay3d' in src.name else 'train'}'")
-    preprocessing = parse_normalization(normalize if normalize is not None else (DEMO_NORMALIZE if demo else None))
-
+    normalization = Normalization.parse(s.normalize if s.normalize is not None else (DEMO_NORMALIZE if demo else None))
     with reporter.step(f"Loading {src.name}"):
-        loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, monai_args=monai_args)
+        loaded = load_checkpoint(src, trust_pickle=s.trust_pickle, arch=s.arch, monai_args=s.monai_args)
     for note in loaded.notes:
         reporter.notice("note:", note)
-    _check_normalization_channels(preprocessing, loaded.config.in_channels)
-    named = parse_segments(segments or [], loaded.config.out_channels)  # before any work, as every option
+    cin, cout = loaded.config.in_channels, loaded.config.out_channels
+    if normalization.kind == "mean_std" and (len(normalization.mean) not in (1, cin)
+                                             or len(normalization.std) not in (1, cin)):
+        raise InputError(f"the normalisation gives {len(normalization.mean)} means for a {cin}-channel model",
+                         field="normalize")
+    named = parse_segments(s.segments, cout)  # before any work, as every option
+    roi, spacing = s.roi, s.spacing
     if demo and loaded.family == "oktay3d":
         from attunet_deploy.demo import DEMO3D_ROI
         from attunet_deploy.demo.phantom3d import DEMO3D_SPACING
 
         roi, spacing = roi or DEMO3D_ROI, spacing or DEMO3D_SPACING
-    space = space_of(loaded, roi=roi, overlap=overlap, sw_mode=sw_mode, spacing=spacing)
-    if space.spacing is not None:
-        preprocessing["spacing"] = space.spacing
-    user: UserImages | UserVolumes | None = None
-    if images is not None and space.three_d:
-        with reporter.step(f"Reading held-out volumes from {images}"):
-            user = prepare_user_volumes(images, labels, loaded.config.in_channels, loaded.config.out_channels)
-    elif images is not None:
-        with reporter.step(f"Reading held-out images from {images}"):
-            user = prepare_user_images(images, labels, loaded.config.in_channels, loaded.config.out_channels)
-    elif not demo:
-        reporter.notice("note:", "golden set is synthetic (smooth random fields): pass --images DIR to judge "
-                        "every backend on your own images")
-
-    _root, _mode, txn = open_export_target(out, force, writes)
+    space = space_of(loaded, roi=roi, overlap=s.overlap, sw_mode=s.sw_mode, spacing=spacing)
+    spec = ModelSpec(InputSpec(cin, cout, space.layout, space.divisors), normalization,
+                     replace(Postprocessing.default(cout), segments=named), space.sliding_window, space.spacing)
+    user = _read_user_images(s, space, cin, cout, demo, reporter)
+    _root, _mode, txn = open_export_target(s.out, s.force, EXPORT_WRITES)
     with txn:
-        _stage_model(txn, loaded, src, demo, preprocessing, opset, exporter, space, reporter)
-        if named:
-            txn.manifest["postprocessing"]["segments"] = named
-        cases = _stage_golden(txn, loaded.module, loaded.config.in_channels, preprocessing, user, demo, space,
-                              reporter)
+        _stage_model(txn, loaded, src, demo, spec, s, reporter)
+        cases = _stage_golden(txn, loaded.module, Segmenter(spec), user, demo, reporter)
         with reporter.step("Checking ONNX Runtime CPU against PyTorch"):
             from attunet_deploy.judge.verify import Tolerance, run_backend
 
-            row = run_backend(txn.view(), "ort", "fp32", cases, Tolerance(rel_l2=check_rel_l2))
+            row = run_backend(txn.view(), "ort", "fp32", cases, Tolerance(rel_l2=s.check_rel_l2))
         if row.status != Status.PASS:
-            raise VerificationFailed(f"ONNX Runtime differs from PyTorch: {row.get('reason') or row['status']}; "
+            raise VerificationFailed(f"ONNX Runtime differs from PyTorch: {row.reason or row.status}; "
                                      "nothing was written (--check-rel-l2 sets this check's tolerance)")
         txn.record_verification([row])
         return Exported(txn.commit(), row)
 
 
-def _check_normalization_channels(preprocessing: dict[str, Any], channels: int) -> None:
-    if preprocessing["normalize"]["kind"] == "mean_std":
-        n_mean = len(preprocessing["normalize"]["mean"])
-        n_std = len(preprocessing["normalize"]["std"])
-        if n_mean not in (1, channels) or n_std not in (1, channels):
-            raise InputError(f"--normalize gives {n_mean} means for a {channels}-channel model")
+def _read_user_images(s: ExportSettings, space: ModelSpace, cin: int, cout: int, demo: bool, reporter: Reporter
+                      ) -> UserImages | UserVolumes | None:
+    """The user's held-out images (or volumes), read before any export work starts."""
+    if s.images is not None and space.three_d:
+        with reporter.step(f"Reading held-out volumes from {s.images}"):
+            return prepare_user_volumes(s.images, s.labels, cin, cout)
+    if s.images is not None:
+        with reporter.step(f"Reading held-out images from {s.images}"):
+            return prepare_user_images(s.images, s.labels, cin, cout)
+    if not demo:
+        reporter.notice("note:", "golden set is synthetic (smooth random fields): pass --images DIR to judge "
+                        "every backend on your own images")
+    return None
 
 
-def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preprocessing: dict[str, Any], opset: int,
-                 exporter: str, space: ModelSpace, reporter: Reporter) -> None:
+def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, spec: ModelSpec, s: ExportSettings,
+                 reporter: Reporter) -> None:
     """The new manifest, the reference weights (or TorchScript) and the linted FP32 ONNX, staged."""
     import torch
 
@@ -290,10 +312,7 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
     config = loaded.config
     source = {"path": str(src.resolve()), "sha256": sha256_file(src), "layout": loaded.source,
               "demo": demo, "parameters": count_parameters(loaded.module)}
-    txn.manifest = Bundle.new_manifest(config=config.to_dict(), preprocessing=preprocessing,
-                                       postprocessing=default_postprocessing(config.out_channels), source=source,
-                                       spatial_divisor=space.spatial_divisor, family=loaded.family,
-                                       sliding_window=space.sliding_window)
+    txn.manifest = Bundle.new_manifest(config=config.to_dict(), spec=spec, source=source, family=loaded.family)
     producer = versions(include_torch=True)
     if loaded.is_reference:
         save_checkpoint(loaded.module, txn.stage(WEIGHTS_FILE), meta={"source": src.name})
@@ -304,13 +323,18 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
         torch.jit.save(scripted, str(txn.stage(TORCHSCRIPT_FILE)))
         txn.add_artifact(TORCHSCRIPT_FILE, kind=ArtifactKind.TORCHSCRIPT, precision="fp32", producer=producer)
     onnx_path = txn.stage(ONNX_FILES["fp32"])
-    axes = "N/D/H/W" if space.three_d else "N/H/W"
-    with reporter.step(f"Exporting ONNX (opset {opset}, dynamic {axes})"):
-        info = export_onnx(loaded.module, config.in_channels, onnx_path, opset=opset, exporter=exporter,
-                           divisors=space.divisors)
+    axes = "N/D/H/W" if spec.sliding_window is not None else "N/H/W"
+    divisors = spec.input.divisors
+    with reporter.step(f"Exporting ONNX (opset {s.opset}, dynamic {axes})"):
+        info = export_onnx(loaded.module, config.in_channels, onnx_path, opset=s.opset, exporter=s.exporter,
+                           divisors=divisors)
+        preprocessing: dict[str, object] = {"normalize": spec.normalization.to_dict()}
+        if spec.spacing is not None:
+            preprocessing["spacing"] = list(spec.spacing)
         add_metadata(onnx_path, {"attunet_deploy.config": json.dumps(config.to_dict()),
                                  "attunet_deploy.family": loaded.family,
-                                 "attunet_deploy.spatial_divisor": json.dumps(space.spatial_divisor),
+                                 "attunet_deploy.spatial_divisor": json.dumps(
+                                     list(divisors) if len(divisors) == 3 else divisors[-1]),
                                  "attunet_deploy.preprocessing": json.dumps(preprocessing)})
     if info["fallback_reasons"]:
         reporter.notice("note:", f"used the {info['exporter']} exporter ({'; '.join(info['fallback_reasons'])})")
@@ -318,36 +342,37 @@ def _stage_model(txn: Transaction, loaded: Any, src: Path, demo: bool, preproces
     if lint:
         reporter.notice("TensorRT lint (fp32):", "; ".join(lint[:5]))
     txn.add_artifact(ONNX_FILES["fp32"], kind=ArtifactKind.ONNX, precision="fp32",
-                     producer={**producer, "exporter": info["exporter"], "opset": opset}, trt_lint=lint)
+                     producer={**producer, "exporter": info["exporter"], "opset": s.opset}, trt_lint=lint)
 
 
-def _stage_golden(txn: Transaction, module: Any, in_channels: int, preprocessing: dict[str, Any],
-                  user: UserImages | UserVolumes | None, demo: bool, space: ModelSpace, reporter: Reporter
-                  ) -> list[GoldenCase]:
+def _stage_golden(txn: Transaction, module: Any, segmenter: Segmenter, user: UserImages | UserVolumes | None,
+                  demo: bool, reporter: Reporter) -> list[GoldenCase]:
     """golden.npz: held-out user images (or synthetic cases) with PyTorch FP32 logits, staged."""
+    spec = segmenter.spec
+    window = spec.sliding_window
     if isinstance(user, UserVolumes):
-        assert space.sliding_window is not None  # volumes are read for 3D models only
-        groups, synthetic = golden_volume_cases(user, preprocessing, space.sliding_window["roi"]), 0
+        assert window is not None  # volumes are read for 3D models only
+        groups, synthetic = golden_volume_cases(user, segmenter), 0
     elif user is not None:
-        groups, synthetic = user_golden_cases(user, preprocessing, space.divisors[-1])
-    elif space.three_d:
-        groups = demo_volumes(preprocessing) if demo else synthetic_volumes(in_channels, preprocessing, space.divisors)
+        groups, synthetic = user_golden_cases(user, segmenter)
+    elif window is not None:
+        groups = demo_volumes(segmenter) if demo else synthetic_volumes(spec.input.channels, spec.normalization,
+                                                                        spec.input.divisors)
         synthetic = 0
     else:
-        groups, synthetic = synthetic_cases(in_channels, preprocessing, demo), 0
+        groups, synthetic = synthetic_cases(segmenter, demo), 0
     cases: list[GoldenCase] = []
     with reporter.progress("Computing PyTorch FP32 golden outputs", len(groups)) as advance:
         for x, y, names in groups:
-            cases.append(GoldenCase(x, reference_logits(module, x, space.divisors), y, names))
+            cases.append(GoldenCase(x, reference_logits(module, x, segmenter), y, names))
             advance()
     with open(txn.stage(GOLDEN_FILE), "wb") as fh:
         save_golden(fh, cases)
     txn.add_artifact(GOLDEN_FILE, kind=ArtifactKind.GOLDEN, producer=versions(include_torch=True),
                      shapes=[list(c.inputs.shape) for c in cases])
     if isinstance(user, UserVolumes):
-        assert space.sliding_window is not None
-        txn.manifest["golden"] = golden_volumes_manifest(user, space.sliding_window["roi"])
+        assert window is not None
+        txn.set_golden(golden_volumes_manifest(user, list(window.roi)))
     else:
-        txn.manifest["golden"] = golden_manifest(user, demo, synthetic if user is not None else len(cases),
-                                                 len(cases))
+        txn.set_golden(golden_manifest(user, demo, synthetic if user is not None else len(cases), len(cases)))
     return cases

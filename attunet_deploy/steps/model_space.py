@@ -7,31 +7,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from attunet_deploy.bundle.spec import Normalization, SlidingWindow
 from attunet_deploy.errors import InputError
-from attunet_deploy.runtimes.window import check_window
 
 #: The default window edge (voxels): MONAI's and nnU-Net's usual CT patch, rounded to the divisor.
 DEFAULT_ROI_EDGE = 96
+
+if TYPE_CHECKING:
+    from attunet_deploy.segmenter import Segmenter
 
 
 @dataclass(frozen=True)
 class ModelSpace:
     divisors: tuple[int, ...]
-    sliding_window: dict[str, Any] | None = None
-    spacing: list[float] | None = None
+    sliding_window: SlidingWindow | None = None
+    spacing: tuple[float, float, float] | None = None
 
     @property
     def three_d(self) -> bool:
         return len(self.divisors) == 3
 
     @property
-    def spatial_divisor(self) -> int | list[int]:
-        """The manifest's ``input.spatial_divisor``: one int for 2D bundles (as they always had)."""
-        return list(self.divisors) if self.three_d else self.divisors[-1]
+    def layout(self) -> str:
+        return "NCDHW" if self.three_d else "NCHW"
 
 
 def parse_triple(text: str, what: str, kind: type = int) -> tuple[Any, ...]:
@@ -63,33 +65,29 @@ def space_of(loaded: Any, *, roi: tuple[int, ...] | None = None, overlap: float 
     if any(r % d for r, d in zip(window, divisors)):
         raise InputError(f"--roi {'x'.join(map(str, window))}: each axis must be a multiple of the model's divisor "
                          f"{'x'.join(map(str, divisors))}")
-    check_window(window, overlap, sw_mode, 0.125, batch)
-    return ModelSpace(divisors, {"roi": list(window), "overlap": float(overlap), "mode": sw_mode,
-                                 "sigma_scale": 0.125, "batch": int(batch)},
-                      [float(s) for s in spacing] if spacing is not None else None)
+    return ModelSpace(divisors, SlidingWindow(window, overlap=float(overlap), mode=sw_mode, batch=batch),
+                      (float(spacing[0]), float(spacing[1]), float(spacing[2])) if spacing is not None else None)
 
 
-def demo_volumes(preprocessing: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+def demo_volumes(segmenter: Segmenter) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """Golden cases of the 3D demo: 8 phantom volumes with labels, and 2 cropped to a size that is a
     multiple of no divisor."""
     from attunet_deploy.demo import GOLDEN_SEED
     from attunet_deploy.demo.phantom3d import make_volumes
-    from attunet_deploy.preprocess import normalize
 
     hu, labels = make_volumes(8, seed=GOLDEN_SEED)
-    x = normalize(hu, preprocessing)
+    x = segmenter.normalize(hu)
     crop = (slice(None), slice(None), slice(0, 27), slice(3, 58), slice(2, 61))
     return [(x, labels, [f"phantom volume {k}" for k in range(8)]),
             (np.ascontiguousarray(x[:2][crop]), np.ascontiguousarray(labels[:2][crop[1:]]),
              [f"phantom volume {k} (27x55x59 crop)" for k in range(2)])]
 
 
-def synthetic_volumes(in_channels: int, preprocessing: dict[str, Any], divisors: tuple[int, ...]
+def synthetic_volumes(in_channels: int, normalization: Normalization, divisors: tuple[int, ...]
                       ) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """Golden cases for a 3D model without user volumes: smooth random fields at two window-like
     sizes (multiples of the divisors) and one size that is a multiple of none of them."""
     rng = np.random.default_rng(20261127)
-    kind = preprocessing.get("normalize", {}).get("kind", "none")
     base = [max(d, 16) for d in divisors]
     shapes = [(1, *(2 * b for b in base)), (2, base[0], 2 * base[1], 3 * base[2]),
               (1, *(2 * b - 3 if b > 2 else b + 1 for b in base))]
@@ -98,8 +96,8 @@ def synthetic_volumes(in_channels: int, preprocessing: dict[str, Any], divisors:
         coarse = rng.standard_normal((n, in_channels, *(s // 4 + 2 for s in size))).astype(np.float32)
         field = coarse.repeat(4, axis=2).repeat(4, axis=3).repeat(4, axis=4)[:, :, :size[0], :size[1], :size[2]]
         field = field + 0.3 * rng.standard_normal(field.shape).astype(np.float32)
-        if kind in ("ct_window", "scale", "minmax"):
-            field = (1.0 / (1.0 + np.exp(-field))).astype(np.float32)  # these normalisations produce [0, 1]
+        if normalization.unit_range:
+            field = (1.0 / (1.0 + np.exp(-field))).astype(np.float32)  # as the normalised images: in [0, 1]
         label = "x".join(map(str, size))
         cases.append((np.ascontiguousarray(field, dtype=np.float32), None,
                       [f"synthetic volume {i}.{k} ({label})" for k in range(n)]))

@@ -6,6 +6,7 @@ Runtime CPU, and committed together (or nothing is written).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,21 +19,12 @@ from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, OV_INT8_BIN, OV_INT8_X
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
+from attunet_deploy.io.golden import GoldenCase
 from attunet_deploy.judge.results import Status, VerifyRow
-from attunet_deploy.preprocess import crop, pad_to_divisor
+from attunet_deploy.segmenter import Segmenter
 
 
 # ------------------------------------------------------------------------------------ bundle step
-def golden_shas(bundle: Bundle) -> dict[str, set[int] | None]:
-    """sha256 of each held-out golden file -> its held-out image indices (None: the whole file)."""
-    out: dict[str, set[int] | None] = {}
-    for s in bundle.golden_info.get("source", []):
-        if isinstance(s, dict) and isinstance(s.get("sha256"), str):
-            idx = s.get("indices")
-            out[s["sha256"]] = {int(i) for i in idx} if isinstance(idx, list) else None
-    return out
-
-
 def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
                        ) -> tuple[list[np.ndarray], str, list[str]]:
     """Model-space calibration inputs, a description, and the calibration files (relative names).
@@ -45,24 +37,25 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
 
     if bundle.spatial_dims == 3:
         return _calibration_volumes(bundle, calib, max_samples)
+    segmenter = Segmenter(bundle.spec)
+    golden = bundle.golden
     if calib is None:
-        root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-images" else None
-        if root and Path(root).exists():
-            calib = root  # the images export held out a quarter of; the rest calibrate
-        elif not bundle.manifest["model"]["source"].get("demo"):
+        held_root = golden.root if golden.kind == "user-images" else None
+        if held_root is not None and Path(held_root).exists():
+            calib = held_root  # the images export held out a quarter of; the rest calibrate
+        elif not bundle.is_demo:
             raise InputError("INT8 needs calibration images for a user model: pass --calib DIR_OR_FILE "
                              "(a few dozen representative slices)")
         else:
             from attunet_deploy.demo import CALIB_SEED, DEMO_SIZE, make_phantoms
-            from attunet_deploy.preprocess import normalize
 
             hu, _ = make_phantoms(max_samples, seed=CALIB_SEED, size=DEMO_SIZE)
-            x = normalize(hu, bundle.preprocessing)
+            x = segmenter.normalize(hu)
             return ([x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})",
                     [f"demo phantom seed {CALIB_SEED}"])
     root = Path(calib)
     files = list_image_files(root)
-    held = golden_shas(bundle)
+    held = golden.held_out()
     records = []
     skipped = 0
     usable = []
@@ -91,13 +84,13 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
     used_files = sorted({r.rel for r in records})
     described = f"{len(records)} images from {calib}" + (f" (held-out golden images excluded from {skipped} "
                                                           "file(s))" if skipped else "")
-    return model_inputs(records, bundle.preprocessing, bundle.divisor), described, used_files
+    return model_inputs(records, segmenter), described, used_files
 
 
-def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], threads: int = 0
+def evaluate_int8(path: Path, cases: list[GoldenCase], segmenter: Segmenter, threads: int = 0
                   ) -> tuple[float, float]:
     """(mean Dice vs the golden reference, p50 latency in ms on the first case) of an INT8 graph on
-    ONNX Runtime CPU."""
+    ONNX Runtime CPU, padded and masked by the bundle's Segmenter."""
     import onnxruntime as ort
 
     from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, compare
@@ -106,18 +99,19 @@ def evaluate_int8(path: Path, cases: list[Any], postprocessing: dict[str, Any], 
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    outs = []
-    for c in cases:
-        xp, size = pad_to_divisor(c.inputs, 16)
-        outs.append(crop(sess.run(None, {"image": xp})[0], size))
-    row = compare(outs, cases, postprocessing, DEFAULT_TOLERANCES["int8"])
-    xp, _ = pad_to_divisor(cases[0].inputs, 16)
+
+    def run(xp: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(None, {"image": xp})[0])
+
+    outs = [segmenter.infer_volume(run, c.inputs) if c.volume else segmenter.infer(run, c.inputs) for c in cases]
+    row = compare(outs, cases, segmenter, DEFAULT_TOLERANCES["int8"])
+    xp, _ = segmenter.pad(cases[0].inputs)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
         sess.run(None, {"image": xp})
         times.append(time.perf_counter() - t0)
-    return float(row["mean_dice"]), 1000.0 * float(np.median(times))
+    return float(row.mean_dice or 0.0), 1000.0 * float(np.median(times))
 
 
 def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
@@ -126,29 +120,27 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
     from attunet_deploy.io.volumes import list_volumes, volume_sha256
     from attunet_deploy.steps.volume_data import calibration_patches
 
-    window = bundle.sliding_window or {}
-    if calib is None and bundle.manifest["model"]["source"].get("demo"):
+    segmenter = Segmenter(bundle.spec)
+    if calib is None and bundle.is_demo:
         from attunet_deploy.demo import CALIB_SEED
         from attunet_deploy.demo.phantom3d import make_volumes
-        from attunet_deploy.preprocess import normalize
 
         hu, _ = make_volumes(max(1, min(max_samples, 8)), seed=CALIB_SEED)
-        x = normalize(hu, bundle.preprocessing)
+        x = segmenter.normalize(hu)
         return ([x[i:i + 1] for i in range(len(x))], f"{len(x)} demo phantom volumes (seed {CALIB_SEED})",
                 [f"demo phantom volumes seed {CALIB_SEED}"])
     if calib is None:
-        root = bundle.golden_info.get("root") if bundle.golden_info.get("kind") == "user-volumes" else None
+        root = bundle.golden.root if bundle.golden.kind == "user-volumes" else None
         if not root or not Path(root).exists():
             raise InputError("INT8 for a 3D model needs calibration volumes: pass --calib DIR_OR_FILE (NIfTI or .npy "
                              "volumes; a few are enough, several windows are taken from each)")
         calib = root
-    held = golden_shas(bundle)
+    held = bundle.golden.held_out()
     files = [f for f in list_volumes(calib) if not held or volume_sha256(f) not in held]
     if not files:
         raise InputError(f"every volume in {calib} is a held-out golden volume: calibration needs other volumes "
                          "(give a larger --calib set)")
-    inputs, used = calibration_patches(files, bundle.in_channels, bundle.preprocessing, list(window.get("roi", [])),
-                                       max_samples, bundle.divisors)
+    inputs, used = calibration_patches(files, segmenter, max_samples)
     return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used
 
 
@@ -162,8 +154,9 @@ def int8_target(target: str | None, bundle: Bundle, precisions: list[str]) -> st
 
     chosen = target or os.environ.get("ATTDEPLOY_INT8_TARGET", "all") or "all"
     if chosen not in TARGETS:
-        raise InputError(f"--target {chosen!r}: choose {', '.join(TARGETS)} (onnx: the Q/DQ graph only; all: also "
-                         "NNCF's OpenVINO graph when OpenVINO is installed; openvino: that graph or an error)")
+        raise InputError(f"ATTDEPLOY_INT8_TARGET={chosen!r}: choose {', '.join(TARGETS)} (onnx: the Q/DQ graph only; "
+                         "all: also NNCF's OpenVINO graph when OpenVINO is installed; openvino: that graph or an "
+                         "error)")
     if chosen == "openvino" and "int8" in precisions:
         from attunet_deploy.build.ov_int8 import nncf_available
 
@@ -180,20 +173,20 @@ def _dice_target(bundle: Bundle, max_dice_drop: float) -> Any:
     NNCF still holds the graph to the target)."""
     from attunet_deploy.build.ov_int8 import DiceTarget
     from attunet_deploy.io.golden import load_golden
-    from attunet_deploy.preprocess import logits_to_masks
 
+    segmenter = Segmenter(bundle.spec)
     images, refs = [], []
     for case in load_golden(bundle):
         if case.volume:
             continue
         for i in range(len(case.inputs)):
-            images.append(pad_to_divisor(np.ascontiguousarray(case.inputs[i:i + 1], np.float32), bundle.divisor))
-            refs.append(logits_to_masks(case.logits[i:i + 1], bundle.postprocessing))
-    return DiceTarget(images, refs, bundle.postprocessing, max_dice_drop) if images else None
+            images.append(segmenter.pad(np.ascontiguousarray(case.inputs[i:i + 1], np.float32)))
+            refs.append(segmenter.masks(case.logits[i:i + 1]))
+    return DiceTarget(images, refs, segmenter, max_dice_drop) if images else None
 
 
 def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.ndarray], ignored: list[str],
-                         target: str, max_dice_drop: float | None, calibration: dict[str, Any],
+                         target: str, max_dice_drop: float | None, calibration: dict[str, str | list[str]],
                          reporter: Reporter) -> None:
     """NNCF's OpenVINO-native INT8 graph beside the Q/DQ one (OpenVINO and NNCF installed,
     ``target`` not ``onnx``; with ``max_dice_drop``, NNCF's accuracy control), judged on the golden set
@@ -228,9 +221,9 @@ def _stage_openvino_int8(bundle: Bundle, txn: Any, src: Path, inputs: list[np.nd
     (row,) = run_verify(txn.view(), ["ov"], ["int8"], reporter=reporter)
     if row.status != Status.PASS:
         _refuse_ov_int8(txn, target, reporter, f"NNCF's INT8 graph missed the INT8 tolerance on OpenVINO "
-                        f"({row.get('reason')})")
-    elif max_dice_drop is not None and not row["mean_dice"] >= 1.0 - max_dice_drop:
-        _refuse_ov_int8(txn, target, reporter, f"NNCF's accuracy control left mean Dice {row['mean_dice']:.4f} "
+                        f"({row.reason})")
+    elif max_dice_drop is not None and not (row.mean_dice or 0.0) >= 1.0 - max_dice_drop:
+        _refuse_ov_int8(txn, target, reporter, f"NNCF's accuracy control left mean Dice {row.mean_dice or 0.0:.4f} "
                         f"< {1.0 - max_dice_drop:.4f} on OpenVINO")
 
 
@@ -242,14 +235,52 @@ def _refuse_ov_int8(txn: Any, target: str, reporter: Reporter, why: str) -> None
     reporter.notice("note:", f"{why}: not kept; ov/int8 runs the Q/DQ graph")
 
 
-def check_quantize_options(method: str, max_samples: int, precisions: list[str]) -> None:
-    if method not in METHODS:
-        raise InputError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or not 1 <= max_samples <= 100_000:
-        raise InputError(f"--max-samples {max_samples!r}: must be an integer in 1..100000")
-    bad = [p for p in precisions if p not in ("fp16", "int8")]
-    if bad:
-        raise InputError(f"--precision {bad[0]!r}: quantize makes fp16 and int8")
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """What ``quantize`` makes, checked here once (each problem names its field).
+
+    ``precisions``: fp16 and/or int8. INT8 is calibrated (``method``: entropy, percentile, minmax) on at
+    most ``max_samples`` images of ``calib`` (default: the images export held out a quarter of, or the
+    demo's phantoms). ``quantize_all`` also quantises the gates' psi and the head; ``full_range_weights``
+    uses 8-bit weights (GPU-only targets); ``fp16_keep_fp32`` names ONNX nodes kept in float32 in the FP16
+    graph. ``max_dice_drop`` makes INT8 accuracy-aware. ``target``: which INT8 graphs (onnx, openvino,
+    all; None: ``$ATTDEPLOY_INT8_TARGET`` or all). ``verify``: check the graphs on ONNX Runtime first.
+    """
+
+    calib: str | None = None
+    method: str = "percentile"
+    max_samples: int = 64
+    quantize_all: bool = False
+    precisions: tuple[str, ...] = ("fp16", "int8")
+    verify: bool = True
+    full_range_weights: bool = False
+    fp16_keep_fp32: tuple[str, ...] = ()
+    max_dice_drop: float | None = None
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown calibration method {self.method!r}; choose {', '.join(METHODS)}",
+                             field="method")
+        n = self.max_samples
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000:
+            raise InputError(f"calibration samples {n!r}: must be an integer in 1..100000", field="max_samples")
+        bad = [p for p in self.precisions if p not in ("fp16", "int8")]
+        if bad or not self.precisions:
+            raise InputError(f"precision {bad[0] if bad else 'none'!r}: quantize makes fp16 and int8",
+                             field="precisions")
+        if self.max_dice_drop is not None:
+            from attunet_deploy.judge.verify import check_dice_drop
+
+            check_dice_drop(self.max_dice_drop)
+            if "int8" not in self.precisions:
+                raise InputError("a largest Dice drop drives accuracy-aware INT8 (convolutions return to float until "
+                                 "the Dice target holds); it does nothing for FP16: add int8 or drop it",
+                                 field="max_dice_drop")
+        if self.target is not None and self.target not in TARGETS:
+            raise InputError(f"INT8 target {self.target!r}: choose {', '.join(TARGETS)} (onnx: the Q/DQ graph only; "
+                             "all: also NNCF's OpenVINO graph when OpenVINO is installed; openvino: that graph or an "
+                             "error)", field="target")
 
 
 class Quantized(NamedTuple):
@@ -259,71 +290,36 @@ class Quantized(NamedTuple):
     rows: list[VerifyRow]
 
 
-def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "percentile", max_samples: int = 64,
-                    quantize_all: bool = False, precisions: list[str] | None = None,
-                    reporter: Reporter | None = None, verify: bool = True,
-                    full_range_weights: bool = False, fp16_keep_fp32: list[str] | None = None,
-                    max_dice_drop: float | None = None, target: str | None = None) -> Quantized:
+def quantize_bundle(bundle: Bundle, settings: QuantizeSettings | None = None,
+                    reporter: Reporter | None = None) -> Quantized:
     """Write the bundle's FP16 and/or INT8 graphs, lint them for TensorRT and verify them on
     ONNX Runtime CPU, then commit them together. A graph that misses its tolerance (exit 1),
     bad input (exit 2) or an interruption leaves the bundle as it was. Returns the committed
     bundle and the verification rows."""
-    from attunet_deploy.build.trt_lint import lint_onnx
-
+    s = settings or QuantizeSettings()
     reporter = reporter or Reporter()
-    precisions = precisions or ["fp16", "int8"]
-    check_quantize_options(method, max_samples, precisions)
-    target = int8_target(target, bundle, precisions)
-    if max_dice_drop is not None:
-        from attunet_deploy.judge.verify import check_dice_drop
-
-        check_dice_drop(max_dice_drop)
-        if "int8" not in precisions:
-            raise InputError("--max-dice-drop drives accuracy-aware INT8 (convolutions return to float until the "
-                             "Dice target holds); it does nothing for FP16: add --precision int8 or drop it")
+    target = int8_target(s.target, bundle, list(s.precisions))
     src = bundle.onnx_path("fp32")
-    keep = set(fp16_keep_fp32 or ())
-    if keep and "fp16" in precisions:
+    keep = set(s.fp16_keep_fp32)
+    if keep and "fp16" in s.precisions:
         check_node_names(src, keep)  # before any work: a typo is exit 2 with the bundle untouched
-    if "int8" in precisions:  # read the calibration set first: a bad --calib fails before any work
-        inputs, described, used = calibration_inputs(bundle, calib, max_samples)
-    producer = versions()
-    done = []
+    calibration = None
+    if "int8" in s.precisions:  # read the calibration set first: a bad --calib fails before any work
+        calibration = calibration_inputs(bundle, s.calib, s.max_samples)
     with bundle.transaction() as txn:
-        if "fp16" in precisions:
+        done = []
+        if "fp16" in s.precisions:
             name = ONNX_FILES["fp16"]
             with reporter.step("Converting to FP16 (float32 I/O)"):
                 info = convert_fp16(src, txn.stage(name), keep)
-            txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="fp16", producer={**producer, **info})
+            txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="fp16", producer={**versions(), **info})
             done.append("fp16")
-        if "int8" in precisions:
-            name = ONNX_FILES["int8"]
-            ranges = calibrate(src, inputs, method, reporter)
-            if max_dice_drop is None:
-                info = quantize_int8(src, txn.stage(name), inputs, method=method, quantize_all=quantize_all,
-                                     full_range_weights=full_range_weights, reporter=reporter, ranges=ranges)
-            else:
-                from attunet_deploy.io.golden import load_golden
-
-                cases = load_golden(bundle)
-                info = accuracy_aware_int8(src, txn.stage(name), ranges, method=method, target=1.0 - max_dice_drop,
-                                           evaluate=lambda p: evaluate_int8(p, cases, bundle.postprocessing),
-                                           quantize_all=quantize_all, full_range_weights=full_range_weights,
-                                           reporter=reporter)
-            info["calibration_images"] = len(inputs)
-            txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
-                             producer={**producer, **info, "calibration": described, "calibration_files": used})
+        if calibration is not None:
+            _stage_int8(bundle, txn, src, s, target, calibration, reporter)
             done.append("int8")
-            _stage_openvino_int8(bundle, txn, src, inputs, list(info.get("float_nodes", [])), target,
-                                 max_dice_drop, {"calibration": described, "calibration_files": used}, reporter)
-        for precision in done:
-            issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
-            if issues:
-                reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
-            txn.manifest["artifacts"][ONNX_FILES[precision]]["trt_lint"] = issues
-            _drop_engines_of(bundle, txn, precision)
+        _lint(bundle, txn, done, reporter)
         rows: list[VerifyRow] = []
-        if verify:
+        if s.verify:
             from attunet_deploy.judge.verify import verify as run_verify
 
             rows = run_verify(txn.view(), ["ort"], done, reporter=reporter)
@@ -331,17 +327,54 @@ def quantize_bundle(bundle: Bundle, calib: str | None = None, method: str = "per
                 from attunet_deploy.judge.report import verify_table
 
                 reporter.table(verify_table(rows, title="Quantised graphs on ONNX Runtime CPU (not written)"))
-                failed = ", ".join(f"{r['precision']} ({r['reason']})" for r in rows if r.status == Status.FAIL)
+                failed = ", ".join(f"{r.precision} ({r.reason})" for r in rows if r.status == Status.FAIL)
                 raise VerificationFailed(f"{failed}: nothing was written; try another --method, a more representative "
                                          "--calib set, or --no-verify to keep unverified graphs")
             txn.record_verification(rows)
         return Quantized(txn.commit(), rows)
 
 
+def _stage_int8(bundle: Bundle, txn: Any, src: Path, s: QuantizeSettings, target: str,
+                calibration: tuple[list[np.ndarray], str, list[str]], reporter: Reporter) -> None:
+    """The Q/DQ INT8 graph (accuracy-aware with a Dice target), then NNCF's OpenVINO graph beside it."""
+    inputs, described, used = calibration
+    name = ONNX_FILES["int8"]
+    ranges = calibrate(src, inputs, s.method, reporter)
+    if s.max_dice_drop is None:
+        info = quantize_int8(src, txn.stage(name), inputs, method=s.method, quantize_all=s.quantize_all,
+                             full_range_weights=s.full_range_weights, reporter=reporter, ranges=ranges)
+    else:
+        from attunet_deploy.io.golden import load_golden
+
+        cases = load_golden(bundle)
+        segmenter = Segmenter(bundle.spec)
+        info = accuracy_aware_int8(src, txn.stage(name), ranges, method=s.method, target=1.0 - s.max_dice_drop,
+                                   evaluate=lambda p: evaluate_int8(p, cases, segmenter),
+                                   quantize_all=s.quantize_all, full_range_weights=s.full_range_weights,
+                                   reporter=reporter)
+    info["calibration_images"] = len(inputs)
+    txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
+                     producer={**versions(), **info, "calibration": described, "calibration_files": used})
+    _stage_openvino_int8(bundle, txn, src, inputs, list(info.get("float_nodes", [])), target,
+                         s.max_dice_drop, {"calibration": described, "calibration_files": used}, reporter)
+
+
+def _lint(bundle: Bundle, txn: Any, done: list[str], reporter: Reporter) -> None:
+    """TensorRT lint of each new graph (recorded with it); its old engines and EP caches go."""
+    from attunet_deploy.build.trt_lint import lint_onnx
+
+    for precision in done:
+        issues = lint_onnx(txn.writes[ONNX_FILES[precision]])
+        if issues:
+            reporter.notice(f"TensorRT lint ({precision}):", "; ".join(issues[:5]))
+        txn.annotate(ONNX_FILES[precision], trt_lint=issues)
+        _drop_engines_of(bundle, txn, precision)
+
+
 def _drop_engines_of(bundle: Bundle, txn: Any, precision: str) -> None:
     """Engines and ONNX Runtime TensorRT-EP caches built from the old graph are stale now."""
     for name, entry in bundle.artifacts.items():
-        if entry.get("kind") == ArtifactKind.ENGINE and entry.get("precision") == precision:
+        if entry.kind == ArtifactKind.ENGINE and entry.precision == precision:
             txn.remove(name)
     cache_root = bundle.root / ENGINE_DIR / "ort-trt"
     if cache_root.is_dir() and not cache_root.is_symlink():

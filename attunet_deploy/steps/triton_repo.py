@@ -7,7 +7,8 @@ Writes, for a bundle:
   optionally ONNX Runtime's TensorRT accelerator, strongly typed (precision comes from the graph);
 - ``attunet_trt_<precision>/``: the TensorRT engine (``tensorrt_plan``) when the bundle has one
   built on this GPU with this TensorRT, with the engine's optimization profiles;
-- ``attunet_pre`` / ``attunet_post`` (python backend): normalisation + pad, crop + mask;
+- ``attunet_pre`` / ``attunet_post`` (python backend): normalisation + pad, crop + mask, by the
+  package's Segmenter (shipped beside their model.py);
 - ``attunet_segment``: an ensemble raw image -> uint8 mask;
 - ``attunet_cpu`` (python backend): ``model.onnx`` on ONNX Runtime inside Triton, for servers
   that only have the python backend;
@@ -27,7 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from attunet_deploy.bundle import ONNX_FILES, Bundle
 from attunet_deploy.console import Reporter
@@ -35,6 +36,14 @@ from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import dir_lock, short_name
 
 MARKER = ".attdeploy-triton"
+
+
+class TritonModel(TypedDict):
+    """One model of the repository: its config.pbtxt text and its files (relative path -> a source
+    file to copy, or the bytes to write)."""
+
+    config: str
+    files: dict[str, Path | bytes]
 MODELS_SRC = Path(__file__).with_name("triton_models")
 
 ONNX_TEMPLATE = """name: "{name}"
@@ -74,8 +83,7 @@ input [ {{ name: "raw" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }} ]
 output [ {{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {sp} ] }},
          {{ name: "size" data_type: TYPE_INT32 dims: [ 2 ] }} ]
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
-parameters {{ key: "preprocessing" value: {{ string_value: {pre} }} }}
-parameters {{ key: "divisor" value: {{ string_value: "{divisor}" }} }}
+parameters {{ key: "spec" value: {{ string_value: {spec} }} }}
 """
 
 POST_TEMPLATE = """name: "attunet_post"
@@ -85,7 +93,7 @@ input [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {k}, {sp} ] }},
         {{ name: "size" data_type: TYPE_INT32 dims: [ 2 ] }} ]
 output [ {{ name: "mask" data_type: TYPE_UINT8 dims: [ -1, -1 ] }} ]
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
-parameters {{ key: "postprocessing" value: {{ string_value: {post} }} }}
+parameters {{ key: "spec" value: {{ string_value: {spec} }} }}
 """
 
 CPU_TEMPLATE = """name: "attunet_cpu"
@@ -107,12 +115,12 @@ input [ {{ name: "volume" data_type: TYPE_FP32 dims: [ {vdims} ] }},
 output [ {{ name: "mask" data_type: TYPE_UINT8 dims: [ -1, -1, -1 ] }} ]
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 parameters {{ key: "inference_model" value: {{ string_value: "{infer}" }} }}
-parameters {{ key: "bundle" value: {{ string_value: {model} }} }}
+parameters {{ key: "spec" value: {{ string_value: {spec} }} }}
 """
 
-#: The package's numpy-only modules the volume model runs (shipped beside its model.py), so that the
-#: served sliding window is the in-process one.
-VOLUME_LIBRARY = ("errors.py", "limits.py", "preprocess.py", "runtimes/window.py")
+#: The package's numpy-only modules the python models run (shipped beside their model.py), so that the
+#: served mask chain is the in-process Segmenter.
+LIBRARY = ("errors.py", "limits.py", "preprocess.py", "window.py", "segmenter.py", "bundle/spec.py")
 PACKAGE_SRC = Path(__file__).resolve().parents[1]
 
 ENSEMBLE_TEMPLATE = """name: "attunet_segment"
@@ -156,7 +164,7 @@ def _pbtxt_string(value: str) -> str:
 
 def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8, instances: int = 1,
                     kind: str = "gpu", tensorrt_accelerator: bool = False, delay_us: int = 2000
-                    ) -> dict[str, dict[str, Any]]:
+                    ) -> dict[str, TritonModel]:
     """model name -> {"config": pbtxt text, "files": {relative path: source path or bytes}}."""
     if not 1 <= max_batch <= 1024:
         raise InputError("--max-batch must be in 1..1024")
@@ -169,19 +177,19 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
     c, k = bundle.in_channels, bundle.out_channels
     sp = ", ".join(["-1"] * bundle.spatial_dims)
     common = {"c": c, "k": k, "sp": sp, "max_batch": max_batch, "instances": instances, "delay_us": delay_us}
-    models: dict[str, dict[str, Any]] = {}
+    models: dict[str, TritonModel] = {}
     for precision in precisions:
         graph = ONNX_FILES[precision]
         bundle.require(graph)
         name = f"attunet_{precision}"
-        sha = bundle.artifacts[graph]["sha256"]
+        sha = bundle.sha256(graph) or ""
         accel = TRT_ACCELERATOR.format(cache=f"/models/{name}/trt_cache_{sha[:12]}") if tensorrt_accelerator else ""
         models[name] = {"config": ONNX_TEMPLATE.format(name=name, kind=f"KIND_{kind.upper()}", accelerator=accel,
                                                        sha=sha, **common),
                         "files": {"1/model.onnx": bundle.path(graph)}}
         engine = _engine_here(bundle, precision)
         if engine is not None:
-            entry = bundle.artifacts[engine]
+            entry = bundle.artifacts[engine].extra
             profiles = ", ".join(f'"{i}"' for i in range(len(entry["profiles"])))
             batch = min(max_batch, min(int(p["max"][0]) for p in entry["profiles"]))
             models[f"attunet_trt_{precision}"] = {
@@ -198,12 +206,11 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
         for name, model in models.items():
             check_config(model["config"], name)
         return models
-    models["attunet_pre"] = {"config": PRE_TEMPLATE.format(pre=_pbtxt_string(json.dumps(bundle.preprocessing)),
-                                                           divisor=bundle.divisor, **common),
-                             "files": {"1/model.py": MODELS_SRC / "pre.py"}}
-    models["attunet_post"] = {"config": POST_TEMPLATE.format(post=_pbtxt_string(json.dumps(bundle.postprocessing)),
-                                                             **common),
-                              "files": {"1/model.py": MODELS_SRC / "post.py"}}
+    spec = _pbtxt_string(json.dumps(bundle.spec.to_dict()))
+    models["attunet_pre"] = {"config": PRE_TEMPLATE.format(spec=spec, **common),
+                             "files": {"1/model.py": MODELS_SRC / "pre.py", **_library()}}
+    models["attunet_post"] = {"config": POST_TEMPLATE.format(spec=spec, **common),
+                              "files": {"1/model.py": MODELS_SRC / "post.py", **_library()}}
     infer = "attunet_cpu" if kind == "cpu" else f"attunet_{precisions[0]}"
     models["attunet_segment"] = {"config": ENSEMBLE_TEMPLATE.format(infer=infer, **common),
                                  "files": {"1/.keep": b""}}
@@ -212,20 +219,20 @@ def plan_repository(bundle: Bundle, precisions: list[str], *, max_batch: int = 8
     return models
 
 
-def _volume_model(bundle: Bundle, infer: str, instances: int) -> dict[str, Any]:
+def _library() -> dict[str, Path | bytes]:
+    """The Segmenter and what it imports, as files of a python model's version folder."""
+    stub = b'"""The numpy modules of attunet-deploy a python model runs (copied by attdeploy triton)."""\n'
+    files: dict[str, Path | bytes] = {"1/attunet_deploy/__init__.py": stub, "1/attunet_deploy/bundle/__init__.py": b""}
+    files.update({f"1/attunet_deploy/{rel}": PACKAGE_SRC / rel for rel in LIBRARY})
+    return files
+
+
+def _volume_model(bundle: Bundle, infer: str, instances: int) -> TritonModel:
     """``attunet_volume``: whole raw volumes through the bundle's sliding window, windows served by ``infer``."""
-    spec = {"channels": bundle.in_channels, "divisors": list(bundle.divisors), "preprocessing": bundle.preprocessing,
-            "postprocessing": bundle.postprocessing, "sliding_window": bundle.sliding_window,
-            "spacing": list(bundle.spacing) if bundle.spacing else None}
     vdims = "-1, -1, -1" if bundle.in_channels == 1 else f"{bundle.in_channels}, -1, -1, -1"
-    files: dict[str, Any] = {"1/model.py": MODELS_SRC / "volume.py",
-                             "1/attunet_deploy/__init__.py": b'"""The numpy modules of attunet-deploy the volume '
-                                                             b'model runs (copied by attdeploy triton)."""\n',
-                             "1/attunet_deploy/runtimes/__init__.py": b""}
-    files.update({f"1/attunet_deploy/{rel}": PACKAGE_SRC / rel for rel in VOLUME_LIBRARY})
     return {"config": VOLUME_TEMPLATE.format(vdims=vdims, instances=instances, infer=infer,
-                                             model=_pbtxt_string(json.dumps(spec))),
-            "files": files}
+                                             spec=_pbtxt_string(json.dumps(bundle.spec.to_dict()))),
+            "files": {"1/model.py": MODELS_SRC / "volume.py", **_library()}}
 
 
 def _engine_here(bundle: Bundle, precision: str) -> str | None:

@@ -6,6 +6,7 @@ bundle's spacing), and roi-sized calibration patches from the other volumes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.volumes import Volume, list_volumes, read_label_volume, read_volume, to_model_space
-from attunet_deploy.preprocess import pad_to_divisor, resample_nearest
+from attunet_deploy.segmenter import Segmenter
 
 #: Calibration patches taken from one volume at most (its centre, then evenly spread positions).
 PATCHES_PER_VOLUME = 4
@@ -55,22 +56,24 @@ def prepare_user_volumes(images: str | os.PathLike[str], labels: str | os.PathLi
     return UserVolumes(root, golden, calib, volumes, masks)
 
 
-def window_box(shape: tuple[int, ...], roi: list[int], where: float = 0.5) -> tuple[slice, ...]:
+def window_box(shape: tuple[int, ...], roi: Sequence[int], where: float = 0.5) -> tuple[slice, ...]:
     """A window of ``roi`` (or the whole axis where it is shorter) at relative position ``where``."""
     starts = [round((s - min(r, s)) * where) for s, r in zip(shape, roi)]
     return tuple(slice(a, a + min(r, s)) for a, s, r in zip(starts, shape, roi))
 
 
-def golden_volume_cases(user: UserVolumes, preprocessing: dict[str, Any], roi: list[int]
+def golden_volume_cases(user: UserVolumes, segmenter: Segmenter
                         ) -> list[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """One case per held-out volume: its central window in model space (labels likewise)."""
+    assert segmenter.spec.sliding_window is not None  # volumes are golden cases of 3D models only
+    roi = segmenter.spec.sliding_window.roi
     cases: list[tuple[np.ndarray, np.ndarray | None, list[str]]] = []
     for i, v in enumerate(user.volumes):
-        x = to_model_space(v, preprocessing)
+        x = to_model_space(v, segmenter)
         box = window_box(x.shape[1:], roi)
         label = None
         if user.labels is not None:
-            label = resample_nearest(user.labels[i], x.shape[1:])[box][None]
+            label = segmenter.labels_to(user.labels[i], x.shape[1:])[box][None]
         index = (slice(None), *box)
         cases.append((np.ascontiguousarray(x[index])[None], label, [v.rel]))
     return cases
@@ -88,20 +91,22 @@ def golden_volumes_manifest(user: UserVolumes, roi: list[int]) -> dict[str, Any]
             "synthetic_cases": 0, "labels": user.labels is not None, "calibration_candidates": len(user.calib_files)}
 
 
-def calibration_patches(files: list[Path], channels: int, preprocessing: dict[str, Any], roi: list[int],
-                        max_samples: int, divisors: tuple[int, ...]) -> tuple[list[np.ndarray], list[str]]:
+def calibration_patches(files: list[Path], segmenter: Segmenter, max_samples: int
+                        ) -> tuple[list[np.ndarray], list[str]]:
     """Model-space [1, C, *roi] patches of ``files`` (centre first, then spread), at most ``max_samples``
     in all, and the files they came from."""
+    assert segmenter.spec.sliding_window is not None  # calibration patches are windows of 3D models
+    roi = segmenter.spec.sliding_window.roi
     per = max(1, min(PATCHES_PER_VOLUME, -(-max_samples // max(1, len(files)))))
     out: list[np.ndarray] = []
     used: list[str] = []
     for f in files:
         if len(out) >= max_samples:
             break
-        x = to_model_space(read_volume(f, channels), preprocessing)
+        x = to_model_space(read_volume(f, segmenter.channels), segmenter)
         for where in (0.5, 0.0, 1.0, 0.25)[:per]:
             index = (slice(None), *window_box(x.shape[1:], roi, where))
             patch = np.ascontiguousarray(x[index])[None]
-            out.append(pad_to_divisor(patch, divisors)[0])  # the graph takes multiples of its divisors
+            out.append(segmenter.pad(patch)[0])  # the graph takes multiples of its divisors
         used.append(f.name)
     return out[:max_samples], used

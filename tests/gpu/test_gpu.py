@@ -104,12 +104,12 @@ def test_onnxruntime_gpu_providers_verify(gpu_demo: Path, backend: str) -> None:
 def gpu_demo3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 3D demo exported and quantised (FP16 and INT8 graphs) on this machine."""
     from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import export_bundle
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     dst = tmp_path_factory.mktemp("gpu3d") / "demo3d"
-    export_bundle(DEMO3D_WEIGHTS, dst)
-    quantize_bundle(Bundle.load(dst), verify=False)
+    export_bundle(ExportSettings(DEMO3D_WEIGHTS, dst))
+    quantize_bundle(Bundle.load(dst), QuantizeSettings(verify=False))
     return dst
 
 
@@ -127,7 +127,7 @@ def test_tensorrt_3d_engine_builds_verifies_and_benches(gpu_demo3d: Path, precis
         assert built["layer_precisions"].get(precision, 0) > 0, built["layer_precisions"]
     (row,) = verify(Bundle.load(gpu_demo3d), ["trt"], [precision])
     assert row["status"] == "pass", row
-    roi = tuple(bundle.sliding_window["roi"])
+    roi = bundle.sliding_window.roi
     with load_runner(gpu_demo3d, backend="trt", precision=precision) as runner:
         window = bench_runner(runner, BenchSettings(shape=(1, 1, *roi), warmup=5, iterations=50))
         volume = bench_runner(runner, BenchSettings(shape=(1, 1, 96, 192, 192), warmup=1, iterations=3, volume=True))
@@ -143,9 +143,9 @@ def test_torch_cuda_runner_is_an_fp32_reference_for_3d(tmp_path: Path) -> None:
     and through the sliding window."""
     from attunet_deploy.demo import DEMO3D_WEIGHTS
     from attunet_deploy.io.golden import load_golden
-    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
 
-    export_bundle(DEMO3D_WEIGHTS, tmp_path / "b")
+    export_bundle(ExportSettings(DEMO3D_WEIGHTS, tmp_path / "b"))
     bundle = Bundle.load(tmp_path / "b")
     cases = load_golden(bundle)
     with load_runner(bundle, backend="torch", device="cuda") as gpu:

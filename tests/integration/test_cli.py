@@ -230,10 +230,10 @@ def test_info_and_doctor(small_bundle: Path) -> None:
 def test_reexport_replaces_bundle_and_force_writes_into_foreign_dir(tmp_path: Path, small_ckpt: Path) -> None:
     out = tmp_path / "b"
     assert run("export", str(small_ckpt), "-o", str(out), "--exporter", "torchscript")[0] == 0
-    first = Bundle.load(out).artifacts["model.onnx"]["sha256"]
+    first = Bundle.load(out).manifest["artifacts"]["model.onnx"]["sha256"]
     torch.save(popular_state_dict(1, 2, 8, seed=99), tmp_path / "other.pth")
     assert run("export", str(tmp_path / "other.pth"), "-o", str(out), "--exporter", "torchscript")[0] == 0
-    assert Bundle.load(out).artifacts["model.onnx"]["sha256"] != first
+    assert Bundle.load(out).manifest["artifacts"]["model.onnx"]["sha256"] != first
     assert not list((out / ".attdeploy").glob("txn-*"))  # no staging leftovers
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -268,11 +268,11 @@ def test_killed_export_leaves_previous_bundle_loadable(tmp_path: Path, small_bun
         proc.wait()
         assert reached, f"export finished or stalled before reaching {milestone or 'staging'}"
         bundle = Bundle.load(target)  # checks every sha256
-        assert bundle.artifacts == before  # still the old bundle, untouched
+        assert bundle.manifest["artifacts"] == before  # still the old bundle, untouched
     # The next export clears what the killed ones left behind, and then replaces the bundle.
     assert run("export", str(tmp_path / "new.pth"), "-o", str(target), "--exporter", "torchscript")[0] == 0
     assert not list((target / ".attdeploy").glob("txn-*"))
-    assert Bundle.load(target).artifacts["model.onnx"]["sha256"] != before["model.onnx"]["sha256"]
+    assert Bundle.load(target).manifest["artifacts"]["model.onnx"]["sha256"] != before["model.onnx"]["sha256"]
 
 
 # ---------------------------------------------------------------------------- runner memory

@@ -26,7 +26,7 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
                            catch_exceptions=True)
     assert r.exit_code == 0, r.output[-3000:]
     b = Bundle.load(tmp_path / "b")
-    assert (b.family, b.layout, b.sliding_window["roi"], b.spacing) == ("oktay3d", "NCDHW", [32, 48, 48],
+    assert (b.family, b.layout, b.sliding_window.roi, b.spacing) == ("oktay3d", "NCDHW", (32, 48, 48),
                                                                          (5.0, 6.0, 6.0))
     rows = json.loads((tmp_path / "b" / "report.json").read_text())["verification"]
     ran = {(row["backend"], row["precision"]): row for row in rows if row["status"] != "unavailable"}
@@ -52,8 +52,9 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
     profile = bundle_profile(b)
     assert profile.opt == (1, 1, 32, 48, 48)
     assert all(profile.contains(tuple(-(-n // 16) * 16 if i > 1 else n for i, n in enumerate(shape)))
-               for shape in b.artifacts["golden.npz"]["shapes"])
-    assert all(b.artifacts[f]["trt_lint"] == [] for f in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
+               for shape in b.manifest["artifacts"]["golden.npz"]["shapes"])
+    assert all(b.manifest["artifacts"][f]["trt_lint"] == [] for f in ("model.onnx", "model.fp16.onnx",
+                                                                      "model.int8.onnx"))
     _verify_on_user_volumes(tmp_path, tmp_path / "b")
     _nncf_graph_for_3d(tmp_path / "b")
 
@@ -67,7 +68,7 @@ def _nncf_graph_for_3d(bundle: Path) -> None:
     r = CliRunner().invoke(main, ["quantize", "-b", str(bundle), "--precision", "int8", "--target", "openvino",
                                   "--max-samples", "4"])
     assert r.exit_code == 0, r.output[-3000:]
-    scope = Bundle.load(bundle).artifacts[OV_INT8_XML]["producer"]["ignored_scope"]
+    scope = Bundle.load(bundle).manifest["artifacts"][OV_INT8_XML]["producer"]["ignored_scope"]
     assert sum("theta" in n for n in scope) == 6 and sum("psi" in n for n in scope) == 6
     out = bundle.parent / "ov3d.json"
     r = CliRunner().invoke(main, ["verify", "-b", str(bundle), "--backend", "ov", "--precision", "int8",
@@ -82,7 +83,7 @@ def _verify_on_user_volumes(tmp_path: Path, bundle: Path) -> None:
     through the sliding window, with NIfTI labels."""
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("pydicom")
-    from attunet_deploy.demo.ctseries import write_ct_series
+    from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
     from attunet_deploy.demo.phantom3d import make_volume
 
     imgs, labs = tmp_path / "vols", tmp_path / "labs"
@@ -94,7 +95,7 @@ def _verify_on_user_volumes(tmp_path: Path, bundle: Path) -> None:
         if i == 0:
             nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), affine), imgs / "a.nii.gz")
         else:
-            write_ct_series(imgs / "b", volume=hu, spacing=4.0, pixel_spacing=4.8)
+            write_ct_series(imgs / "b", volume=hu, geometry=SeriesGeometry(spacing=4.0, pixel_spacing=4.8))
         nib.save(nib.Nifti1Image(label.transpose(2, 1, 0), affine), labs / f"{'ab'[i]}.nii.gz")
     out = tmp_path / "verify.json"
     r = CliRunner().invoke(main, ["verify", "-b", str(bundle), "--images", str(imgs), "--labels", str(labs),

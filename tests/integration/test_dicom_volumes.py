@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("pydicom")
 
-from attunet_deploy.demo.ctseries import write_ct_series
+from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
 from attunet_deploy.demo.phantom3d import make_volume
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.volumes import list_volumes, read_volume, volume_sha256
@@ -21,8 +21,8 @@ from attunet_deploy.io.volumes import list_volumes, read_volume, volume_sha256
 def test_series_folder_is_a_volume(tmp_path: Path) -> None:
     hu, label = make_volume(7, (12, 40, 44))
     # file names in reverse z order: the reader orders by position, not by name
-    write_ct_series(tmp_path / "vols" / "case1", volume=hu, labels=label, spacing=3.0, pixel_spacing=0.75,
-                    name="z{:03d}.dcm")
+    write_ct_series(tmp_path / "vols" / "case1", volume=hu, labels=label, name="z{:03d}.dcm",
+                    geometry=SeriesGeometry(spacing=3.0, pixel_spacing=0.75))
     for f in (tmp_path / "vols" / "case1").iterdir():
         f.rename(f.with_name(f"{99 - int(f.stem[1:]):03d}.dcm"))
     np.save(tmp_path / "vols" / "other.npy", hu)
@@ -46,10 +46,10 @@ def test_series_that_is_not_a_volume_is_refused(tmp_path: Path, problem: str) ->
         positions[5:] = [(x, y, zk + 2.0) for x, y, zk in positions[5:]]  # a missing slice
     elif problem == "tilt":
         positions = [(-12.0, -12.0 + 0.2 * zk, zk) for zk in z]  # about 11 degrees
-    write_ct_series(folder, volume=hu, spacing=2.0, positions=positions)
+    write_ct_series(folder, volume=hu, geometry=SeriesGeometry(spacing=2.0, positions=tuple(positions)))
     target = folder
     if problem == "two series":
-        write_ct_series(folder, volume=hu, spacing=2.0, name="b{:03d}.dcm")
+        write_ct_series(folder, volume=hu, name="b{:03d}.dcm", geometry=SeriesGeometry(spacing=2.0))
     elif problem == "one file":
         target = next(folder.iterdir())
     expected = {"gap": "not a regular volume", "tilt": "gantry tilt", "two series": "one series per folder",

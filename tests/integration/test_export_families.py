@@ -66,7 +66,7 @@ def test_export_and_verify_each_family(tmp_path: Path, name: str, make, extra: l
     assert (b.layout, b.divisors) == (layout, divisors)
     assert b.family == ("oktay3d" if name.startswith("oktay") else "monai")
     assert b.manifest["verification"]["ort/fp32"]["rel_l2"] <= 1e-5
-    shapes = [s[2:] for s in b.artifacts["golden.npz"]["shapes"]]
+    shapes = [s[2:] for s in b.manifest["artifacts"]["golden.npz"]["shapes"]]
     assert any(any(v % d for v, d in zip(s, divisors)) for s in shapes)  # one size a multiple of no divisor
     code, out, err = run("verify", "-b", str(tmp_path / "b"), "--backend", "torch", "--backend", "ort",
                          "--backend", "ov", "--precision", "fp32", "--json", "-")
@@ -75,7 +75,7 @@ def test_export_and_verify_each_family(tmp_path: Path, name: str, make, extra: l
     assert rows["torch"]["status"] == "pass" and rows["ort"]["status"] == "pass"
     assert rows["ov"]["status"] in ("pass", "unavailable")
     if layout == "NCDHW":
-        assert b.sliding_window is not None and b.sliding_window["roi"] == [int(v) for v in extra[1].split("x")]
+        assert b.sliding_window is not None and b.sliding_window.roi == tuple(int(v) for v in extra[1].split("x"))
 
 
 def test_3d_options_are_checked(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_save_diff_shows_the_worst_axial_slice_of_each_volume(tmp_path: Path) ->
     assert code == 0, err
     pictures = sorted((tmp_path / "diff" / "ort-fp32").glob("*.png"))
     assert pictures and all("-z" in p.name for p in pictures)
-    golden = Bundle.load(tmp_path / "b").artifacts["golden.npz"]["shapes"]
+    golden = Bundle.load(tmp_path / "b").manifest["artifacts"]["golden.npz"]["shapes"]
     in_plane = {tuple(s[3:]) for s in golden}
     for p in pictures:  # four tiles of one axial slice, upscaled by a whole factor (nearest-neighbour)
         with Image.open(p) as im:

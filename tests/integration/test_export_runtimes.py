@@ -18,7 +18,7 @@ from attunet_deploy.build.trt_lint import lint_onnx
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.errors import BackendUnavailable, InputError
 from attunet_deploy.metrics import rel_l2
-from attunet_deploy.steps.export import export_bundle
+from attunet_deploy.steps.export import ExportSettings, export_bundle
 
 
 def test_bundle_layout_and_manifest(small_bundle: Path) -> None:
@@ -73,7 +73,7 @@ def test_full_size_popular_checkpoint_exports_exactly(tmp_path: Path, head: str)
     """Acceptance: in 3 / out 1 / base 64 (bigmb naming), ORT vs the original model <= 1e-5."""
     sd = popular_state_dict(3, 1, 64, head=head, seed=7)
     torch.save(wrap_checkpoint(sd, "bare"), tmp_path / "full.pth")
-    export_bundle(tmp_path / "full.pth", tmp_path / "b")
+    export_bundle(ExportSettings(tmp_path / "full.pth", tmp_path / "b"))
     sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
     for shape in [(2, 3, 240, 176)]:  # a batch, and sizes that are multiples of 16 but not of 32
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))

@@ -16,7 +16,7 @@ from attunet_deploy.build.onnx import float_nodes
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.cli import main
 from attunet_deploy.judge.verify import verify
-from attunet_deploy.steps.quantize import quantize_bundle
+from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -54,7 +54,7 @@ def test_int8_graph_is_tensorrt_style_qdq_with_float_gates(demo_bundle: Path) ->
     for node in model.graph.node:
         if node.op_type == "Sigmoid":
             assert prod[node.input[0]].op_type != "DequantizeLinear"
-    meta = Bundle.load(demo_bundle).artifacts["model.int8.onnx"]
+    meta = Bundle.load(demo_bundle).manifest["artifacts"]["model.int8.onnx"]
     assert meta["precision"] == "int8" and "demo phantoms" in meta["producer"]["calibration"]
     assert meta["trt_lint"] == []
 
@@ -64,7 +64,7 @@ def test_demo_accuracy_gates(demo_bundle: Path, tmp_path: Path) -> None:
 
     b = tmp_path / "demo"
     shutil.copytree(demo_bundle, b)
-    rows = {(r["backend"], r["precision"]): r for r in verify(Bundle.load(b), ["ort"], ["all"])}
+    rows = {(r.backend, r.precision): r.to_dict() for r in verify(Bundle.load(b), ["ort"], ["all"])}
     fp16, int8 = rows[("ort", "fp16")], rows[("ort", "int8")]
     assert rows[("ort", "fp32")]["status"] == "pass"
     assert fp16["status"] == "pass" and fp16["mean_dice"] >= 0.995 and fp16["rel_l2"] <= 1e-2
@@ -92,8 +92,8 @@ def test_demo_heldout_dice(demo_bundle: Path) -> None:
 
 def test_quantize_all_quantizes_gates(bundle_copy: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "c.npy", np.random.default_rng(0).random((3, 1, 48, 48), dtype=np.float32))
-    quantize_bundle(Bundle.load(bundle_copy), calib=str(tmp_path / "c.npy"), precisions=["int8"],
-                    quantize_all=True, verify=False)
+    quantize_bundle(Bundle.load(bundle_copy), QuantizeSettings(calib=str(tmp_path / "c.npy"), precisions=("int8",),
+                                                               quantize_all=True, verify=False))
     model = onnx.load(str(bundle_copy / "model.int8.onnx"))
     prod = _producers(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -118,7 +118,7 @@ def test_calibration_from_dicom_and_png(bundle_copy: Path, tmp_path: Path, sourc
     result = CliRunner().invoke(main, ["quantize", "-b", str(bundle_copy), "--calib", str(calib),
                                        "--method", "minmax", "--precision", "int8", "--no-verify"])
     assert result.exit_code == 0, result.stderr  # random weights: accuracy is not checked here
-    entry = Bundle.load(bundle_copy).artifacts["model.int8.onnx"]
+    entry = Bundle.load(bundle_copy).manifest["artifacts"]["model.int8.onnx"]
     expected = 1 if source == "dicom" else 3
     assert entry["producer"]["calibration_images"] == expected
     assert entry["producer"]["calibration_files"] == (["CT_small.dcm"] if source == "dicom"
@@ -135,12 +135,12 @@ def test_full_range_weights_stay_correct_on_this_cpu(demo_bundle: Path, tmp_path
 
     b = tmp_path / "demo"
     shutil.copytree(demo_bundle, b)
-    quantize_bundle(Bundle.load(b), precisions=["int8"], full_range_weights=True, verify=False)
+    quantize_bundle(Bundle.load(b), QuantizeSettings(precisions=("int8",), full_range_weights=True, verify=False))
     bundle = Bundle.load(b)
-    assert bundle.artifacts["model.int8.onnx"]["producer"]["weight_bits"] == 8
+    assert bundle.manifest["artifacts"]["model.int8.onnx"]["producer"]["weight_bits"] == 8
     assert OrtCpuRunner(bundle, "int8")._needs_exact_int8() is (not cpu_has_int8_dot())
-    (row,) = verify(bundle, ["ort"], ["int8"], record=False)
-    assert row["status"] == "pass" and row["mean_dice"] >= 0.98, row
+    (row,) = verify(bundle, ["ort"], ["int8"])
+    assert row.status == "pass" and (row.mean_dice or 0) >= 0.98, row
 
 
 def test_fp16_keep_fp32_nodes(bundle_copy: Path) -> None:
@@ -149,15 +149,18 @@ def test_fp16_keep_fp32_nodes(bundle_copy: Path) -> None:
 
     src = onnx.load(str(bundle_copy / "model.onnx"))
     first_conv = next(n.name for n in src.graph.node if n.op_type == "Conv")
-    quantize_bundle(Bundle.load(bundle_copy), precisions=["fp16"], fp16_keep_fp32=[first_conv], verify=False)
+    quantize_bundle(Bundle.load(bundle_copy), QuantizeSettings(precisions=("fp16",), fp16_keep_fp32=(first_conv,),
+                                                               verify=False))
     model = onnx.load(str(bundle_copy / "model.fp16.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     node = next(n for n in model.graph.node if n.name == first_conv)
     assert inits[node.input[1]].data_type == TensorProto.FLOAT  # its weights stayed float32
     prod = _producers(model)
     assert prod[node.input[0]].op_type == "Cast"  # activation cast up to float32
-    assert Bundle.load(bundle_copy).artifacts["model.fp16.onnx"]["producer"]["kept_fp32_nodes"] == [first_conv]
-    (row,) = verify(Bundle.load(bundle_copy), ["ort"], ["fp16"], record=False)
-    assert row["status"] == "pass", row
+    fp16 = Bundle.load(bundle_copy).manifest["artifacts"]["model.fp16.onnx"]
+    assert fp16["producer"]["kept_fp32_nodes"] == [first_conv]
+    (row,) = verify(Bundle.load(bundle_copy), ["ort"], ["fp16"])
+    assert row.status == "pass", row
     with pytest.raises(InputError, match="no node named nope"):
-        quantize_bundle(Bundle.load(bundle_copy), precisions=["fp16"], fp16_keep_fp32=["nope"], verify=False)
+        quantize_bundle(Bundle.load(bundle_copy), QuantizeSettings(precisions=("fp16",), fp16_keep_fp32=("nope",),
+                                                                   verify=False))

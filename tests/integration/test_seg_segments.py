@@ -32,7 +32,7 @@ def test_named_classes_reach_the_seg(tmp_path: Path) -> None:
     r = runner.invoke(main, ["export", str(tmp_path / "three.pth"), "-o", str(tmp_path / "b"), "--exporter",
                              "torchscript", "--segment", "1=Liver@SCT:10200004:Liver", "--segment", "2=Spleen"])
     assert r.exit_code == 0, r.stderr
-    segments = Bundle.load(tmp_path / "b").postprocessing["segments"]
+    segments = [s.to_dict() for s in Bundle.load(tmp_path / "b").spec.postprocessing.segments]
     assert segments == [{"class": 1, "label": "Liver", "type": ["SCT", "10200004", "Liver"]},
                         {"class": 2, "label": "Spleen"}]
     write_ct_series(tmp_path / "ct", 3, (64, 64), seed=5)

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 inferers = pytest.importorskip("monai.inferers")
 
-from attunet_deploy.runtimes.window import sliding_window  # noqa: E402
+from attunet_deploy.bundle.spec import SlidingWindow  # noqa: E402
+from attunet_deploy.window import sliding_window  # noqa: E402
 
 
 def _net() -> torch.nn.Module:
@@ -35,7 +36,7 @@ def test_matches_monai(mode: str, shape: tuple[int, ...], roi: tuple[int, ...], 
     with torch.inference_mode():
         ref = inferers.sliding_window_inference(torch.from_numpy(x), roi, batch, net, overlap=overlap, mode=mode,
                                                 sigma_scale=0.125).numpy()
-        ours = sliding_window(lambda w: net(torch.from_numpy(w)).numpy(), x, roi, overlap=overlap, mode=mode,
-                              sigma_scale=0.125, batch=batch)
+        ours = sliding_window(lambda w: net(torch.from_numpy(w)).numpy(), x,
+                              SlidingWindow(roi, overlap=overlap, mode=mode, sigma_scale=0.125, batch=batch))
     assert ours.shape == ref.shape
     assert _rel_l2(ours, ref) <= 1e-5

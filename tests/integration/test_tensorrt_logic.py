@@ -31,7 +31,7 @@ from attunet_deploy.steps import engines as trt_export
 def test_find_engine_reports_wrong_gpu_or_version(small_bundle: Path) -> None:
     b = Bundle.load(small_bundle)
     assert find_engine(b, "fp16", GPU, "10.16.0")[0] is None
-    b.artifacts["engines/fp16-x.engine"] = {"kind": "tensorrt-engine", "precision": "fp16", "gpu": GPU,
+    b.manifest["artifacts"]["engines/fp16-x.engine"] = {"kind": "tensorrt-engine", "precision": "fp16", "gpu": GPU,
                                             "tensorrt": "10.16.0"}
     assert find_engine(b, "fp16", GPU, "10.16.0")[0] == "engines/fp16-x.engine"
     name, reason = find_engine(b, "fp16", {"name": "Orin", "compute_capability": "8.7"}, "10.3.0")
@@ -63,30 +63,30 @@ def test_engine_cache_reuse_and_stale_rebuild(monkeypatch: pytest.MonkeyPatch, b
     fake = _StandInTensorRT(monkeypatch, ["Float", "Float"])
     b = Bundle.load(bundle_copy)
     (r1,) = trt_export.build_engines(b, ["fp32"]).engines
-    assert r1["status"] == "built" and fake.builds == 1
+    assert r1.status == "built" and fake.builds == 1
     assert fake.last_settings.workspace_mb == 2000 and fake.last_plan.strongly_typed
-    entry = Bundle.load(bundle_copy).artifacts[r1["engine"]]
+    entry = Bundle.load(bundle_copy).manifest["artifacts"][r1.engine]
     assert entry["gpu"] == GPU and entry["tensorrt"] == "10.16.0" and entry["profiles"]
     (r2,) = trt_export.build_engines(Bundle.load(bundle_copy), ["fp32"]).engines
-    assert r2["status"] == "cached" and fake.builds == 1
+    assert r2.status == "cached" and fake.builds == 1
     narrow = parse_profiles(["1x1x256x256"], [], ["1x1x256x256"], 1)
     (r3,) = trt_export.build_engines(Bundle.load(bundle_copy), ["fp32"], narrow).engines
-    assert r3["status"] == "built" and r3["engine"] != r1["engine"] and fake.builds == 2
-    engines = [n for n, e in Bundle.load(bundle_copy).artifacts.items() if e["kind"] == "tensorrt-engine"]
-    assert engines == [r3["engine"]] and not (bundle_copy / r1["engine"]).exists()
+    assert r3.status == "built" and r3.engine != r1.engine and fake.builds == 2
+    engines = [n for n, e in Bundle.load(bundle_copy).manifest["artifacts"].items() if e["kind"] == "tensorrt-engine"]
+    assert engines == [r3.engine] and not (bundle_copy / r1.engine).exists()
 
 
 def test_engine_without_requested_precision_is_not_kept(monkeypatch: pytest.MonkeyPatch, bundle_copy: Path) -> None:
     _StandInTensorRT(monkeypatch, ["Float"] * 4)
     b = Bundle.load(bundle_copy)
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
-    quantize_bundle(b, precisions=["fp16"], verify=False)
+    quantize_bundle(b, QuantizeSettings(precisions=("fp16",), verify=False))
     before = (bundle_copy / "manifest.json").read_bytes()
     with pytest.raises(BuildFailed, match="no fp16 layers"):
         trt_export.build_engines(Bundle.load(bundle_copy), ["fp16"])
     assert (bundle_copy / "manifest.json").read_bytes() == before  # nothing committed
-    assert not any(e["kind"] == "tensorrt-engine" for e in Bundle.load(bundle_copy).artifacts.values())
+    assert not any(e["kind"] == "tensorrt-engine" for e in Bundle.load(bundle_copy).manifest["artifacts"].values())
 
 
 def test_build_without_tensorrt_is_unavailable(small_bundle: Path) -> None:
@@ -99,15 +99,15 @@ def test_build_without_tensorrt_is_unavailable(small_bundle: Path) -> None:
 
 
 def test_lint_on_exported_and_quantised_graphs(bundle_copy: Path) -> None:
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     b = Bundle.load(bundle_copy)
     rng = np.random.default_rng(0)
     np.save(bundle_copy.parent / "calib.npy", rng.random((4, 1, 64, 64), dtype=np.float32))
-    quantize_bundle(b, calib=str(bundle_copy.parent / "calib.npy"), verify=False)
+    quantize_bundle(b, QuantizeSettings(calib=str(bundle_copy.parent / "calib.npy"), verify=False))
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
         assert lint_onnx(bundle_copy / name) == [], name
-        assert Bundle.load(bundle_copy).artifacts[name].get("trt_lint", []) == []
+        assert Bundle.load(bundle_copy).manifest["artifacts"][name].get("trt_lint", []) == []
 
 
 def test_bench_takes_device_time_from_enqueue_timing(small_bundle: Path) -> None:
@@ -125,8 +125,8 @@ def test_bench_takes_device_time_from_enqueue_timing(small_bundle: Path) -> None
     with Timed(Bundle.load(small_bundle), "fp32") as r:
         (res,) = bench_runners([r], BenchSettings(shape=(1, 1, 32, 32), warmup=0, iterations=4))
     assert calls == [4]
-    assert res["device_latency_ms"]["p50"] == pytest.approx(1.0)
-    assert "CUDA events around the enqueue" in res["timing"]
+    assert res.device_latency_ms is not None and res.device_latency_ms["p50"] == pytest.approx(1.0)
+    assert "CUDA events around the enqueue" in res.timing
 
 
 def test_gpu_test_inputs_fit_the_profiles_they_build() -> None:
@@ -153,7 +153,7 @@ def test_default_workspace_stays_out_of_the_cache_key(monkeypatch: pytest.Monkey
     trt_export.build_engines(Bundle.load(bundle_copy), ["fp32"])
     fake.free_mb = 5000  # free memory moved between two runs on a GPU under 16 GB
     (again,) = trt_export.build_engines(Bundle.load(bundle_copy), ["fp32"]).engines
-    assert again["status"] == "cached" and fake.builds == 1
+    assert again.status == "cached" and fake.builds == 1
 
 
 def test_ort_trt_builds_strongly_typed(monkeypatch: pytest.MonkeyPatch, small_bundle: Path) -> None:
@@ -172,16 +172,16 @@ def test_ort_trt_builds_strongly_typed(monkeypatch: pytest.MonkeyPatch, small_bu
 
 def test_ort_trt_cache_is_keyed_by_graph_and_cleared_by_quantize(bundle_copy: Path) -> None:
     from attunet_deploy.runtimes.onnxruntime import OrtTensorrtRunner
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     rng = np.random.default_rng(0)
     calib_a, calib_b = bundle_copy.parent / "a.npy", bundle_copy.parent / "b.npy"
     np.save(calib_a, rng.random((3, 1, 48, 48), dtype=np.float32))
     np.save(calib_b, 5 * rng.random((3, 1, 48, 48), dtype=np.float32))
-    quantize_bundle(Bundle.load(bundle_copy), calib=str(calib_a), precisions=["int8"], verify=False)
+    quantize_bundle(Bundle.load(bundle_copy), QuantizeSettings(calib=str(calib_a), precisions=("int8",), verify=False))
     first = OrtTensorrtRunner(Bundle.load(bundle_copy), "int8")._providers()[0][1]["trt_engine_cache_path"]
     (Path(first) / "TensorrtExecutionProvider_cache.engine").write_bytes(b"old engine")
-    quantize_bundle(Bundle.load(bundle_copy), calib=str(calib_b), precisions=["int8"], verify=False)
+    quantize_bundle(Bundle.load(bundle_copy), QuantizeSettings(calib=str(calib_b), precisions=("int8",), verify=False))
     second = OrtTensorrtRunner(Bundle.load(bundle_copy), "int8")._providers()[0][1]["trt_engine_cache_path"]
     assert first != second
     assert not Path(first).exists()  # the re-calibrated graph never meets the old engine

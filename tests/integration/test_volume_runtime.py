@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 from attunet_deploy import load_runner  # noqa: E402
 from attunet_deploy.bundle import Bundle, open_export_target  # noqa: E402
+from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing, SlidingWindow  # noqa: E402
 from attunet_deploy.errors import BundleError, InputError  # noqa: E402
 from attunet_deploy.models.oktay3d import Oktay3D, Oktay3DConfig  # noqa: E402
 
@@ -37,13 +38,10 @@ def _net() -> torch.nn.Module:
 def _bundle(root: Path, net: torch.nn.Module, spacing: list[float] | None = None) -> Path:
     _, _, txn = open_export_target(root, False, ["model.onnx"])
     with txn:
-        pre: dict = {"normalize": {"kind": "none"}}
-        if spacing is not None:
-            pre["spacing"] = spacing
-        txn.manifest = Bundle.new_manifest(
-            config={"in_channels": 1, "out_channels": 2, **net.config.to_dict()}, preprocessing=pre,
-            postprocessing={"kind": "argmax"}, source={"path": "test"}, spatial_divisor=[16, 16, 16],
-            family="oktay3d", sliding_window=WINDOW)
+        spec = ModelSpec(InputSpec(1, 2, "NCDHW", (16, 16, 16)), Normalization(), Postprocessing("argmax"),
+                         SlidingWindow.from_dict(WINDOW), (spacing[0], spacing[1], spacing[2]) if spacing else None)
+        txn.manifest = Bundle.new_manifest(config={"in_channels": 1, "out_channels": 2, **net.config.to_dict()},
+                                           spec=spec, source={"path": "test"}, family="oktay3d")
         path = txn.stage("model.onnx")
         torch.onnx.export(net, (torch.zeros(1, 1, 32, 32, 32),), str(path), input_names=["image"],
                           output_names=["logits"], dynamo=False, opset_version=18,
@@ -67,7 +65,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_manifest_of_a_3d_bundle(volume_bundle: tuple[Path, torch.nn.Module]) -> None:
     b = Bundle.load(volume_bundle[0])
     assert (b.family, b.layout, b.spatial_dims, b.divisors) == ("oktay3d", "NCDHW", 3, (16, 16, 16))
-    assert b.sliding_window == WINDOW and b.spacing == (2.0, 1.0, 1.0)
+    assert b.sliding_window == SlidingWindow.from_dict(WINDOW) and b.spacing == (2.0, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("backend", ["ort", "ov"])

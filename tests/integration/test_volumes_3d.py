@@ -36,9 +36,10 @@ def _volumes(root: Path, n: int = 6, dicom_from: int | None = None) -> tuple[Pat
         vol = (rng.normal(0, 20, mask.shape) + 100 * mask).astype(np.float32)
         affine = np.diag([0.8, 0.8, 1.5, 1.0])
         if dicom_from is not None and i >= dicom_from:
-            from attunet_deploy.demo.ctseries import write_ct_series
+            from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
 
-            write_ct_series(imgs / f"case{i}", volume=vol.transpose(2, 1, 0), spacing=1.5, pixel_spacing=0.8)
+            write_ct_series(imgs / f"case{i}", volume=vol.transpose(2, 1, 0), geometry=SeriesGeometry(spacing=1.5,
+                                                                                                      pixel_spacing=0.8))
         else:
             nib.save(nib.Nifti1Image(vol, affine), imgs / f"case{i}.nii.gz")
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), labs / f"case{i}.nii.gz")
@@ -61,10 +62,10 @@ def test_pipeline_on_user_volumes(tmp_path: Path) -> None:
                                   "--bench-iterations", "2", "--shape", "1x1x32x32x32"], catch_exceptions=True)
     assert r.exit_code == 0, r.stderr[-3000:]
     b = Bundle.load(tmp_path / "b")
-    golden = {s["file"] for s in b.golden_info["source"]}
-    calib = set(b.artifacts["model.int8.onnx"]["producer"]["calibration_files"])
+    golden = {s.file for s in b.golden.sources}
+    calib = set(b.manifest["artifacts"]["model.int8.onnx"]["producer"]["calibration_files"])
     assert golden and calib and not golden & calib  # disjoint, by file
-    assert len(golden) == 2 and b.golden_info["kind"] == "user-volumes"  # round(6 / 4)
+    assert len(golden) == 2 and b.golden.kind == "user-volumes"  # round(6 / 4)
     assert golden | calib == {f"case{i}{'' if i >= 3 else '.nii.gz'}" for i in range(6)}  # series folders too
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     ran = [row for row in report["verification"] if row["status"] != "unavailable"]

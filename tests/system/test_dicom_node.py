@@ -2,7 +2,7 @@
 
 The scanner is DCMTK (storescu, echoscu), the PACS DCMTK's storescp, run as separate
 processes: no mocks (helpers in dicomnet.py). Every process a test starts is stopped by the test,
-by pid. Hostile senders and instances are in test_dicom_node_hostile.py.
+by pid. Hostile senders and instances are in test_dicom_node_crafted_input.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dicomnet import (
 
 from attunet_deploy import load_runner
 from attunet_deploy.apps.dicom.seg import referenced_masks
-from attunet_deploy.demo.ctseries import write_ct_series
+from attunet_deploy.demo.ctseries import SeriesHeader, write_ct_series
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -71,7 +71,7 @@ def files(folder: Path) -> list[Path]:
 def series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("series")
     ct = write_ct_series(root / "ct", 8, (128, 128), seed=21)
-    write_ct_series(root / "mr", 1, (64, 64), seed=22, modality="MR")
+    write_ct_series(root / "mr", 1, (64, 64), seed=22, header=SeriesHeader(modality="MR"))
     write_ct_series(root / "nopix", 1, (64, 64), seed=23, pixels=False)
     return {"root": root, "ct": ct}
 
@@ -146,10 +146,10 @@ def test_file_mode_two_interleaved_series(demo_bundle: Path, tmp_path: Path) -> 
     from attunet_deploy.cli import main
 
     mixed = tmp_path / "mixed"
-    a = write_ct_series(mixed, 5, (96, 96), seed=31, name="img_{:03d}_a.dcm", series_number=1)
-    b = write_ct_series(mixed, 4, (96, 96), seed=32, name="img_{:03d}_b.dcm", series_number=2,
-                        study_uid=pydicom.dcmread(a[0].path).StudyInstanceUID)
-    write_ct_series(mixed, 1, (64, 64), seed=33, name="mr_{:03d}.dcm", modality="MR")
+    a = write_ct_series(mixed, 5, (96, 96), seed=31, name="img_{:03d}_a.dcm", header=SeriesHeader(series_number=1))
+    b = write_ct_series(mixed, 4, (96, 96), seed=32, name="img_{:03d}_b.dcm", header=SeriesHeader(series_number=2,
+                                                                                                  study_uid=pydicom.dcmread(a[0].path).StudyInstanceUID))
+    write_ct_series(mixed, 1, (64, 64), seed=33, name="mr_{:03d}.dcm", header=SeriesHeader(modality="MR"))
     (mixed / "notes.txt").write_text("not DICOM")
     result = CliRunner().invoke(main, ["predict", "-b", str(demo_bundle), str(mixed), "--dicom-seg", "-o",
                                        str(tmp_path / "segs"), "--backend", "ort"])

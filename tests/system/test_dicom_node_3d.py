@@ -22,7 +22,7 @@ from dicomnet import dciodvfy_errors, need_tools, node, storescu, wait_for
 from attunet_deploy import load_runner
 from attunet_deploy.apps.dicom.seg import referenced_masks
 from attunet_deploy.cli import main
-from attunet_deploy.demo.ctseries import write_ct_series
+from attunet_deploy.demo.ctseries import SeriesGeometry, write_ct_series
 from attunet_deploy.demo.phantom3d import make_volume
 
 SPACING = (2.5, 3.0, 3.0)  # z, y, x mm: finer than the demo's 5 x 6 x 6, so the node resamples
@@ -31,17 +31,18 @@ SPACING = (2.5, 3.0, 3.0)  # z, y, x mm: finer than the demo's 5 x 6 x 6, so the
 @pytest.fixture(scope="module")
 def bundle3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
 
     out = tmp_path_factory.mktemp("b3d") / "bundle"
-    export_bundle(DEMO3D_WEIGHTS, out)
+    export_bundle(ExportSettings(DEMO3D_WEIGHTS, out))
     return out
 
 
 def test_node_segments_a_3d_series_as_one_volume(bundle3d: Path, tmp_path: Path) -> None:
     need_tools("storescu", "dciodvfy")
     hu, _ = make_volume(4242, (60, 112, 112))
-    slices = write_ct_series(tmp_path / "ct", volume=hu, spacing=SPACING[0], pixel_spacing=SPACING[1])
+    slices = write_ct_series(tmp_path / "ct", volume=hu, geometry=SeriesGeometry(spacing=SPACING[0],
+                                                                                 pixel_spacing=SPACING[1]))
     with load_runner(bundle3d, backend="ort") as runner:
         expected = runner.segment_volume(np.stack([s.hu for s in slices]), spacing=SPACING)
     assert expected.any() and not expected.all()
@@ -75,7 +76,8 @@ def test_node_segments_a_3d_series_as_one_volume(bundle3d: Path, tmp_path: Path)
 def test_irregular_3d_series_is_refused_with_the_reason(bundle3d: Path, tmp_path: Path) -> None:
     hu, _ = make_volume(7, (12, 64, 64))
     z = [2.5 * k + (2.5 if k >= 6 else 0.0) for k in range(12)]  # one slice missing
-    write_ct_series(tmp_path / "ct", volume=hu, positions=[(-32.0, -32.0, zk) for zk in z])
+    write_ct_series(tmp_path / "ct", volume=hu, geometry=SeriesGeometry(positions=tuple([(-32.0, -32.0,
+                                                                                          zk) for zk in z])))
     r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",
                                   str(tmp_path / "segs"), "--backend", "ort"])
     assert r.exit_code == 2 and "not a regular volume" in r.output, r.output[-2000:]
@@ -86,7 +88,7 @@ def test_crafted_pixel_spacing_cannot_blow_the_volume_up(bundle3d: Path, tmp_pat
     """PixelSpacing 1000 mm would resample a 64x64 slice to 10,667 voxels a side at the model's 6 mm:
     refused in one line before it is allocated."""
     hu, _ = make_volume(8, (6, 64, 64))
-    write_ct_series(tmp_path / "ct", volume=hu, spacing=2.5, pixel_spacing=1000.0)
+    write_ct_series(tmp_path / "ct", volume=hu, geometry=SeriesGeometry(spacing=2.5, pixel_spacing=1000.0))
     r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",
                                   str(tmp_path / "segs"), "--backend", "ort"])
     assert r.exit_code == 2 and "above the" in r.output and "Traceback" not in r.output, r.output[-2000:]

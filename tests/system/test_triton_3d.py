@@ -16,7 +16,7 @@ from click.testing import CliRunner
 pytest.importorskip("tritonclient")
 pytest.importorskip("torch")
 
-from test_triton import _triton_venv
+from test_triton_repository import _triton_venv
 
 from attunet_deploy import load_runner
 from attunet_deploy.cli import main
@@ -31,10 +31,10 @@ def run(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def bundle3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import export_bundle
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
 
     out = tmp_path_factory.mktemp("t3d") / "bundle"
-    export_bundle(DEMO3D_WEIGHTS, out)
+    export_bundle(ExportSettings(DEMO3D_WEIGHTS, out))
     return out
 
 

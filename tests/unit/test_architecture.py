@@ -26,9 +26,9 @@ MAX_FUNCTION_LINES = 80
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("errors", "fileio", "limits", "console", "environment", "metrics", "version", "models", "demo",
          "demo.phantom", "demo.ctseries")),
-    (1, ("checkpoint", "bundle", "io", "preprocess", "outputs")),
+    (1, ("checkpoint", "bundle", "io", "preprocess", "outputs", "segmenter", "window")),
     (2, ("runtimes", "build", "demo.train", "demo.train3d")),
-    (3, ("judge",)),
+    (3, ("judge", "loader")),
     (4, ("steps", "apps")),
     (5, ("cli",)),
 ]
@@ -202,3 +202,84 @@ def test_import_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: 
     fake.write_text(source)
     monkeypatch.setitem(MODULES, "runtimes.probe", fake)
     assert imports_of("runtimes.probe") == expected
+
+
+# ------------------------------------------------------------------ where a rule lives
+#: How a mask is made: these are called from the Segmenter only (and from their own module and tests).
+MASK_CHAIN = ("normalize", "pad_to_divisor", "crop", "logits_to_masks", "resample_linear", "resample_nearest")
+SEGMENTER = "segmenter"
+MAX_PARAMETERS = 10
+
+
+def _calls_of(tree: ast.AST, names: tuple[str, ...]) -> set[str]:
+    """Names of ``names`` imported from ``attunet_deploy.preprocess`` (at any depth) in ``tree``."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == f"{PKG}.preprocess":
+            found |= {a.name for a in node.names if a.name in names}
+        if isinstance(node, ast.Attribute) and node.attr in names and isinstance(node.value, ast.Name) \
+                and node.value.id == "preprocess":
+            found.add(node.attr)
+    return found
+
+
+def test_the_mask_chain_is_called_from_the_segmenter_only() -> None:
+    """normalise / pad / crop / mask / resample: one place (the Segmenter), so no path can drift."""
+    bad = {mod: sorted(used) for mod, path in MODULES.items() if mod not in (SEGMENTER, "preprocess")
+           and (used := _calls_of(ast.parse(path.read_text(encoding="utf-8")), MASK_CHAIN))}
+    assert not bad, f"modules calling the mask chain outside the Segmenter: {bad}"
+
+
+def test_the_manifest_dict_is_read_inside_bundle_only() -> None:
+    bad = []
+    for mod, path in MODULES.items():
+        if mod.startswith("bundle"):
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "manifest[" in line or ".manifest.get(" in line:
+                bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:80]}")
+    assert not bad, "the manifest dict read outside bundle/ (use the typed spec):\n" + "\n".join(bad)
+
+
+def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args)]
+    n = len(names) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+    return n - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def test_no_function_outside_cli_takes_more_than_10_parameters() -> None:
+    """Options travel as settings objects (ExportSettings, QuantizeSettings, NodeConfig, ...), checked once."""
+    bad = [f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({_parameters(fn)})"
+           for mod, path in MODULES.items() if not mod.startswith("cli")
+           for fn in _functions(ast.parse(path.read_text(encoding="utf-8"))) if _parameters(fn) > MAX_PARAMETERS]
+    assert not bad, f"functions with more than {MAX_PARAMETERS} parameters:\n" + "\n".join(bad)
+
+
+def test_the_dicom_node_is_composed_not_inherited() -> None:
+    bad = []
+    for mod, path in MODULES.items():
+        if not mod.startswith("apps.dicom"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b) for b in node.bases if ast.unparse(b) not in ("object", "Protocol")]
+                if len(bases) > 1:
+                    bad.append(f"{path.relative_to(ROOT)}: {node.name}({', '.join(bases)})")
+    assert not bad, f"classes with several bases in apps/dicom: {bad}"
+
+
+@pytest.mark.parametrize("rule, source", [
+    ("chain", "from attunet_deploy.preprocess import normalize\n"),
+    ("chain", "def f():\n    from attunet_deploy.preprocess import crop, check_batch\n"),
+    ("params", "def f(a, b, c, d, e, f, g, h, i, j, k):\n    pass\n"),
+    ("params", "def f(*, a, b, c, d, e, f, g, h, i, j, **rest):\n    pass\n"),
+])
+def test_the_rule_checkers_catch_a_violation(rule: str, source: str) -> None:
+    """The checkers themselves: each finds a violation planted in a snippet."""
+    tree = ast.parse(source)
+    if rule == "chain":
+        assert _calls_of(tree, MASK_CHAIN)
+    else:
+        assert any(_parameters(fn) > MAX_PARAMETERS for fn in _functions(tree))
+    assert not _calls_of(ast.parse("from attunet_deploy.preprocess import check_batch\n"), MASK_CHAIN)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization
 from attunet_deploy.demo.phantom import make_phantom, make_phantoms, window
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.files import list_image_files
 from attunet_deploy.io.images import load_images, model_inputs, read_file
-from attunet_deploy.preprocess import parse_normalization
+from attunet_deploy.segmenter import Segmenter
 
 
 def test_phantom_is_deterministic_and_labelled() -> None:
@@ -95,7 +96,8 @@ def test_nifti_volume_slices(tmp_path: Path) -> None:
 
 def test_model_inputs_normalise_and_pad(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.full((1, 1, 20, 30), 40.0, np.float32))
-    (x,) = model_inputs(load_images(tmp_path, 1), parse_normalization("ct-window:40,400"), 16)
+    segmenter = Segmenter(ModelSpec(InputSpec(1, 1), Normalization.parse("ct-window:40,400")))
+    (x,) = model_inputs(load_images(tmp_path, 1), segmenter)
     assert x.shape == (1, 1, 32, 32) and np.allclose(x, 0.5)
 
 

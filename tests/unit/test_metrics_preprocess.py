@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing
 from attunet_deploy.errors import InputError
+from attunet_deploy.judge.results import Agreement
 from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, GoldenCase, Tolerance, compare, judge
 from attunet_deploy.metrics import abs_errors, confident_flips, dice, iou, per_image_overlap, rel_l2
-from attunet_deploy.preprocess import crop, logits_to_masks, normalize, pad_to_divisor, padded_size, parse_normalization
+from attunet_deploy.preprocess import crop, logits_to_masks, normalize, pad_to_divisor, padded_size
+from attunet_deploy.segmenter import Segmenter
+
+SEGMENTER = Segmenter(ModelSpec(InputSpec(1, 1)))
 
 
 def test_rel_l2_and_abs_errors_by_hand() -> None:
@@ -57,30 +62,37 @@ def _case(seed: int = 0) -> GoldenCase:
 
 def test_compare_exact_passes_and_perturbed_fails() -> None:
     case = _case()
-    post = {"kind": "sigmoid_threshold", "threshold": 0.5}
-    row = compare([case.logits.copy()], [case], post, DEFAULT_TOLERANCES["fp32"])
-    assert row["status"] == "pass" and row["rel_l2"] == 0.0 and row["mean_dice"] == 1.0
-    assert row["flipped_pixels"] == 0 and row["pixel_agreement"] == 1.0
+    row = compare([case.logits.copy()], [case], SEGMENTER, DEFAULT_TOLERANCES["fp32"])
+    a = row.agreement
+    assert a is not None and row.status == "pass" and a.rel_l2 == 0.0 and a.mean_dice == 1.0
+    assert a.flipped_pixels == 0 and a.pixel_agreement == 1.0
     noisy = case.logits + np.random.default_rng(1).standard_normal(case.logits.shape).astype(np.float32) * 0.5
-    bad = compare([noisy], [case], post, DEFAULT_TOLERANCES["fp32"])
-    assert bad["status"] == "fail"
-    assert "rel_l2" in bad["reason"] and "pixel agreement" in bad["reason"]
-    assert bad["flipped_pixels"] > 0 and bad["confident_flips"] <= bad["flipped_pixels"]
+    bad = compare([noisy], [case], SEGMENTER, DEFAULT_TOLERANCES["fp32"])
+    assert bad.status == "fail" and bad.agreement is not None
+    assert "rel_l2" in bad.reason and "pixel agreement" in bad.reason
+    assert bad.agreement.flipped_pixels > 0 and bad.agreement.confident_flips <= bad.agreement.flipped_pixels
+    assert bad.to_dict()["flipped_pixels"] == bad.agreement.flipped_pixels  # the JSON edge, key for key
+
+
+def _agreement(**figures: float) -> Agreement:
+    base = {"rel_l2": 0.0, "max_abs": 0.0, "mean_abs": 0.0, "pixel_agreement": 1.0, "mean_dice": 1.0,
+            "worst_dice": 1.0, "mean_iou": 1.0}
+    return Agreement(**{**base, **figures}, flipped_pixels=0, confident_flips=0, images=1, worst_images=())
 
 
 def test_tolerance_gates_each_criterion() -> None:
-    row = {"rel_l2": 2e-2, "pixel_agreement": 0.99, "mean_dice": 0.97, "worst_dice": 0.9}
+    row = _agreement(rel_l2=2e-2, pixel_agreement=0.99, mean_dice=0.97, worst_dice=0.9)
     assert len(judge(row, DEFAULT_TOLERANCES["fp16"])) == 3  # rel_l2, mean, worst
     assert len(judge(row, DEFAULT_TOLERANCES["int8"])) == 2  # rel_l2 only reported for int8
     assert judge(row, Tolerance()) == []
-    assert judge({**row, "rel_l2": float("nan")}, Tolerance(rel_l2=1.0))  # NaN never passes
+    assert judge(_agreement(rel_l2=float("nan")), Tolerance(rel_l2=1.0))  # NaN never passes
 
 
 def test_gt_dice_reported_when_labels_present() -> None:
     case = _case()
     case.labels = (case.logits[:, 0] > 0).astype(np.uint8)
-    row = compare([case.logits], [case], {"kind": "sigmoid_threshold"}, Tolerance())
-    assert row["gt_dice"] == 1.0
+    row = compare([case.logits], [case], SEGMENTER, Tolerance())
+    assert row.metric("gt_dice") == 1.0
 
 
 @pytest.mark.parametrize(("h", "w"), [(250, 300), (16, 16), (1, 7), (17, 1), (3, 3)])
@@ -99,28 +111,33 @@ def test_pad_reflects_instead_of_zero() -> None:
 
 
 def test_normalisation_specs() -> None:
-    ct = parse_normalization("ct-window:40,400")
+    ct = Normalization.parse("ct-window:40,400")
     x = np.array([[[[-160.0, 40.0, 240.0, 1000.0]]]], np.float32)
     assert normalize(x, ct).ravel().tolist() == [0.0, 0.5, 1.0, 1.0]
-    ms = parse_normalization("mean-std:1/2,2/4")
+    ms = Normalization.parse("mean-std:1/2,2/4")
     y = normalize(np.ones((1, 2, 1, 1), np.float32) * 5, ms)
     assert y.ravel().tolist() == [2.0, 0.75]
-    assert normalize(x, parse_normalization("scale:2")).ravel()[1] == 20.0
-    mm = normalize(x, parse_normalization("minmax")).ravel()
+    assert normalize(x, Normalization.parse("scale:2")).ravel()[1] == 20.0
+    mm = normalize(x, Normalization.parse("minmax")).ravel()
     assert mm.min() == 0.0 and mm.max() == 1.0
-    assert normalize(x, parse_normalization(None)) is not None
+    assert normalize(x, Normalization.parse(None)) is not None
     for bad in ("ct-window:40", "mean-std:1,0", "scale:0", "foo", "minmax:3"):
-        with pytest.raises(InputError, match="bad --normalize"):
-            parse_normalization(bad)
+        with pytest.raises(InputError, match="bad normalisation"):
+            Normalization.parse(bad)
+    for spec in ("ct-window:40,400", "mean-std:1/2,2/4", "scale:2", "minmax", "none"):  # the manifest round trip
+        n = Normalization.parse(spec)
+        assert Normalization.from_dict(n.to_dict()) == n
 
 
 def test_masks_from_logits() -> None:
     logits = np.array([[[[-1.0, 0.5]]]], np.float32)
-    assert logits_to_masks(logits, {"kind": "sigmoid_threshold", "threshold": 0.5}).tolist() == [[[0, 1]]]
+    assert logits_to_masks(logits, Postprocessing("sigmoid_threshold", 0.5)).tolist() == [[[0, 1]]]
     # sigmoid(0.5) = 0.62: below a 0.7 threshold
-    assert logits_to_masks(logits, {"kind": "sigmoid_threshold", "threshold": 0.7}).tolist() == [[[0, 0]]]
+    assert logits_to_masks(logits, Postprocessing("sigmoid_threshold", 0.7)).tolist() == [[[0, 0]]]
     two = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]], np.float32)
-    assert logits_to_masks(two, {"kind": "argmax"}).tolist() == [[[0, 1]]]
+    assert logits_to_masks(two, Postprocessing("argmax")).tolist() == [[[0, 1]]]
+    with pytest.raises(InputError, match="threshold"):
+        Postprocessing("sigmoid_threshold", 1.5)
 
 
 def test_streamed_errors_equal_the_concatenated_ones() -> None:

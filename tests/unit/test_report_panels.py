@@ -21,6 +21,7 @@ from attunet_deploy.judge.panels import (
     render_panel,
 )
 from attunet_deploy.judge.report_html import render_html, tolerance_text
+from attunet_deploy.judge.results import Agreement, BenchResult, Status, VerifyRow
 
 
 def _panel(size: int = 64) -> Panel:
@@ -86,13 +87,19 @@ def test_png_encoder_round_trips_through_a_real_decoder() -> None:
     assert np.array_equal(np.asarray(image.open(io.BytesIO(encode_png(grey)))), grey)
 
 
-def _row(backend: str, dices: list[float], status: str = "pass", gt: list[float] | None = None) -> dict:
-    row = {"backend": backend, "precision": "int8", "status": status, "reference": "torch/fp32",
-           "tolerance": {"mean_dice": 0.98, "worst_dice": 0.95}, "dice_per_image": dices,
-           "mean_dice": float(np.mean(dices)), "worst_dice": min(dices), "worst_images": []}
-    if gt:
-        row["gt_dice_per_image"] = gt
-    return row
+def _row(backend: str, dices: list[float], status: str = "pass", gt: list[float] | None = None,
+         panels: tuple[Panel, ...] = ()) -> VerifyRow:
+    a = Agreement(rel_l2=0.0, max_abs=0.0, mean_abs=0.0, pixel_agreement=1.0, mean_dice=float(np.mean(dices)),
+                  worst_dice=min(dices), mean_iou=1.0, flipped_pixels=0, confident_flips=0, images=len(dices),
+                  worst_images=(), dice_per_image=tuple(dices), gt_dice_per_image=tuple(gt) if gt else None)
+    return VerifyRow(backend, "int8", "torch/fp32", Status(status), tolerance={"mean_dice": 0.98, "worst_dice": 0.95},
+                     agreement=a, panels=panels)
+
+
+def _bench(precision: str, p50: float) -> BenchResult:
+    return BenchResult("ort", precision, "cpu", (1, 1, 64, 64), "compute", 1, 1,
+                       {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3}, 1000 / p50, 0.0, None, 1, 1, "", {}, {},
+                       ratio_vs_first=p50 / 40, has_ratio=True)
 
 
 def test_svg_charts_parse_and_carry_every_point() -> None:
@@ -102,8 +109,7 @@ def test_svg_charts_parse_and_carry_every_point() -> None:
     titles = [t.text for t in svg.iter("title")]
     assert any("Dice 0.5000" in (t or "") for t in titles) and any("mean Dice gate 0.98" in (t or "") for t in titles)
     assert dice_lower_bound([0.993, 0.97]) == 0.95 and dice_lower_bound([0.5]) == 0.5 and dice_lower_bound([]) == 0.95
-    bench = [{"backend": "ort", "precision": p, "latency_ms": {"p50": v, "p90": v * 1.1, "p99": v * 1.3},
-              "throughput_ips": 1000 / v, "ratio_vs_first": v / 40} for p, v in (("fp32", 40.0), ("int8", 20.0))]
+    bench = [_bench(p, v) for p, v in (("fp32", 40.0), ("int8", 20.0))]
     bars = ET.fromstring(latency_bars(bench))
     widths = [float(r.get("width", 0)) for r in bars.findall(".//rect")]
     assert widths[1] == pytest.approx(widths[0] / 2, rel=1e-3)  # bars are proportional to p50
@@ -112,10 +118,10 @@ def test_svg_charts_parse_and_carry_every_point() -> None:
 
 
 def test_page_is_self_contained_and_escapes_what_it_shows() -> None:
-    rows = [_row("ort", [0.99]), {"backend": "trt", "precision": "fp16", "status": "unavailable",
-                                  "reason": "<script>alert(1)</script>", "tolerance": {"rel_l2": 0.01}}]
-    page = render_html({"title": "r", "verification": rows, "benchmarks": [], "machine": {}}, ["intro"],
-                       {"ort/int8": [_panel()]})
+    rows = [_row("ort", [0.99], panels=(_panel(),)),
+            VerifyRow("trt", "fp16", "torch/fp32", Status.UNAVAILABLE, "<script>alert(1)</script>", {"rel_l2": 0.01})]
+    page = render_html(rows, [], {"title": "r", "machine": {}}, ["intro"])
+    assert VerifyRow.from_dict(rows[0].to_dict()) == rows[0]  # the JSON edge round trip (panels aside)
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert page.count('class="panel"') == 1 and 'data-backend="trt"' in page
     assert "http://" not in page and "https://" not in page

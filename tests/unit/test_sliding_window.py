@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from attunet_deploy.bundle.spec import SlidingWindow
 from attunet_deploy.errors import InputError
-from attunet_deploy.runtimes.window import importance_map, sliding_window, window_starts
+from attunet_deploy.window import importance_map, sliding_window, window_starts
 
 
 @pytest.mark.parametrize("size, roi, overlap", [(96, 96, 0.5), (100, 32, 0.5), (33, 32, 0.25), (200, 64, 0.0),
@@ -25,13 +26,13 @@ def test_windows_cover_the_axis_and_end_at_its_border(size: int, roi: int, overl
 
 
 def test_gaussian_map_is_symmetric_peaked_and_clamped() -> None:
-    w = importance_map((9, 16, 16), "gaussian", 0.125)
+    w = importance_map(SlidingWindow((9, 16, 16), mode="gaussian", sigma_scale=0.125))
     assert w.shape == (9, 16, 16) and w.dtype == np.float32
     np.testing.assert_allclose(w, w[::-1, ::-1, ::-1])
     assert w[4, 7, 7] == w.max() and w.min() >= 1e-3
-    assert (importance_map((4, 4), "constant") == 1).all()
+    assert (importance_map(SlidingWindow((4, 4), mode="constant")) == 1).all()
     with pytest.raises(InputError, match="mode"):
-        importance_map((4, 4), "median")
+        SlidingWindow((4, 4), mode="median")
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
@@ -39,8 +40,8 @@ def test_a_pointwise_predictor_is_reproduced_exactly(mode: str) -> None:
     """Blending normalises by the summed weights: a per-voxel function comes back unchanged,
     whatever the overlap, including axes shorter than the window (padded, then cropped)."""
     x = np.random.default_rng(0).standard_normal((2, 1, 20, 45, 13)).astype(np.float32)
-    out = sliding_window(lambda w: np.concatenate([w, 2 * w], axis=1), x, (16, 16, 16), overlap=0.5, mode=mode,
-                         batch=3)
+    out = sliding_window(lambda w: np.concatenate([w, 2 * w], axis=1), x,
+                         SlidingWindow((16, 16, 16), overlap=0.5, mode=mode, batch=3))
     assert out.shape == (2, 2, 20, 45, 13)
     np.testing.assert_allclose(out[:, 0], x[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[:, 1], 2 * x[:, 0], rtol=1e-5, atol=1e-6)
@@ -49,7 +50,7 @@ def test_a_pointwise_predictor_is_reproduced_exactly(mode: str) -> None:
 def test_windows_are_batched_and_counted() -> None:
     seen: list[int] = []
     x = np.zeros((1, 1, 64, 64, 64), np.float32)
-    sliding_window(lambda w: (seen.append(len(w)), w)[1], x, (32, 32, 32), overlap=0.5, batch=4)
+    sliding_window(lambda w: (seen.append(len(w)), w)[1], x, SlidingWindow((32, 32, 32), overlap=0.5, batch=4))
     assert sum(seen) == 27 and max(seen) == 4  # 3 starts per axis (0, 16, 32)
 
 
@@ -58,8 +59,8 @@ def test_bad_settings_and_shapes_are_refused() -> None:
     for kwargs, match in [({"overlap": 1.0}, "overlap"), ({"mode": "mean"}, "mode"), ({"batch": 0}, "batch"),
                           ({"sigma_scale": 0.0}, "sigma_scale")]:
         with pytest.raises(InputError, match=match):
-            sliding_window(lambda w: w, x, (8, 8, 8), **kwargs)
+            SlidingWindow((8, 8, 8), **kwargs)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="does not match"):
-        sliding_window(lambda w: w, x[0], (8, 8, 8))
+        sliding_window(lambda w: w, x[0], SlidingWindow((8, 8, 8)))
     with pytest.raises(InputError, match="returned"):
-        sliding_window(lambda w: w[:, :, :4], x, (8, 8, 8))
+        sliding_window(lambda w: w[:, :, :4], x, SlidingWindow((8, 8, 8)))

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attunet_deploy.apps.dicom.seg import DEFAULT_CATEGORY, DEFAULT_TYPE, build_seg, write_seg
+from attunet_deploy.apps.dicom.seg import SegNaming, build_seg, write_seg
 from attunet_deploy.apps.dicom.series import segment_series
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.dicom import load_volume
 from attunet_deploy.io.dicom_series import dedupe_series, order_slices, scan
-from attunet_deploy.runtimes.select import load_runner
+from attunet_deploy.loader import load_runner
 
 
 def model_sha256(bundle: Bundle, precision: str) -> str:
     from attunet_deploy.bundle import ONNX_FILES
 
-    entry = bundle.artifacts.get(ONNX_FILES.get(precision, "model.onnx")) or bundle.artifacts.get("model.onnx", {})
-    return str(entry.get("sha256", "unknown"))
+    return bundle.sha256(ONNX_FILES.get(precision, "model.onnx")) or bundle.sha256("model.onnx") or "unknown"
 
 
 def seg_name(series_uid: str) -> str:
@@ -37,11 +37,20 @@ def seg_name(series_uid: str) -> str:
            f"{hashlib.sha256(series_uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.dcm"
 
 
+@dataclass(frozen=True)
+class SegRow:
+    """One series' result: the SEG written for it."""
+
+    series: str
+    slices: int
+    frames: int
+    seg: str
+    backend: str
+
+
 def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathLike[str], *, backend: str = "auto",
                           precision: str = "fp32", overwrite: bool = False, segment_label: str = "Target",
-                          category: tuple[str, str, str] = DEFAULT_CATEGORY,
-                          segment_type: tuple[str, str, str] = DEFAULT_TYPE, reporter: Reporter | None = None,
-                          **runner_options: Any) -> list[dict[str, Any]]:
+                          reporter: Reporter | None = None, **runner_options: Any) -> list[SegRow]:
     """Segment every CT series under ``inputs``; returns a row per SEG written.
 
     Files that are not CT images, or hold no pixel data, are skipped with a one-line notice.
@@ -80,11 +89,8 @@ def predict_series_folder(bundle: Bundle, inputs: list[str], out: str | os.PathL
         for uid, insts in ordered.items():
             datasets, hu = load_volume(insts)
             masks = segment_series(runner, insts, hu)
-            seg = build_seg(datasets, masks, model_sha256=sha, num_classes=bundle.out_channels, label=segment_label,
-                            category=category, segment_type=segment_type,
-                            segments=bundle.postprocessing.get("segments"))
+            seg = build_seg(datasets, masks, SegNaming.of(bundle, segment_label), model_sha256=sha)
             write_seg(seg, targets[uid])
-            rows.append({"series": uid, "slices": len(insts), "frames": int(seg.NumberOfFrames),
-                         "seg": str(targets[uid]), "backend": runner.name})
+            rows.append(SegRow(uid, len(insts), int(seg.NumberOfFrames), str(targets[uid]), runner.name))
             advance()
     return rows

@@ -1,5 +1,6 @@
-"""The Storage SCP's handlers: each C-STORE checked (UIDs, pixel data, size, disk) and on disk
-before Success is returned; failure statuses otherwise.
+"""The Storage SCP's handlers: plain functions over an explicit :class:`ScpContext` (as pynetdicom's
+own ``storescp``), each C-STORE checked (UIDs, pixel data, size, disk) and on disk before Success
+is returned; failure statuses otherwise.
 """
 
 from __future__ import annotations
@@ -7,15 +8,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attunet_deploy import limits as _limits
 from attunet_deploy.apps.dicom.checks import is_valid_uid, pixel_problem, uid_problem
-from attunet_deploy.apps.dicom.state import NodeState
+from attunet_deploy.apps.dicom.config import NodeConfig, NodeLimits, NodeLog
+from attunet_deploy.apps.dicom.monitor import NodeMetrics
+from attunet_deploy.apps.dicom.spool import Spool
 from attunet_deploy.fileio import fsync_dir
-from attunet_deploy.io.dicom import CT_IMAGE_STORAGE, header_of
+from attunet_deploy.io.dicom import CT_IMAGE_STORAGE, Instance, header_of
 from attunet_deploy.io.dicom_series import geometry_problem, unusable_reason
 
 #: C-STORE statuses (PS3.4 Annex B, PS3.7 Annex C).
@@ -46,135 +50,161 @@ class Refused(Exception):
         self.status = status
 
 
-class StorageScp(NodeState):
-    """pynetdicom event handlers and the AE they are served by."""
+@dataclass
+class ScpContext:
+    """What the handlers work on: the spool instances go to, the limits they are checked against,
+    the log and counters, and the bytes received on each association since its last C-STORE."""
 
-    # ------------------------------------------------------------------ storage SCP
-    def _handle_store(self, event: Any) -> int:
-        calling = str(getattr(event.assoc.requestor, "ae_title", "?")).strip()
-        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-        self.received_bytes[event.assoc] = 0
+    spool: Spool
+    limits: NodeLimits
+    log: NodeLog
+    metrics: NodeMetrics
+    received_bytes: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
+
+    @property
+    def out(self) -> Path:
+        return self.spool.out
+
+
+# ------------------------------------------------------------------ handlers (pynetdicom events)
+def handle_store(event: Any, ctx: ScpContext) -> int:
+    """EVT_C_STORE: check the instance and put it in the spool; the status to answer."""
+    calling = str(getattr(event.assoc.requestor, "ae_title", "?")).strip()
+    sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+    ctx.received_bytes[event.assoc] = 0
+    try:
+        inst, target = store(event, ctx)
+    except Refused as exc:
+        code = f"0x{exc.status:04X}"
+        ctx.metrics.count("refused", status=code)
+        ctx.log("refused", str(exc), sop_instance=sop_uid[:80], calling_ae=calling, status=code)
+        return exc.status
+    except Exception as exc:  # a bug must cost one instance a failure status, never the node
+        ctx.metrics.count("refused", status="0xC000")
+        ctx.log("refused", f"unexpected {type(exc).__name__}: {str(exc)[:160]}", sop_instance=sop_uid[:80],
+                calling_ae=calling, status="0xC000")
+        return CANNOT_UNDERSTAND
+    ctx.metrics.count("received")
+    ctx.log("received", f"CT instance {inst.instance_number or '?'} of series {inst.series_uid}",
+            sop_instance=sop_uid, calling_ae=calling, path=str(target))
+    return SUCCESS
+
+
+def store(event: Any, ctx: ScpContext) -> tuple[Instance, Path]:
+    """Check one C-STORE and write its instance into incoming/; Refused(status) otherwise."""
+    import pydicom
+
+    from attunet_deploy.io.dicom import has_pixel_data
+
+    sop_class = str(event.request.AffectedSOPClassUID)
+    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    src = Path(event.dataset_path)  # streamed to tmp/ by pynetdicom (STORE_RECV_CHUNKED_DATASET)
+    size = src.stat().st_size
+    limits = ctx.limits
+    if size > limits.max_instance_mb * 2**20:
+        raise Refused(OUT_OF_RESOURCES, f"instance of {size / 2**20:,.1f} MB is above --max-instance-mb "
+                                        f"{limits.max_instance_mb:g}")
+    free = shutil.disk_usage(ctx.out).free
+    if free < limits.min_free_mb * 2**20 + size:
+        raise Refused(OUT_OF_RESOURCES, f"{free / 2**20:,.0f} MB free under {ctx.out}, below --min-free-mb "
+                                        f"{limits.min_free_mb:g}")
+    if sop_class != CT_IMAGE_STORAGE:
+        raise Refused(SOP_CLASS_NOT_SUPPORTED, f"only CT Image Storage is segmented (got {sop_class[:70]})")
+    if not is_valid_uid(sop_uid):
+        raise Refused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID {sop_uid[:80]!r} is not a valid DICOM UID")
+    try:
+        ds = pydicom.dcmread(str(src))
+        transfer_syntax = ds.file_meta.TransferSyntaxUID
+    except Exception as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"cannot decode the dataset: {str(exc)[:120]}") from None
+    problem = uid_problem(ds, sop_class, sop_uid)
+    if problem:
+        raise Refused(*problem)
+    inst = header_of(ds, src, has_pixel_data(ds))
+    reason = unusable_reason(inst) or geometry_problem(inst) or \
+        pixel_problem(ds, transfer_syntax, _limits.IMAGE_PIXELS.bytes())
+    if reason:
+        raise Refused(CANNOT_UNDERSTAND, reason)
+    with ctx.spool.writing(inst.series_uid) as folder:
         try:
-            inst, target = self._store(event)
-        except Refused as exc:
-            code = f"0x{exc.status:04X}"
-            self.metrics.count("refused", status=code)
-            self.log("refused", str(exc), sop_instance=sop_uid[:80], calling_ae=calling, status=code)
-            return exc.status
-        except Exception as exc:  # a bug must cost one instance a failure status, never the node
-            self.metrics.count("refused", status="0xC000")
-            self.log("refused", f"unexpected {type(exc).__name__}: {str(exc)[:160]}", sop_instance=sop_uid[:80],
-                     calling_ae=calling, status="0xC000")
-            return CANNOT_UNDERSTAND
-        self.metrics.count("received")
-        self.log("received", f"CT instance {inst.instance_number or '?'} of series {inst.series_uid}",
-                 sop_instance=sop_uid, calling_ae=calling, path=str(target))
-        return SUCCESS
-
-    def _store(self, event: Any) -> tuple[Any, Path]:
-        """Check one C-STORE and write its instance into incoming/; Refused(status) otherwise."""
-        import pydicom
-
-        from attunet_deploy.io.dicom import has_pixel_data
-
-        sop_class = str(event.request.AffectedSOPClassUID)
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        src = Path(event.dataset_path)  # streamed to tmp/ by pynetdicom (STORE_RECV_CHUNKED_DATASET)
-        size = src.stat().st_size
-        if size > self.limits.max_instance_mb * 2**20:
-            raise Refused(OUT_OF_RESOURCES, f"instance of {size / 2**20:,.1f} MB is above --max-instance-mb "
-                                            f"{self.limits.max_instance_mb:g}")
-        free = shutil.disk_usage(self.out).free
-        if free < self.limits.min_free_mb * 2**20 + size:
-            raise Refused(OUT_OF_RESOURCES, f"{free / 2**20:,.0f} MB free under {self.out}, below --min-free-mb "
-                                            f"{self.limits.min_free_mb:g}")
-        if sop_class != CT_IMAGE_STORAGE:
-            raise Refused(SOP_CLASS_NOT_SUPPORTED, f"only CT Image Storage is segmented (got {sop_class[:70]})")
-        if not is_valid_uid(sop_uid):
-            raise Refused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID {sop_uid[:80]!r} is not a valid DICOM UID")
-        try:
-            ds = pydicom.dcmread(str(src))
-            transfer_syntax = ds.file_meta.TransferSyntaxUID
-        except Exception as exc:
-            raise Refused(CANNOT_UNDERSTAND, f"cannot decode the dataset: {str(exc)[:120]}") from None
-        problem = uid_problem(ds, sop_class, sop_uid)
-        if problem:
-            raise Refused(*problem)
-        inst = header_of(ds, src, has_pixel_data(ds))
-        reason = unusable_reason(inst) or geometry_problem(inst) or \
-            pixel_problem(ds, transfer_syntax, _limits.IMAGE_PIXELS.bytes())
-        if reason:
-            raise Refused(CANNOT_UNDERSTAND, reason)
-        series = inst.series_uid
-        with self.lock:
-            self.writers[series] = self.writers.get(series, 0) + 1
-        try:
-            target = self.dirs["incoming"] / series / f"{sop_uid}.dcm"
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{sop_uid}.dcm"
+            folder.mkdir(parents=True, exist_ok=True)
             with open(src, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(src, 0o644)
             os.replace(src, target)  # a resend of the same SOP instance replaces it
-            fsync_dir(target.parent)
+            fsync_dir(folder)
         except OSError as exc:
             raise Refused(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror or exc}") from None
-        finally:
-            with self.lock:
-                self.writers[series] -= 1
-                self.last_seen[series] = time.monotonic()
-        return inst, target
+    return inst, target
 
-    def _handle_data(self, event: Any) -> None:
-        """Bound an instance while it streams in: past STREAM_CEILING x --max-instance-mb, or when the
-        disk under --out falls below half of --min-free-mb, the association is aborted. Between the
-        limit and the ceiling the instance is received (on disk, not in memory) and refused with
-        0xA700, so the sender is told why."""
-        before = self.received_bytes.get(event.assoc, 0)
-        n = before + len(event.data)
-        self.received_bytes[event.assoc] = n
-        if before >> 24 == n >> 24:  # checked once per 16 MiB received
-            return
-        why = None
-        if n > STREAM_CEILING * self.limits.max_instance_mb * 2**20:
-            why = f"more than {STREAM_CEILING} x --max-instance-mb {self.limits.max_instance_mb:g} for one instance"
-        elif shutil.disk_usage(self.out).free < self.limits.min_free_mb * 2**19:
-            why = f"the disk under {self.out} fell below half of --min-free-mb {self.limits.min_free_mb:g}"
-        if why:
-            self.log("aborted", f"association aborted: {why}", calling_ae=str(event.assoc.requestor.ae_title).strip())
-            self.metrics.count("refused", status="abort")
-            event.assoc.abort()
 
-    def _handle_closed(self, event: Any) -> None:
-        """An association that ended mid-instance (aborted, dropped) leaves pynetdicom's partial file
-        in tmp/: it was never acknowledged, so it goes."""
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        partial = getattr(message, "_data_set_file", None)
-        if partial is not None:
-            with contextlib.suppress(OSError):
-                partial.close()
-                os.unlink(partial.name)
+def handle_data(event: Any, ctx: ScpContext) -> None:
+    """EVT_DATA_RECV: bound an instance while it streams in. Past STREAM_CEILING x --max-instance-mb,
+    or when the disk under --out falls below half of --min-free-mb, the association is aborted.
+    Between the limit and the ceiling the instance is received (on disk, not in memory) and refused
+    with 0xA700, so the sender is told why."""
+    before = ctx.received_bytes.get(event.assoc, 0)
+    n = before + len(event.data)
+    ctx.received_bytes[event.assoc] = n
+    if before >> 24 == n >> 24:  # checked once per 16 MiB received
+        return
+    limits = ctx.limits
+    why = None
+    if n > STREAM_CEILING * limits.max_instance_mb * 2**20:
+        why = f"more than {STREAM_CEILING} x --max-instance-mb {limits.max_instance_mb:g} for one instance"
+    elif shutil.disk_usage(ctx.out).free < limits.min_free_mb * 2**19:
+        why = f"the disk under {ctx.out} fell below half of --min-free-mb {limits.min_free_mb:g}"
+    if why:
+        ctx.log("aborted", f"association aborted: {why}", calling_ae=str(event.assoc.requestor.ae_title).strip())
+        ctx.metrics.count("refused", status="abort")
+        event.assoc.abort()
 
-    def _handle_rejected(self, event: Any) -> None:
-        self.log("rejected", "association refused", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                 address=event.assoc.requestor.address)
 
-    def _ae(self) -> Any:
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
+def handle_closed(event: Any, ctx: ScpContext) -> None:
+    """EVT_CONN_CLOSE: an association that ended mid-instance (aborted, dropped) leaves pynetdicom's
+    partial file in tmp/: it was never acknowledged, so it goes."""
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        with contextlib.suppress(OSError):
+            partial.close()
+            os.unlink(partial.name)
 
-        ae = AE(ae_title=self.ae_title)
-        # Negotiation offers only what the node processes: CT Image Storage in the transfer syntaxes it
-        # can decode, and Verification. Anything else is refused at association time.
-        ae.add_supported_context(CT_IMAGE_STORAGE, accepted_transfer_syntaxes())
-        ae.add_supported_context(Verification)
-        ae.require_called_aet = not self.any_called_ae
-        if self.allow_ae:
-            ae.require_calling_aet = self.allow_ae
-        ae.maximum_associations = self.limits.max_associations
-        ae.acse_timeout = self.limits.acse_timeout  # also ARTIM: a silent socket is dropped after this
-        ae.dimse_timeout = self.limits.dimse_timeout
-        ae.network_timeout = self.limits.network_timeout
-        return ae
+
+def handle_rejected(event: Any, ctx: ScpContext) -> None:
+    """EVT_REJECTED: an association refused at negotiation."""
+    ctx.log("rejected", "association refused", calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            address=event.assoc.requestor.address)
+
+
+def handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
+    """The node's pynetdicom event handlers, each called with ``ctx``."""
+    from pynetdicom import evt
+
+    return [(evt.EVT_C_STORE, handle_store, [ctx]), (evt.EVT_REJECTED, handle_rejected, [ctx]),
+            (evt.EVT_DATA_RECV, handle_data, [ctx]), (evt.EVT_CONN_CLOSE, handle_closed, [ctx])]
+
+
+def make_ae(config: NodeConfig) -> Any:
+    """The node's AE: what it negotiates, who it accepts, its association limits and timeouts."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
+
+    limits = config.limits
+    ae = AE(ae_title=config.ae_title)
+    # Negotiation offers only what the node processes: CT Image Storage in the transfer syntaxes it
+    # can decode, and Verification. Anything else is refused at association time.
+    ae.add_supported_context(CT_IMAGE_STORAGE, accepted_transfer_syntaxes())
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = not config.any_called_ae
+    if config.allow_ae:
+        ae.require_calling_aet = list(config.allow_ae)
+    ae.maximum_associations = limits.max_associations
+    ae.acse_timeout = limits.acse_timeout  # also ARTIM: a silent socket is dropped after this
+    ae.dimse_timeout = limits.dimse_timeout
+    ae.network_timeout = limits.network_timeout
+    return ae
 
 
 def accepted_transfer_syntaxes() -> list[str]:

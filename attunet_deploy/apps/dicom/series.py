@@ -1,48 +1,45 @@
-"""A CT series through a model: a 2D model segments the HU volume slice batch by slice batch, a 3D
-model segments it as one volume through its sliding window at the series' own voxel spacing
-(grouping, ordering and geometry live in :mod:`attunet_deploy.io.dicom_series`)."""
+"""A CT series through a model: a 2D model segments the HU stack slice batch by slice batch
+(:func:`segment_slices`), a 3D model segments it as one volume through its sliding window at the
+series' own voxel spacing (grouping, ordering and geometry live in :mod:`attunet_deploy.io.dicom_series`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 
 from attunet_deploy.io.dicom import Instance
 from attunet_deploy.io.dicom_series import series_spacing
+from attunet_deploy.runtimes.base import Runner
 
 
-def segment_volume(runner: Any, hu: np.ndarray, batch: int = 8) -> np.ndarray:
-    """uint8 masks [N, H, W] of an HU volume, ``batch`` slices per request (the runner normalises);
-    the batches are streamed (``infer_many``: OpenVINO keeps several in flight)."""
+def segment_slices(runner: Runner, hu: np.ndarray, batch: int = 8) -> np.ndarray:
+    """uint8 masks [N, H, W] of a 2D model over an HU stack [N, H, W], ``batch`` slices per request;
+    the batches are streamed (``Runner.segment_many``: OpenVINO keeps several in flight)."""
     return np.concatenate(list(stream_masks(runner, (hu[s:s + batch] for s in range(0, len(hu), batch)))))
 
 
-def stream_masks(runner: Any, stacks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """uint8 masks [n, H, W] of each HU stack [n, H, W], in order, through one ``infer_many`` stream:
-    a stack is taken (read, decoded) only when the stream has room for it."""
-    from attunet_deploy.preprocess import logits_to_masks
-
+def stream_masks(runner: Runner, stacks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """uint8 masks [n, H, W] of each HU stack [n, H, W], in order, through one request stream: a stack
+    is taken (read, decoded) only when the stream has room for it."""
     channels = runner.channels
 
-    def model_space() -> Iterator[np.ndarray]:
+    def raw_batches() -> Iterator[np.ndarray]:
         for hu in stacks:
             x = hu[:, None]
-            yield runner.preprocess(np.repeat(x, channels, axis=1) if channels > 1 else x)
+            yield np.repeat(x, channels, axis=1) if channels > 1 else x
 
-    for y in runner.infer_many(model_space()):
-        yield logits_to_masks(y, runner.bundle.postprocessing)  # uint8 already
+    return runner.segment_many(raw_batches())
 
 
-def segment_series(runner: Any, ordered: list[Instance], hu: np.ndarray, batch: int = 8) -> np.ndarray:
+def segment_series(runner: Runner, ordered: list[Instance], hu: np.ndarray, batch: int = 8) -> np.ndarray:
     """uint8 masks [N, H, W] of a series ordered along its normal (``hu`` [N, H, W] in that order).
 
     A 3D model takes the series as one volume: its spacing (z from the slice positions, y and x from
     PixelSpacing; irregular gaps or gantry tilt refused with the reason) is what ``segment_volume``
     resamples to the bundle's spacing."""
-    if getattr(runner, "spatial_dims", 2) != 3:
-        return segment_volume(runner, hu, batch)
+    if runner.spatial_dims != 3:
+        return segment_slices(runner, hu, batch)
     spacing = series_spacing(ordered)
     vol = hu if runner.channels == 1 else np.repeat(hu[None], runner.channels, axis=0)
     return runner.segment_volume(vol, spacing=spacing)

@@ -12,16 +12,21 @@ import json
 import os
 import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from attunet_deploy.apps.dicom.checks import is_valid_uid
-from attunet_deploy.apps.dicom.series import segment_series, segment_volume, stream_masks
-from attunet_deploy.apps.dicom.spool import Spool, instance_key, series_of
+from attunet_deploy.apps.dicom.config import NodeLog
+from attunet_deploy.apps.dicom.monitor import NodeMetrics
+from attunet_deploy.apps.dicom.series import segment_series, segment_slices, stream_masks
+from attunet_deploy.apps.dicom.spool import SegState, Spool, instance_key, series_of
+from attunet_deploy.bundle import Bundle
 from attunet_deploy.errors import InputError
 from attunet_deploy.fileio import atomic_path
 from attunet_deploy.io.dicom import Instance, decode_hu, dicom_header, has_pixel_data, header_of, read_dataset
@@ -30,6 +35,7 @@ from attunet_deploy.io.dicom_series import (
     order_slices,
     unusable_reason,
 )
+from attunet_deploy.runtimes.base import Runner
 
 #: Masks (2D) or decoded HU slices (3D) computed ahead of a series' completion, at most this many bytes
 #: kept in memory.
@@ -43,16 +49,46 @@ PRESEGMENT_BATCH = 8
 FAULT_ENV = "ATTDEPLOY_NODE_FAULT"
 
 
-class Worker(Spool):
-    """Series in, SEG out."""
+@dataclass(frozen=True)
+class SegOptions:
+    """What the node's SEGs say: the bundle's graphs' precision (its sha256 goes into the SEG), the
+    segment label, and whether a copy is queued for the forwarder."""
+
+    precision: str
+    segment_label: str = "Target"
+    forward: bool = False
+
+
+class Worker:
+    """Series in, SEG out: one thread over a spool, with a runner, and its own cache of what it
+    computed ahead (2D: masks of slices still arriving; 3D: their decoded HU)."""
+
+    def __init__(self, spool: Spool, runner: Runner, bundle: Bundle, options: SegOptions, stop: threading.Event
+                 ) -> None:
+        self.spool, self.runner, self.bundle, self.options, self.stop = spool, runner, bundle, options, stop
+        self.log: NodeLog = spool.log
+        self.metrics: NodeMetrics = spool.metrics
+        self.dirs = spool.dirs
+        #: masks (2D) or decoded slices (3D) computed while a series was still arriving
+        self.masks: dict[tuple[str, int, int], np.ndarray] = {}
+        self.mask_bytes = 0
+        self.decoded_ahead = 0
+
+    def run(self) -> None:
+        """The worker thread: logs why it stopped if it dies (/healthz then reports it dead)."""
+        try:
+            self._loop(self.runner)
+        except BaseException as exc:
+            self.log("error", f"the worker thread stopped: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
 
     # ------------------------------------------------------------------ worker
-    def _worker(self, runner: Any) -> None:
+    def _loop(self, runner: Runner) -> None:
         with runner:
             # First-call costs now rather than on the first series: the backend's buffers for a batch of
             # 512x512 slices, and highdicom's import (about a second).
             volume = runner.spatial_dims == 3
-            window = tuple((self.bundle.sliding_window or {}).get("roi", ()))
+            window = self.bundle.sliding_window.roi if self.bundle.sliding_window else ()
             runner.infer(np.zeros((1, runner.channels, *window) if volume
                                   else (PRESEGMENT_BATCH, runner.channels, 512, 512), np.float32))
             import highdicom  # noqa: F401
@@ -62,7 +98,7 @@ class Worker(Spool):
                      device=runner.device)
             while not self.stop.is_set():
                 try:
-                    job = self.jobs.get(timeout=0.05)
+                    job = self.spool.jobs.get(timeout=0.05)
                 except queue.Empty:
                     try:
                         self._presegment(runner)
@@ -77,22 +113,23 @@ class Worker(Spool):
                 except Exception as exc:  # one bad series must not stop the node
                     self._fail(job, f"{type(exc).__name__}: {str(exc)[:300]}")
                 finally:
-                    self.queued.discard(job.name)
+                    self.spool.done(job)
 
-    def _run_worker(self, runner: Any) -> None:
-        try:
-            self._worker(runner)
-        except BaseException as exc:
-            self.log("error", f"the worker thread stopped: {type(exc).__name__}: {str(exc)[:200]}")
-            raise
+    def _fail(self, job: Path, reason: str) -> None:
+        for f in job.glob("*.dcm"):
+            key = instance_key(f)
+            m = self.masks.pop(key, None) if key is not None else None
+            if m is not None:
+                self.mask_bytes -= m.nbytes
+        self.spool.fail(job, reason)
 
-    def _presegment(self, runner: Any) -> None:
+    def _presegment(self, runner: Runner) -> None:
         """While the worker is idle, segment instances of series that are still arriving (2D: slices
         are independent), or decode them (3D), so that a completed series needs little more than its SEG."""
         if self.mask_bytes >= PRESEGMENT_CACHE_BYTES:
             self.stop.wait(0.1)
             return
-        for series in sorted(self.dirs["incoming"].iterdir()):
+        for series in self.spool.arriving():
             todo = []
             for f in sorted(series.glob("*.dcm")):
                 key = instance_key(f)
@@ -116,22 +153,23 @@ class Worker(Spool):
             if not slices:
                 continue
             # A 3D model keeps the decoded slices (its windows need the whole series); a 2D one their masks.
-            masks = slices if runner.spatial_dims == 3 else segment_volume(runner, np.stack(slices),
-                                                                          batch=PRESEGMENT_BATCH)
+            masks = slices if runner.spatial_dims == 3 else list(segment_slices(runner, np.stack(slices),
+                                                                                batch=PRESEGMENT_BATCH))
             for key, m in zip(keys, masks):
                 self.masks[key] = m
                 self.mask_bytes += m.nbytes
             return
         self.stop.wait(0.05)
 
-    def _take_masks(self, ordered: list[Any], runner: Any) -> tuple[list[Any], list[tuple[Any, str]], int]:
+    def _take_masks(self, ordered: list[Instance], runner: Runner
+                    ) -> tuple[list[np.ndarray], list[tuple[Instance, str]], int]:
         """Masks for ``ordered`` instances: computed ahead where possible, the rest now.
 
         Returns (masks uint8 [H, W] per usable instance, [(instance, reason)] left out because their
         pixels do not decode, how many masks were computed ahead)."""
         if runner.spatial_dims == 3:
             return self._volume_masks(ordered, runner)
-        masks: list[Any] = []
+        masks: list[np.ndarray | None] = []
         for inst in ordered:
             key = instance_key(inst.path)
             m = self.masks.pop(key, None) if key is not None else None
@@ -168,9 +206,10 @@ class Worker(Spool):
             for i, m in zip(batches[k], batch_masks):
                 masks[i] = m
         left_out = [(ordered[i], bad[i]) for i in sorted(bad)]
-        return [m for i, m in enumerate(masks) if i not in bad], left_out, ahead
+        return [m for i, m in enumerate(masks) if i not in bad and m is not None], left_out, ahead
 
-    def _volume_masks(self, ordered: list[Any], runner: Any) -> tuple[list[Any], list[tuple[Any, str]], int]:
+    def _volume_masks(self, ordered: list[Instance], runner: Runner
+                      ) -> tuple[list[np.ndarray], list[tuple[Instance, str]], int]:
         """A 3D model's masks: the whole series as one volume. A slice that does not decode would leave a
         gap in the volume, so it fails the series (with the slice named) rather than being left out."""
         slices = []
@@ -192,7 +231,7 @@ class Worker(Spool):
         masks = segment_series(runner, ordered, np.stack(slices))
         return list(masks), [], 0
 
-    def _process(self, runner: Any, job: Path) -> None:
+    def _process(self, runner: Runner, job: Path) -> None:
         series = series_of(job)
         if not is_valid_uid(series):
             raise InputError(f"spool folder {job.name} is not named after a series UID")
@@ -201,10 +240,9 @@ class Worker(Spool):
         if not marker.exists():
             self._segment_batch(runner, job, series, archive, marker)
         done = json.loads(marker.read_text())
-        state = self._state(series)
-        if int(state["number"]) < int(done["number"]):
-            self._save_state(series, {"seg_series_uid": done["seg_series_uid"], "number": int(done["number"])})
-        self._archive(job, archive)
+        if self.spool.seg_state(series).number < int(done["number"]):
+            self.spool.save_seg_state(series, SegState(str(done["seg_series_uid"]), int(done["number"])))
+        self.spool.archive(job, archive)
 
     def _read_batch(self, job: Path, series: str, archive: Path
                     ) -> tuple[list[Instance], dict[Path, Any], list[tuple[Path, str]], int]:
@@ -234,7 +272,7 @@ class Worker(Spool):
                 left_out.append((f, reason or "unusable"))
         return instances, headers, left_out, earlier
 
-    def _segment_batch(self, runner: Any, job: Path, series: str, archive: Path, marker: Path) -> None:
+    def _segment_batch(self, runner: Runner, job: Path, series: str, archive: Path, marker: Path) -> None:
         """Segment one batch (with the series' earlier instances) and write its SEG; ``marker`` records it."""
         t0 = time.perf_counter()
         instances, headers, left_out, earlier = self._read_batch(job, series, archive)
@@ -249,14 +287,14 @@ class Worker(Spool):
         bad_paths = {inst.path for inst, _ in bad}
         ordered = [i for i in ordered if i.path not in bad_paths]
         for f, reason in left_out:
-            self._leave_out(series, f, reason)
+            self.spool.leave_out(series, f, reason)
         if not ordered:
             raise InputError("no instance of the series could be decoded")
         seg, seg_path, state = self._write_seg(series, [headers[i.path] for i in ordered], masks)
-        number = int(state["number"])
+        number = state.number
         with atomic_path(marker) as tmp:
             tmp.write_text(json.dumps({"seg": str(seg_path), "number": number,
-                                       "seg_series_uid": state["seg_series_uid"]}))
+                                       "seg_series_uid": state.seg_series_uid}))
         self.metrics.count("segs_written")
         self.metrics.count("segmented")
         self.metrics.observe_inference(t_seg)
@@ -264,29 +302,29 @@ class Worker(Spool):
                  f"with mask, {time.perf_counter() - t0:.2f} s", series=series, seg=str(seg_path),
                  slices=len(ordered), frames=int(seg.NumberOfFrames), seconds=round(time.perf_counter() - t0, 4),
                  segment_seconds=round(t_seg, 4), segmented_ahead=ahead,
-                 decoded_ahead=getattr(self, "decoded_ahead", 0) if runner.spatial_dims == 3 else None,
+                 decoded_ahead=self.decoded_ahead if runner.spatial_dims == 3 else None,
                  seg_instance_number=number,
                  supersedes=number - 1 if number > 1 else None, earlier_instances=earlier)
 
-    def _write_seg(self, series: str, datasets: list[Any], masks: list[Any]) -> tuple[Any, Path, dict[str, Any]]:
+    def _write_seg(self, series: str, datasets: list[Any], masks: list[np.ndarray]
+                   ) -> tuple[Any, Path, SegState]:
         """The SEG of ``series`` (next InstanceNumber of its SEG series), in seg/ and queued in outbox/;
         returns it, its path and the SEG series state it was numbered in (saved later, with the marker)."""
         from attunet_deploy.apps.dicom.files import model_sha256
-        from attunet_deploy.apps.dicom.seg import build_seg, write_seg
+        from attunet_deploy.apps.dicom.seg import SegNaming, build_seg, write_seg
 
-        state = self._state(series)
-        number = int(state["number"]) + 1
-        seg = build_seg(datasets, np.stack(masks), model_sha256=model_sha256(self.bundle, self.precision),
-                        num_classes=self.bundle.out_channels, label=self.segment_label,
-                        series_instance_uid=state["seg_series_uid"], instance_number=number,
-                        segments=self.bundle.postprocessing.get("segments"))
+        state = self.spool.seg_state(series)
+        number = state.number + 1
+        seg = build_seg(datasets, np.stack(masks), SegNaming.of(self.bundle, self.options.segment_label),
+                        model_sha256=model_sha256(self.bundle, self.options.precision),
+                        series_instance_uid=state.seg_series_uid, instance_number=number)
         seg_path = self.dirs["seg"] / f"SEG_{series}_{number}.dcm"
         k = 1
         while seg_path.exists():  # local copies are never overwritten
             k += 1
             seg_path = self.dirs["seg"] / f"SEG_{series}_{number}-{k}.dcm"
         write_seg(seg, seg_path)
-        if self.forward is not None:
+        if self.options.forward:
             with atomic_path(self.dirs["outbox"] / seg_path.name) as tmp:
                 shutil.copyfile(seg_path, tmp)
-        return seg, seg_path, {"seg_series_uid": state["seg_series_uid"], "number": number}
+        return seg, seg_path, SegState(state.seg_series_uid, number)

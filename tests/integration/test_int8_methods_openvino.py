@@ -1,4 +1,4 @@
-"""Issue 15: calibration methods that differ, accuracy-aware INT8, the OpenVINO backend, and
+"""INT8 calibration methods that differ, accuracy-aware INT8, the OpenVINO backend, and
 `auto` choosing OpenVINO only where it was measured faster. Timing targets live in benchmarks/."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from attunet_deploy.bundle import Bundle
 from attunet_deploy.cli import main
 from attunet_deploy.demo import DEMO_WEIGHTS, make_phantoms
 from attunet_deploy.io.golden import load_golden
-from attunet_deploy.preprocess import normalize
+from attunet_deploy.segmenter import Segmenter
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -41,7 +41,7 @@ def test_kl_threshold_clips_far_outliers_but_keeps_the_bulk() -> None:
 def test_calibration_methods_give_different_sensible_ranges(demo_bundle: Path, tmp_path: Path) -> None:
     b = Bundle.load(demo_bundle)
     hu, _ = make_phantoms(8, seed=5)
-    x = normalize(hu, b.preprocessing)
+    x = Segmenter(b.spec).normalize(hu)
     inputs = [x[i:i + 1] for i in range(len(x))]
     src = b.onnx_path("fp32")
     ranges = {m: calibrate(src, inputs, m) for m in ("minmax", "percentile", "entropy")}
@@ -63,7 +63,7 @@ def test_calibration_methods_give_different_sensible_ranges(demo_bundle: Path, t
         out = tmp_path / f"{m}.onnx"
         quantize_int8(src, out, inputs, method=m, ranges=ranges[m])  # calibrated once per method, above
         shas.add(hashlib.sha256(out.read_bytes()).hexdigest())
-        dice, _ = evaluate_int8(out, cases, b.postprocessing)
+        dice, _ = evaluate_int8(out, cases, Segmenter(b.spec))
         assert dice >= 0.98, (m, dice)  # entropy too: the first block keeps its min/max ranges
     assert len(shas) == 3
 
@@ -98,14 +98,15 @@ def test_accuracy_aware_int8_returns_the_sensitive_convolutions_to_float(tmp_pat
     code, out, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-dice-drop", "0.02")
     assert code == 0, err
     assert "Accuracy-aware INT8" in out
-    aa = Bundle.load(b).artifacts["model.int8.onnx"]["producer"]["accuracy_aware"]
+    aa = Bundle.load(b).manifest["artifacts"]["model.int8.onnx"]["producer"]["accuracy_aware"]
     assert aa["steps"][0]["mean_dice"] < 0.98 <= aa["steps"][-1]["mean_dice"]
     assert all("latency_ms" in st and st["latency_ms"] > 0 for st in aa["steps"])
     graph = onnx.load(str(b / "model.int8.onnx")).graph
     assert set(aa["reverted"]) <= {n.name for n in graph.node if n.op_type == "Conv"}
     assert {"/enc3/conv/conv.0/Conv", "/enc3/conv/conv.3/Conv"} <= set(aa["reverted"])  # both ends of the outlier
     assert len(aa["reverted"]) <= 4  # the ranking finds them; not half the network
-    assert set(aa["reverted"]) <= set(Bundle.load(b).artifacts["model.int8.onnx"]["producer"]["float_nodes"])
+    int8 = Bundle.load(b).manifest["artifacts"]["model.int8.onnx"]
+    assert set(aa["reverted"]) <= set(int8["producer"]["float_nodes"])
 
 
 @pytest.fixture
@@ -238,19 +239,20 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
                        "--max-dice-drop", "0.01")
     assert code == 0, err
     bundle = Bundle.load(b)
-    producer = bundle.artifacts[OV_INT8_XML]["producer"]
+    producer = bundle.manifest["artifacts"][OV_INT8_XML]["producer"]
     control = producer["accuracy_control"]
     assert control["max_drop"] == 0.01 and control["mean_dice"] >= 0.99 and control["images"] >= 8
     assert producer["quantizer"] == "nncf" and producer["nncf"] and producer["preset"] == "default"
-    assert producer["calibration_files"] == bundle.artifacts["model.int8.onnx"]["producer"]["calibration_files"]
-    assert set(producer["ignored_scope"]) <= set(bundle.artifacts["model.int8.onnx"]["producer"]["float_nodes"])
+    qdq = bundle.manifest["artifacts"]["model.int8.onnx"]["producer"]
+    assert producer["calibration_files"] == qdq["calibration_files"]
+    assert set(producer["ignored_scope"]) <= set(qdq["float_nodes"])
     assert producer["ignored_scope"]  # the gates' psi convs and the head stay in float here too
     # the four decoder up-convolutions (nearest x2 + 3x3) were quantised as transposed convolutions
     rewritten = producer["rewrites"]["upsample_conv_to_conv_transpose"]
     assert len(rewritten) == 4 and not set(rewritten) & set(producer["ignored_scope"])
     xml = (b / OV_INT8_XML).read_text()
     assert xml.count('type="ConvolutionBackpropData"') == 4 and 'type="Interpolate"' not in xml
-    assert bundle.artifacts[OV_INT8_BIN]["kind"] == "openvino-weights"
+    assert bundle.manifest["artifacts"][OV_INT8_BIN]["kind"] == "openvino-weights"
     code, out, err = run("verify", "-b", str(b), "--backend", "ov", "--precision", "int8", "--json", "-")
     assert code == 0, err
     (row,) = json.loads(out)["results"]

@@ -19,31 +19,15 @@ Memory: one float32 accumulator of the output ([N, K, *spatial]) and one of the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from attunet_deploy.bundle.spec import SlidingWindow
 from attunet_deploy.errors import InputError
 
-#: Blending modes, as MONAI names them.
-MODES = ("gaussian", "constant")
 Predictor = Callable[[np.ndarray], np.ndarray]
-
-
-def check_window(roi: Sequence[int], overlap: float, mode: str, sigma_scale: float, batch: int) -> None:
-    """InputError naming the first sliding-window setting that cannot work."""
-    if not roi or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
-        raise InputError(f"roi {list(roi)}: needs positive integers, one per spatial axis")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
-        raise InputError(f"overlap {overlap!r}: must be a number in [0, 1)")
-    if mode not in MODES:
-        raise InputError(f"sliding-window mode {mode!r}: choose {' or '.join(MODES)}")
-    if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float)) \
-            or not math.isfinite(sigma_scale) or sigma_scale <= 0:
-        raise InputError(f"sigma_scale {sigma_scale!r}: must be a positive number")
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
-        raise InputError(f"sliding-window batch {batch!r}: must be an integer in 1..4096")
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -53,28 +37,25 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
 
 
-def importance_map(roi: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
-    """The weight of each voxel of a window, float32 of shape ``roi``."""
-    if mode == "constant":
-        return np.ones(tuple(roi), dtype=np.float32)
-    if mode != "gaussian":
-        raise InputError(f"sliding-window mode {mode!r}: choose {' or '.join(MODES)}")
+def importance_map(window: SlidingWindow) -> np.ndarray:
+    """The weight of each voxel of a window, float32 of shape ``window.roi``."""
+    if window.mode == "constant":
+        return np.ones(window.roi, dtype=np.float32)
     weights = np.ones((), dtype=np.float32)
-    for size in roi:
-        sigma = size * sigma_scale
+    for size in window.roi:
+        sigma = size * window.sigma_scale
         x = np.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=np.float32)
         axis = np.exp(x ** 2 / np.float32(-2 * sigma ** 2)).astype(np.float32)
         weights = weights[..., None] * axis
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 
-def sliding_window(predict: Predictor, x: np.ndarray, roi: Sequence[int], *, overlap: float = 0.5,
-                   mode: str = "gaussian", sigma_scale: float = 0.125, batch: int = 1,
+def sliding_window(predict: Predictor, x: np.ndarray, window: SlidingWindow,
                    progress: Callable[[int], Any] | None = None) -> np.ndarray:
-    """Logits of ``x`` [N, C, *spatial] by windows of ``roi``: ``predict`` maps [B, C, *roi] to
-    [B, K, *roi]; returns float32 [N, K, *spatial]. ``progress`` is called with each batch's window count."""
-    roi = tuple(int(r) for r in roi)
-    check_window(roi, overlap, mode, sigma_scale, batch)
+    """Logits of ``x`` [N, C, *spatial] by ``window`` (its roi, overlap, blending and windows per call):
+    ``predict`` maps [B, C, *roi] to [B, K, *roi]; returns float32 [N, K, *spatial]. ``progress`` is
+    called with each batch's window count."""
+    roi, overlap, batch = window.roi, window.overlap, window.batch
     if x.ndim != len(roi) + 2:
         raise InputError(f"input of shape {tuple(x.shape)} does not match a {len(roi)}D window {list(roi)}: "
                          f"expected [N, C, {', '.join('DHW'[-len(roi):] if len(roi) <= 3 else 'S' * len(roi))}]")
@@ -86,7 +67,7 @@ def sliding_window(predict: Predictor, x: np.ndarray, roi: Sequence[int], *, ove
     full = x.shape[2:]
     starts = np.stack(np.meshgrid(*[window_starts(s, r, overlap) for s, r in zip(full, roi)], indexing="ij"),
                       axis=-1).reshape(-1, len(roi))
-    weight = importance_map(roi, mode, sigma_scale)
+    weight = importance_map(window)
     out: np.ndarray | None = None
     count = np.zeros(full, dtype=np.float32)
     jobs = [(i, tuple(int(s) for s in st)) for i in range(n) for st in starts]

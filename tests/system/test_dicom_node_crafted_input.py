@@ -1,4 +1,5 @@
-"""Issue 18: one crafted instance must never crash the node, lose acknowledged data or reach the PACS.
+"""Crafted instances and peers at the DICOM node: one crafted instance must never crash the node,
+lose acknowledged data or reach the PACS.
 
 A regression test per finding of the issue, each against the real node process on 127.0.0.1 with
 DCMTK as the sender. Each asserts the status the sender saw, that the node still answers C-ECHO,
@@ -42,7 +43,7 @@ from pydicom.uid import generate_uid
 
 from attunet_deploy import load_runner
 from attunet_deploy.apps.dicom.seg import referenced_masks
-from attunet_deploy.demo.ctseries import write_ct_series
+from attunet_deploy.demo.ctseries import SeriesHeader, write_ct_series
 
 SPOOL = {"tmp", "incoming", "processing", "seg", "outbox", "sent", "archive", "failed", "state"}
 
@@ -59,7 +60,7 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("hostile-series")
     return {"root": root, "ct8": write_ct_series(root / "ct8", 8, (96, 96), seed=41),
             "ct12": write_ct_series(root / "ct12", 12, (96, 96), seed=42),
-            "mr": write_ct_series(root / "mr", 1, (64, 64), seed=43, modality="MR")}
+            "mr": write_ct_series(root / "mr", 1, (64, 64), seed=43, header=SeriesHeader(modality="MR"))}
 
 
 def expected_masks(bundle: Path, slices: list) -> np.ndarray:

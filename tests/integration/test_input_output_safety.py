@@ -1,5 +1,5 @@
-"""Issue 19: robustness round 3 (labels, output paths, Triton client, DICOM SEG files, memory,
-round-2 residue). Each case asserts the exit code, the single stderr line, a byte-identical bundle
+"""Untrusted input and output paths: labels, output folders, the Triton client, DICOM SEG files,
+memory. Each case asserts the exit code, the single stderr line, a byte-identical bundle
 and, where it applies, peak memory or wall time."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hostile import EXE, one_line, run, snapshot
+from test_bundle_safety import EXE, one_line, run, snapshot
 
 from attunet_deploy.errors import InputError
 

@@ -1,4 +1,4 @@
-"""Issue 18, item 8: the demo meets the scanner. The bundled demo model keeps its Dice on the
+"""The demo meets the scanner. The bundled demo model keeps its Dice on the
 synthetic CT series at the sizes CT comes in, read back from DICOM exactly as the node and
 ``predict --dicom-seg`` read them."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("pydicom")
 import pydicom
 
 from attunet_deploy import load_runner
-from attunet_deploy.apps.dicom.series import segment_volume
+from attunet_deploy.apps.dicom.series import segment_slices
 from attunet_deploy.demo.ctseries import write_ct_series
 from attunet_deploy.io.dicom import decode_hu
 
@@ -30,6 +30,6 @@ def test_demo_dice_on_synthetic_ct_series(demo_bundle: Path, tmp_path: Path, siz
     series = write_ct_series(tmp_path / "ct", slices, (size, size))  # the writer's default series (seed 0)
     hu = np.stack([decode_hu(pydicom.dcmread(s.path), s.path) for s in series])
     with load_runner(demo_bundle, backend="ort") as runner:
-        masks = segment_volume(runner, hu, batch=4)
+        masks = segment_slices(runner, hu, batch=4)
     scores = [dice(m, s.label) for m, s in zip(masks, series)]
     assert np.mean(scores) >= 0.95, f"{size}x{size}: mean Dice {np.mean(scores):.3f} ({np.round(scores, 3)})"

@@ -1,4 +1,4 @@
-"""Issue 10: backends judged on the user's own images and ground truth.
+"""Backends judged on the user's own images and ground truth.
 
 The data set is what a user has: a CT series as DICOM files (int16, RescaleIntercept -1024),
 masks as 8-bit PNGs, and a checkpoint in the popular AttU_Net layout (the demo weights renamed).
@@ -156,7 +156,7 @@ def test_calibration_never_uses_a_golden_image_from_another_folder(user_bundle: 
         shutil.copy(user_data["dcm"] / name, copy / f"golden_copy_{i}.dcm")
     code, _, err = run("quantize", "-b", str(b), "--calib", str(copy), "--precision", "int8", "--no-verify")
     assert code == 0, err
-    entry = Bundle.load(b).artifacts["model.int8.onnx"]["producer"]
+    entry = Bundle.load(b).manifest["artifacts"]["model.int8.onnx"]["producer"]
     assert entry["calibration_images"] == 30
     assert not any(f.startswith("golden_copy") for f in entry["calibration_files"])
     assert "excluded" in entry["calibration"]
@@ -189,7 +189,7 @@ def test_label_matching_errors_name_the_file(user_data: dict[str, Path], tmp_pat
 def test_labels_need_images(user_data: dict[str, Path], tmp_path: Path) -> None:
     code, _, err = run("export", str(user_data["ckpt"]), "-o", str(tmp_path / "b"), "--labels",
                        str(user_data["masks"]))
-    one_line_error(code, err, "--labels needs --images")
+    one_line_error(code, err, "--labels: labels need the images they belong to")
 
 
 # ------------------------------------------------------------------------------ dice-drop gate

@@ -1,4 +1,4 @@
-"""Issue 14: Triton model repositories and the `triton` backend, against a real tritonserver.
+"""Triton model repositories and the `triton` backend, against a real tritonserver.
 
 The server is the `tritonserver` binary inside the nvidia-pytriton wheel (python backend only),
 run on 127.0.0.1 from its own venv (pytriton pins numpy < 2, which stays out of the main venv):
@@ -24,6 +24,7 @@ pytest.importorskip("tritonclient")
 
 from attunet_deploy import load_runner
 from attunet_deploy.bundle import Bundle
+from attunet_deploy.bundle.spec import ModelSpec
 from attunet_deploy.cli import main
 from attunet_deploy.errors import InputError
 from attunet_deploy.steps import triton_repo as triton_export
@@ -56,7 +57,7 @@ def test_every_generated_config_parses_with_tritons_schema(demo_bundle: Path) ->
     ens = triton_export.check_config(models["attunet_segment"]["config"], "attunet_segment")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["attunet_pre", "attunet_fp32", "attunet_post"]
     pre = triton_export.check_config(models["attunet_pre"]["config"], "attunet_pre")
-    assert json.loads(pre.parameters["preprocessing"].string_value) == Bundle.load(demo_bundle).preprocessing
+    assert ModelSpec.from_dict(json.loads(pre.parameters["spec"].string_value)) == Bundle.load(demo_bundle).spec
 
 
 def test_a_misspelled_field_in_a_template_fails(demo_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

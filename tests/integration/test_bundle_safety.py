@@ -1,4 +1,4 @@
-"""Issue 12: hostile and careless input. Every case checks the exit code, the one-line message and
+"""Hostile and careless input against the bundle and the CLI. Every case checks the exit code, the one-line message and
 that the bundle's files are byte-identical afterwards (docs/design.md section 5a).
 
 Rules: nothing outside the bundle; only what we made is replaced; transactions; one writer at a
@@ -62,12 +62,12 @@ def one_line(code: int, err: str, match: str, expect: int = 2) -> None:
 @pytest.fixture
 def qbundle(tmp_path: Path, small_bundle: Path) -> Path:
     """A private small bundle with fp16 + int8 graphs (calibrated on random images)."""
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     dst = tmp_path / "bundle"
     shutil.copytree(small_bundle, dst)
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((4, 1, 48, 48), dtype=np.float32))
-    quantize_bundle(Bundle.load(dst), calib=str(tmp_path / "calib.npy"), verify=False)
+    quantize_bundle(Bundle.load(dst), QuantizeSettings(calib=str(tmp_path / "calib.npy"), verify=False))
     return dst
 
 
@@ -245,8 +245,8 @@ def test_fuzz_manifest_loader(small_bundle: Path, tmp_path_factory: pytest.TempP
     except BundleError:
         pass
     else:
-        b.golden_info  # noqa: B018 - accessors must not raise on a validated manifest
-        _ = (b.in_channels, b.out_channels, b.divisor, b.preprocessing, b.postprocessing)
+        b.golden  # noqa: B018 - accessors must not raise on a validated manifest
+        _ = (b.in_channels, b.out_channels, b.divisor, b.spec, b.artifacts, b.source)
     assert snapshot(small_bundle) == before
 
 
@@ -531,7 +531,7 @@ def test_kill_9_mid_commit_is_rolled_forward(qbundle: Path, tmp_path: Path, monk
     loaded = Bundle.load(qbundle)  # ... and finished by the next reader with write access
     assert (qbundle / "model.int8.onnx").read_bytes() == b"new int8 graph"
     assert (qbundle / "model.fp16.onnx").read_bytes() == b"new fp16 graph"
-    assert loaded.artifacts["model.int8.onnx"]["bytes"] == len(b"new int8 graph")
+    assert loaded.manifest["artifacts"]["model.int8.onnx"]["bytes"] == len(b"new int8 graph")
     assert not list((qbundle / ".attdeploy").glob("txn-*"))
 
 
@@ -692,15 +692,15 @@ def test_a_writer_never_commits_over_a_newer_manifest(qbundle: Path) -> None:
     """Load, let another command commit, then write: refused, and the newer bundle stays whole."""
     import onnx
 
-    from attunet_deploy.steps.quantize import quantize_bundle
+    from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
 
     conv = next(n.name for n in onnx.load(str(qbundle / "model.onnx")).graph.node if n.op_type == "Conv")
     stale = Bundle.load(qbundle)
-    quantize_bundle(Bundle.load(qbundle), precisions=["fp16"], verify=False,  # another command commits
-                    fp16_keep_fp32=[conv])
+    # another command commits
+    quantize_bundle(Bundle.load(qbundle), QuantizeSettings(precisions=("fp16",), verify=False, fp16_keep_fp32=(conv,)))
     after = snapshot(qbundle)
     with pytest.raises(BundleError, match="changed by another command"):
-        quantize_bundle(stale, precisions=["fp16"], verify=False)
+        quantize_bundle(stale, QuantizeSettings(precisions=("fp16",), verify=False))
     assert snapshot(qbundle) == after
     Bundle.load(qbundle)
 
