@@ -115,29 +115,45 @@ def normalize(images: np.ndarray, spec: Normalization) -> np.ndarray:
 
 # --------------------------------------------------------------------- post-processing
 def parse_segments(specs: Sequence[str], out_channels: int) -> tuple[Segment, ...]:
-    """``--segment CLASS=LABEL[@SCHEME:CODE:MEANING]`` options -> the manifest's
-    ``postprocessing.segments`` (what each class is called in a DICOM SEG): e.g.
-    ``1=Pancreas@SCT:15776009:Pancreas``. Classes are 1 for a one-channel model, 1..K-1 for K classes."""
+    """``--segment CLASS=LABEL[@SCHEME:CODE:MEANING][#RRGGBB]`` options -> the manifest's
+    ``postprocessing.segments`` (what each class is called and its colour in DICOM outputs): e.g.
+    ``1=Pancreas@SCT:15776009:Pancreas#E6A000``. Classes are 1 for a one-channel model, 1..K-1 for K
+    classes."""
+    import re
+
     top = 1 if out_channels <= 2 else out_channels - 1
     out: list[dict[str, object]] = []  # as the manifest stores them, checked as such
     for spec in specs:
-        head, _, code = spec.partition("@")
+        text, color = spec, None
+        if "#" in spec:
+            text, _, hexcode = spec.rpartition("#")
+            if not re.fullmatch(r"[0-9A-Fa-f]{6}", hexcode):
+                raise InputError(f"segment {spec!r}: the colour is RGB as #RRGGBB, e.g. #E6A000", field="segments")
+            color = [int(hexcode[i:i + 2], 16) for i in (0, 2, 4)]
+        head, _, code = text.partition("@")
         cls_text, eq, label = head.partition("=")
         try:
             cls = int(cls_text)
         except ValueError:
             cls = -1
         if not eq or not 1 <= cls <= top:
-            raise InputError(f"--segment {spec!r}: expected CLASS=LABEL[@SCHEME:CODE:MEANING] with CLASS in 1..{top}")
+            raise InputError(f"segment {spec!r}: expected CLASS=LABEL[@SCHEME:CODE:MEANING][#RRGGBB] with CLASS in "
+                             f"1..{top}", field="segments")
         entry: dict[str, object] = {"class": cls, "label": label.strip()}
+        if color is not None:
+            entry["color"] = color
         if code:
             parts = code.split(":", 2)
             if len(parts) != 3:
-                raise InputError(f"--segment {spec!r}: the code is SCHEME:CODE:MEANING, e.g. SCT:15776009:Pancreas")
+                raise InputError(f"segment {spec!r}: the code is SCHEME:CODE:MEANING, e.g. SCT:15776009:Pancreas",
+                                 field="segments")
             entry["type"] = [p.strip() for p in parts]
-        check_segment_text(entry, top, f"--segment {spec!r}")
+        try:
+            check_segment_text(entry, top, f"segment {spec!r}")
+        except InputError as exc:
+            raise InputError(str(exc), field="segments") from None
         if any(e["class"] == cls for e in out):
-            raise InputError(f"--segment {spec!r}: class {cls} is named twice")
+            raise InputError(f"segment {spec!r}: class {cls} is named twice", field="segments")
         out.append(entry)
     return tuple(Segment.from_dict(e) for e in out)
 

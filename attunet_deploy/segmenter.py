@@ -127,23 +127,41 @@ class Segmenter:
 
     # ------------------------------------------------------------------ masks
     def masks(self, logits: np.ndarray, postprocessing: Postprocessing | None = None) -> np.ndarray:
-        """[N, K, *spatial] logits -> uint8 masks [N, *spatial] (threshold or argmax)."""
-        return logits_to_masks(logits, postprocessing or self.spec.postprocessing)
+        """[N, K, *spatial] logits -> uint8 masks [N, *spatial]: threshold or argmax, then the spec's
+        component clean-up (largest component per class, smallest component), per image or volume."""
+        post = postprocessing or self.spec.postprocessing
+        masks = logits_to_masks(logits, post)
+        if not post.cleans_components:
+            return masks
+        from attunet_deploy.components import clean
+
+        classes = self.spec.input.classes
+        return np.stack([clean(m, classes, post.keep_largest, self.min_voxels(post)) for m in masks])
+
+    def min_voxels(self, post: Postprocessing) -> int | None:
+        """``min_component_ml`` as voxels of the model's grid (None when it is not set)."""
+        if post.min_component_ml is None or self.spec.spacing is None:
+            return None
+        voxel_ml = float(np.prod(self.spec.spacing)) / 1000.0
+        return max(1, int(np.ceil(post.min_component_ml / voxel_ml)))
 
     def segment(self, infer_fn: InferFn, raw: Any, who: str = "the model") -> np.ndarray:
         """Raw images -> uint8 masks [N, *spatial]: normalise, pad, infer, crop, mask."""
         return self.masks(self.infer(infer_fn, self.prepare(raw), who))
 
     def segment_stream(self, stream_fn: StreamFn, raw_batches: Iterable[Any],
-                       check: Callable[[np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
+                       check: Callable[[np.ndarray], None] | None = None,
+                       observe: Callable[[np.ndarray], Any] | None = None) -> Iterator[np.ndarray]:
         """uint8 masks of each raw batch, in order, through one request stream: a batch is taken (read,
-        decoded) only when the stream has room for it."""
+        decoded) only when the stream has room for it. ``observe`` sees each batch's logits (QA)."""
         model_space = (self.prepare(raw) for raw in raw_batches)
         for logits in self.infer_stream(stream_fn, model_space, check):
+            if observe is not None:
+                observe(logits)
             yield self.masks(logits)
 
     def segment_volume(self, infer_fn: InferFn, raw: Any, spacing: Spacing | None = None,
-                       who: str = "the model") -> np.ndarray:
+                       who: str = "the model", observe: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
         """Raw volume [D, H, W] (or [C, D, H, W]) -> uint8 labels [D, H, W]. With ``spacing`` (z, y, x
         mm) and a spec spacing, the volume is resampled to the model's spacing (linear) and the
         labels back to the volume's grid (nearest)."""
@@ -152,7 +170,10 @@ class Segmenter:
             raise InputError(f"segment_volume takes one volume [D, H, W] or [C, D, H, W], got shape {arr.shape}")
         x = self.to_model_grid(self.prepare(arr, "volume"), spacing)
         size = arr.shape[-3:]
-        masks = self.masks(self.infer_volume(infer_fn, x, who))[0]
+        logits = self.infer_volume(infer_fn, x, who)
+        if observe is not None:
+            observe(logits)
+        masks = self.masks(logits)[0]
         if masks.shape != size:
             masks = resample_nearest(masks, size)
         return masks.astype(np.uint8)

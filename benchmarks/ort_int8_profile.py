@@ -71,7 +71,7 @@ def variants(bundle: Bundle, tmp: Path) -> dict[str, Path]:
     from attunet_deploy.steps.quantize import calibration_inputs
 
     src = bundle.onnx_path("fp32")
-    inputs, _, _ = calibration_inputs(bundle, None, 64)
+    inputs = calibration_inputs(bundle, None, 64).inputs
     cache = tmp / "ranges.json"
     save_tensors_data(calibrate(src, inputs, "percentile"), cache)
     out = {}

@@ -53,7 +53,7 @@ def peer_ir(bundle: Bundle, xml: Path, reporter: Reporter) -> Path:
 
     from attunet_deploy.steps.quantize import calibration_inputs
 
-    inputs, _, _ = calibration_inputs(bundle, None, 64)
+    inputs = calibration_inputs(bundle, None, 64).inputs
     with reporter.step(f"The peer: NNCF default INT8 from the same {len(inputs)} calibration inputs"):
         ov.save_model(nncf_default(bundle.onnx_path("fp32"), inputs), str(xml), compress_to_fp16=False)
     return xml

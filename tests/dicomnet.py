@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 PY = sys.executable
@@ -196,3 +197,63 @@ def pacs_segs(folder: Path) -> list[Path]:
     if any(proc.poll() is None for proc in _PACS.get(folder.resolve(), [])):
         return []
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+#: The series a scanner pushes for one study, beside the axial series a model is made for, and the
+#: built-in rule of the acceptance gate that refuses each.
+STUDY_OTHERS = {"scout": "localizer", "mip": "derived", "coronal": "orientation", "single": "slices"}
+
+
+def write_study(root: Path, axial_slices: int = 24, size: tuple[int, int] = (128, 128), seed: int = 5,
+                axial_thickness: float = 2.5) -> dict[str, list[Any]]:
+    """One study as a CT scanner sends it: the axial series, a scout (LOCALIZER), a MIP
+    (DERIVED\\SECONDARY), a coronal reformat (PRIMARY, coronal orientation) and a 1-slice series, each
+    in ``root/<name>``. Returns each series' slices (demo/ctseries.py's SeriesSlice)."""
+    from pydicom.uid import generate_uid
+
+    from attunet_deploy.demo.ctseries import SeriesGeometry, SeriesHeader, write_ct_series
+
+    study = generate_uid()
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    plan = {"axial": (axial_slices, ("ORIGINAL", "PRIMARY", "AXIAL"), "Abdomen 2.5mm", SeriesGeometry(
+                spacing=axial_thickness)),
+            "scout": (1, ("ORIGINAL", "PRIMARY", "LOCALIZER"), "Topogram", SeriesGeometry()),
+            "mip": (6, ("DERIVED", "SECONDARY", "AXIAL", "MIP"), "Abdomen MIP 10mm", SeriesGeometry(spacing=10.0)),
+            "coronal": (6, ("ORIGINAL", "PRIMARY", "OTHER"), "Abdomen cor 3mm", SeriesGeometry(
+                spacing=3.0, orientation=coronal)),
+            "single": (1, ("ORIGINAL", "PRIMARY", "AXIAL"), "Abdomen 2.5mm key image", SeriesGeometry())}
+    out = {}
+    for number, (name, (n, image_type, description, geometry)) in enumerate(plan.items(), start=1):
+        header = SeriesHeader(study_uid=study, series_number=number, series_description=description,
+                              image_type=image_type)
+        out[name] = write_ct_series(root / name, n, size, seed + number, header=header, geometry=geometry)
+    return out
+
+
+def contour_masks(rtstruct: Path, slices: list[Any], roi_number: int) -> np.ndarray:
+    """The masks an RTSTRUCT's contours of one ROI enclose, rasterised independently of the writer with
+    ``skimage.draw.polygon`` (patient mm -> pixel rows/columns through each referenced slice's
+    position and orientation; several contours on a slice combine even-odd, so holes stay holes)."""
+    import pydicom
+    from skimage.draw import polygon
+
+    ds = pydicom.dcmread(rtstruct)
+    by_uid = {s.sop_instance_uid: i for i, s in enumerate(slices)}
+    shape = slices[0].hu.shape
+    out = np.zeros((len(slices), *shape), dtype=bool)
+    headers = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in slices]
+    (roi,) = [r for r in ds.ROIContourSequence if int(r.ReferencedROINumber) == roi_number]
+    for contour in getattr(roi, "ContourSequence", []):
+        assert contour.ContourGeometricType == "CLOSED_PLANAR"
+        k = by_uid[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+        h = headers[k]
+        origin = np.asarray(h.ImagePositionPatient, dtype=float)
+        o = np.asarray(h.ImageOrientationPatient, dtype=float)
+        row_spacing, col_spacing = (float(v) for v in h.PixelSpacing)
+        pts = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) - origin
+        cols, rows = pts @ o[:3] / col_spacing, pts @ o[3:] / row_spacing
+        rr, cc = polygon(rows, cols, shape)
+        fill = np.zeros(shape, dtype=bool)
+        fill[rr, cc] = True
+        out[k] ^= fill
+    return out

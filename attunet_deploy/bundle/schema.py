@@ -178,6 +178,9 @@ def validate_manifest(manifest: Any, where: Path) -> Manifest:
     cin = validate_model_io(m, ck)
     validate_preprocessing(m.get("preprocessing"), cin, ck)
     validate_postprocessing(m.get("postprocessing"), ck)
+    validate_cleanup(m, ck)
+    if "input_profile" in m:
+        ck.obj(m["input_profile"], "input_profile")  # read leniently: it only flags results for review
     arts = ck.obj(m.get("artifacts"), "artifacts")
     for name, entry in arts.items():
         validate_artifact(name, entry, ck)
@@ -260,6 +263,21 @@ def validate_postprocessing(post: Any, ck: _Checker) -> None:
             check_segment_text(entry, MAX_SEGMENTS, f"postprocessing.segments[{i}]")
         except InputError as exc:
             ck.fail(f"postprocessing.segments[{i}]", str(exc).split(": ", 1)[-1])
+
+
+def validate_cleanup(m: Manifest, ck: _Checker) -> None:
+    """``postprocessing.keep_largest`` names the model's classes; ``min_component_ml`` needs a 3D bundle
+    with a spacing (a component's volume is measured on the model's grid)."""
+    post = m["postprocessing"]
+    cout = m["model"]["config"]["out_channels"]
+    top = 1 if cout <= 2 else cout - 1
+    keep = post.get("keep_largest", [])
+    if not isinstance(keep, list) or any(not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= top
+                                         for c in keep):
+        ck.fail("postprocessing.keep_largest", f"must list classes in 1..{top}")
+    if post.get("min_component_ml") is not None and not (m["input"].get("layout") == "NCDHW"
+                                                         and "spacing" in m["preprocessing"]):
+        ck.fail("postprocessing.min_component_ml", "needs a 3D bundle with a spacing")
 
 
 def validate_artifact(name: Any, entry: Any, ck: _Checker) -> None:

@@ -162,23 +162,40 @@ class SlidingWindow:
 # ====================================================================================== post-processing
 @dataclass(frozen=True)
 class Segment:
-    """What class ``number`` is called in DICOM outputs: a label and an optional coded type
-    (scheme, code, meaning), e.g. ``1=Pancreas@SCT:15776009:Pancreas``."""
+    """What class ``number`` is called in DICOM outputs: a label, an optional coded type (scheme,
+    code, meaning) and an optional display colour (RGB), e.g.
+    ``1=Pancreas@SCT:15776009:Pancreas#E6A000``."""
 
     number: int
     label: str
     type: tuple[str, str, str] | None = None
+    color: tuple[int, int, int] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Segment:
-        t = d.get("type")
-        return cls(int(d["class"]), str(d["label"]), (str(t[0]), str(t[1]), str(t[2])) if t else None)
+        t, c = d.get("type"), d.get("color")
+        return cls(int(d["class"]), str(d["label"]), (str(t[0]), str(t[1]), str(t[2])) if t else None,
+                   (int(c[0]), int(c[1]), int(c[2])) if c else None)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"class": self.number, "label": self.label}
         if self.type is not None:
             out["type"] = list(self.type)
+        if self.color is not None:
+            out["color"] = list(self.color)
         return out
+
+
+#: Display colours of segments that name none (Paul Tol's "bright" set, colour-blind-safe), by class.
+SEGMENT_PALETTE = ((238, 102, 119), (34, 136, 51), (68, 119, 170), (204, 187, 68), (102, 204, 238),
+                   (170, 51, 119), (187, 187, 187))
+
+
+def segment_color(number: int, segment: Segment | None = None) -> tuple[int, int, int]:
+    """The RGB colour of class ``number``: the segment's own, else the palette's."""
+    if segment is not None and segment.color is not None:
+        return segment.color
+    return SEGMENT_PALETTE[(number - 1) % len(SEGMENT_PALETTE)]
 
 
 def check_segment_text(entry: Any, top: int, where: str) -> None:
@@ -198,6 +215,11 @@ def check_segment_text(entry: Any, top: int, where: str) -> None:
                 or any(ch in text for ch in "\\\r\n\0") or not text.isprintable():
             raise InputError(f"{where}: {name} must be 1..{SEGMENT_TEXT_MAX[name]} printable characters "
                              "(no backslash)")
+    color = entry.get("color")
+    if color is not None and (not isinstance(color, list) or len(color) != 3
+                              or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                         for v in color)):
+        raise InputError(f"{where}: color must be RGB, three integers 0..255 (e.g. #E6A000)")
 
 
 @dataclass(frozen=True)
@@ -208,12 +230,26 @@ class Postprocessing:
     kind: str = "sigmoid_threshold"
     threshold: float = 0.5
     segments: tuple[Segment, ...] = ()
+    #: classes of which only the largest connected component is kept (per image; per volume in 3D)
+    keep_largest: tuple[int, ...] = ()
+    #: components smaller than this (ml, on the model's grid) are removed (3D bundles with a spacing)
+    min_component_ml: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in POST_KINDS:
             raise InputError(f"unknown postprocessing kind {self.kind!r}: {' or '.join(POST_KINDS)}")
         if not _number(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise InputError(f"sigmoid threshold must be in (0, 1), got {self.threshold}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.keep_largest):
+            raise InputError(f"keep-largest classes {list(self.keep_largest)}: positive class numbers",
+                             field="keep_largest")
+        m = self.min_component_ml
+        if m is not None and (not _number(m) or not 0 < m < 1e6):
+            raise InputError(f"smallest component {m!r} ml: a positive number below 1e6", field="min_component_ml")
+
+    @property
+    def cleans_components(self) -> bool:
+        return bool(self.keep_largest) or self.min_component_ml is not None
 
     @classmethod
     def default(cls, out_channels: int) -> Postprocessing:
@@ -221,8 +257,10 @@ class Postprocessing:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Postprocessing:
+        keep = d.get("keep_largest", [])
         return cls(d.get("kind", "sigmoid_threshold"), d.get("threshold", 0.5),
-                   tuple(Segment.from_dict(s) for s in d.get("segments", [])))
+                   tuple(Segment.from_dict(s) for s in d.get("segments", [])),
+                   tuple(keep) if isinstance(keep, list) else keep, d.get("min_component_ml"))
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind}
@@ -230,6 +268,10 @@ class Postprocessing:
             out["threshold"] = self.threshold
         if self.segments:
             out["segments"] = [s.to_dict() for s in self.segments]
+        if self.keep_largest:
+            out["keep_largest"] = list(self.keep_largest)
+        if self.min_component_ml is not None:
+            out["min_component_ml"] = self.min_component_ml
         return out
 
     def segment(self, number: int) -> Segment | None:

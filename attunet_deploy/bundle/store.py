@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from attunet_deploy.bundle.profile import InputProfile
 from attunet_deploy.bundle.schema import (
     ARCHITECTURES,
     ENGINE_DIR,
@@ -274,6 +275,11 @@ class Bundle:
     def golden(self) -> GoldenInfo:
         """Where the golden set came from."""
         return GoldenInfo.from_dict(self.manifest.get("golden"))
+
+    @property
+    def input_profile(self) -> InputProfile:
+        """What the images this bundle was verified (and calibrated) on looked like."""
+        return InputProfile.from_dict(self.manifest.get("input_profile"))
 
     def verification_records(self) -> dict[str, dict[str, Any]]:
         """The last passing verification of each backend/precision, as recorded (JSON rows)."""

@@ -201,6 +201,10 @@ class Transaction:
             kept = {k: v for k, v in row.to_dict().items() if k not in PER_IMAGE_KEYS}
             self.manifest["verification"][f"{row.backend}/{row.precision}"] = {**kept, "time": now_iso()}
 
+    def set_input_profile(self, profile: dict[str, object]) -> None:
+        """The manifest's ``input_profile`` (what the verified images looked like)."""
+        self.manifest["input_profile"] = profile
+
     def set_golden(self, golden: dict[str, Any]) -> None:
         """The manifest's ``golden`` record (where the golden set came from)."""
         self.manifest["golden"] = golden

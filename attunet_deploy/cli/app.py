@@ -130,12 +130,12 @@ def threading_main() -> bool:
 
 def _one_line_text(text: str) -> str:
     text = " ".join(text.split())
-    return text[:600]
+    return text[:1500]
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    return text[:600] if text else type(exc).__name__
+    return text[:1500] if text else type(exc).__name__
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -25,18 +25,24 @@ from attunet_deploy.cli.render import print_bundle_summary, stdout
               help="3D models: how overlapping windows are blended.")
 @click.option("--spacing", default=None, metavar="ZxYxX",
               help="3D models: voxel spacing in mm the model expects; volumes given with theirs are resampled to it.")
-@click.option("--segment", "segments", multiple=True, metavar="CLASS=LABEL[@SCHEME:CODE:MEANING]",
-              help="Name a class in DICOM SEGs (repeatable), e.g. '1=Pancreas@SCT:15776009:Pancreas'; recorded in "
-                   "the manifest's postprocessing.segments.")
+@click.option("--segment", "segments", multiple=True, metavar="CLASS=LABEL[@SCHEME:CODE:MEANING][#RRGGBB]",
+              help="Name (and colour) a class in DICOM outputs (repeatable), e.g. "
+                   "'1=Pancreas@SCT:15776009:Pancreas#E6A000'; recorded in the manifest's postprocessing.segments.")
+@click.option("--keep-largest", default=None, is_flag=False, flag_value="all", metavar="[CLASSES]",
+              help="Keep only the largest connected component of each class (or of CLASSES, e.g. 1,3): part of "
+                   "the model, applied on every backend and judged by verify.")
+@click.option("--min-component-ml", type=float, default=None, metavar="ML",
+              help="3D models with --spacing: remove connected components smaller than ML millilitres.")
 def export(model: str | None, out: str, images: str | None, labels: str | None, opset: int, trust_pickle: bool,
            force: bool, normalize: str | None, exporter: str, check_rel_l2: float, arch: str | None,
            monai_args: str | None, roi: str | None, overlap: float, sw_mode: str, spacing: str | None,
-           segments: tuple[str, ...]) -> None:
+           segments: tuple[str, ...], keep_largest: str | None, min_component_ml: float | None) -> None:
     """Export MODEL (default: the bundled demo) to a bundle: weights, ONNX, golden set, manifest."""
     settings = export_settings(model, out, images=images, labels=labels, opset=opset, trust_pickle=trust_pickle,
                                force=force, normalize=normalize, exporter=exporter, check_rel_l2=check_rel_l2,
                                arch=arch, monai_args=monai_args, roi=roi, overlap=overlap, sw_mode=sw_mode,
-                               spacing=spacing, segments=segments)
+                               spacing=spacing, segments=segments, keep_largest=keep_largest,
+                               min_component_ml=min_component_ml)
     require_torch("export")  # before importing the export step, which needs torch
     from attunet_deploy.judge.report import verify_table
     from attunet_deploy.steps.export import export_bundle

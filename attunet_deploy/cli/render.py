@@ -119,12 +119,16 @@ def print_segs(rows: Sequence[SegRow], out: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"DICOM SEG written to {escape(out)}", title_justify="left")
-    for col in ("series", "slices", "frames with mask", "SEG", "backend"):
+    table = Table(title=f"DICOM results written to {escape(out)}", title_justify="left")
+    for col in ("series", "slices", "slices with a segment", "files", "QA", "backend"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(escape(r.series), str(r.slices), str(r.frames), escape(r.seg), r.backend)
+        qa = "[green]ok[/green]" if r.qa.status == "ok" else "[bold yellow]review[/bold yellow]"
+        table.add_row(escape(r.series), str(r.slices), str(r.frames), str(len(r.outputs)), qa, r.backend)
     stdout().print(table)
+    for r in rows:
+        for reason in r.qa.reasons:
+            stdout().print(f"[yellow]review[/yellow] {escape(r.series)}: {escape(reason)}", highlight=False)
 
 
 def print_masks(results: Sequence[PredictRow], out: str) -> None:

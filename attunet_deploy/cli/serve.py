@@ -64,12 +64,18 @@ from attunet_deploy.cli.options import (
 @click.option("--precision", type=click.Choice(RUN_PRECISIONS), default="fp32", show_default=True,
               help="A precision, or best: the fastest that passes verification on this machine (measured once).")
 @click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+@click.option("--outputs", "outputs_text", default="seg", show_default=True, metavar="seg,rtstruct,sc,sr",
+              help="Results per series: DICOM SEG, RT Structure Set, a Secondary Capture overlay series, a TID 1500 "
+                   "SR with volumes and the QA flag (needs seg); each forwarded like the SEG.")
+@click.option("--accept", default=None, metavar="RULES.json",
+              help="Segment only series that meet these selection rules (MONAI Deploy's format); default: refuse "
+                   "localizers, derived/secondary images, MIPs, other orientations and too few slices.")
 def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
                 any_called_ae: bool, allow_host: tuple[str, ...], tls_cert: str | None, tls_key: str | None,
                 tls_ca: str | None, quiet_seconds: float, forward: str | None, max_instance_mb: float,
                 min_free_mb: float, keep_archive: str, max_associations: int, acse_timeout: float,
                 dimse_timeout: float, network_timeout: float, http_port: int | None, log_json: bool, backend: str,
-                precision: str, segment_label: str) -> None:
+                precision: str, segment_label: str, outputs_text: str, accept: str | None) -> None:
     """A DICOM node beside the scanner: CT series in by C-STORE, a DICOM SEG out per series.
 
     Each instance is checked (UIDs, pixel data, size) and on disk before Success is returned; a
@@ -85,7 +91,8 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
     config = NodeConfig(port=port, ae_title=ae_title, bind=bind, allow_ae=allow_ae, any_called_ae=any_called_ae,
                         allow_host=allow_host, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                         quiet_seconds=quiet_seconds, forward=forward, http_port=http_port, log_json=log_json,
-                        backend=backend, precision=precision, segment_label=segment_label, limits=limits)
+                        backend=backend, precision=precision, segment_label=segment_label, limits=limits,
+                        outputs=tuple(outputs_text.split(",")), accept=accept)
     bundle = load_bundle(bundle_dir)
     backend, precision = resolve_precision(bundle, backend, precision)
     DicomNode(bundle, out, replace(config, backend=backend, precision=precision)).serve()

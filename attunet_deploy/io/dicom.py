@@ -192,5 +192,11 @@ def read_dicom_images(path: Path, channels: int, rel: str) -> list[ImageRecord]:
     pixels = rescaled_pixels(head, path)  # the deferred pixel data is read now: one parse per file
     samples = int(getattr(head, "SamplesPerPixel", 1) or 1)
     frames = pixels if (pixels.ndim == 3 and samples == 1) or pixels.ndim == 4 else pixels[None]
-    meta = {"multi": len(frames) > 1}
+    meta: dict[str, Any] = {"multi": len(frames) > 1}
+    spacing = _positive(_floats(getattr(head, "PixelSpacing", None), 2))  # type: ignore[arg-type]
+    if spacing is not None:
+        meta["pixel_spacing"] = spacing
+    thickness = _finite(getattr(head, "SliceThickness", None))
+    if thickness is not None and thickness > 0:
+        meta["slice_thickness"] = thickness
     return [ImageRecord(match_channels(f, channels, path), path, i, meta, rel) for i, f in enumerate(frames)]

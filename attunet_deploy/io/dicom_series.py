@@ -6,6 +6,7 @@ reason). Shared by volume inputs of 3D bundles, ``predict --dicom-seg`` and the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,6 +128,17 @@ def order_slices(instances: list[Instance]) -> list[Instance]:
         normal = np.cross(first[:3], first[3:])
         return sorted(instances, key=lambda i: (float(np.dot(np.asarray(i.position), normal)), i.instance_number))
     return sorted(instances, key=lambda i: (i.instance_number, i.path.name))
+
+
+def slice_gaps(instances: list[Instance]) -> list[float]:
+    """Distances (mm) between neighbouring slices along their normal, in slice order (empty when
+    positions or orientations are missing)."""
+    if len(instances) < 2 or any(i.position is None or i.orientation is None for i in instances):
+        return []
+    o = np.asarray(instances[0].orientation)
+    normal = np.cross(o[:3], o[3:])
+    along = sorted(float(np.dot(np.asarray(i.position), normal)) for i in instances)
+    return [b - a for a, b in itertools.pairwise(along)]
 
 
 def series_spacing(ordered: list[Instance]) -> tuple[float, float, float]:

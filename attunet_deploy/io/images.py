@@ -118,7 +118,11 @@ def nifti_data(img: Any) -> np.ndarray:
 def _read_nifti(path: Path, channels: int, rel: str) -> list[ImageRecord]:
     img = open_nifti(path)
     data = nifti_data(img)
-    meta = {"multi": data.shape[2] > 1, "affine": np.asarray(img.affine), "nifti_shape": data.shape}
+    meta: dict[str, Any] = {"multi": data.shape[2] > 1, "affine": np.asarray(img.affine), "nifti_shape": data.shape}
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if len(zooms) == 3 and all(np.isfinite(z) and z > 0 for z in zooms):
+        # NIfTI axes (i, j, k) are stored as [H, W] = (i, j) slices along k
+        meta.update(pixel_spacing=(zooms[0], zooms[1]), slice_thickness=zooms[2])
     return [ImageRecord(match_channels(data[:, :, k], channels, path), path, k, meta, rel)
             for k in range(data.shape[2])]
 

@@ -13,7 +13,7 @@ import abc
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -123,12 +123,14 @@ class Runner(abc.ABC):
             self.activate()
         return self.segmenter.infer_stream(self._infer_stream, batches, check=lambda xp: self.check_memory(xp.shape))
 
-    def segment_many(self, raw_batches: Iterable[Any]) -> Iterator[np.ndarray]:
-        """uint8 masks of each raw batch, in order, through one request stream (``infer_many``)."""
+    def segment_many(self, raw_batches: Iterable[Any], observe: Callable[[np.ndarray], Any] | None = None
+                     ) -> Iterator[np.ndarray]:
+        """uint8 masks of each raw batch, in order, through one request stream (``infer_many``);
+        ``observe`` sees each batch's logits."""
         if not self.is_active:
             self.activate()
         return self.segmenter.segment_stream(self._infer_stream, raw_batches,
-                                             check=lambda xp: self.check_memory(xp.shape))
+                                             check=lambda xp: self.check_memory(xp.shape), observe=observe)
 
     def _infer_stream(self, items: Iterator[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         """(padded logits, tag) for each (padded batch, tag), in order; one at a time by default."""
@@ -186,11 +188,13 @@ class Runner(abc.ABC):
         (roi, overlap, mode, sigma_scale, windows per call): [N, K, D, H, W]."""
         return self.segmenter.infer_volume(self._run_padded, volume, who=self.name)
 
-    def segment_volume(self, raw: Any, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+    def segment_volume(self, raw: Any, spacing: tuple[float, float, float] | None = None,
+                       observe: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
         """Raw volume [D, H, W] (or [C, D, H, W]) -> uint8 labels [D, H, W] (class index, or 0/1 for one
         output channel). With ``spacing`` (z, y, x in mm) and a bundle spacing, the volume is resampled
-        to the model's spacing (linear) and the labels back to the volume's grid (nearest)."""
-        return self.segmenter.segment_volume(self._run_padded, raw, spacing, who=self.name)
+        to the model's spacing (linear) and the labels back to the volume's grid (nearest). ``observe``
+        sees the volume's logits."""
+        return self.segmenter.segment_volume(self._run_padded, raw, spacing, who=self.name, observe=observe)
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

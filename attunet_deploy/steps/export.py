@@ -29,6 +29,7 @@ from attunet_deploy.bundle import (
     check_export_target,
     open_export_target,
 )
+from attunet_deploy.bundle.profile import InputProfile
 from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
@@ -179,7 +180,10 @@ class ExportSettings:
     ground-truth masks. ``arch`` overrides the family read from the checkpoint; ``monai_args`` gives
     MONAI strides. 3D families take the sliding window ``roi``/``overlap``/``sw_mode`` and the voxel
     ``spacing`` (z, y, x mm) volumes are resampled to. ``segments`` name classes in DICOM outputs
-    (``CLASS=LABEL[@SCHEME:CODE:MEANING]``). ONNX Runtime must match PyTorch within ``check_rel_l2``.
+    (``CLASS=LABEL[@SCHEME:CODE:MEANING][#RRGGBB]``). ONNX Runtime must match PyTorch within
+    ``check_rel_l2``. Post-processing that becomes part of the model: ``keep_largest`` ("all" or
+    class numbers "1,3") keeps each named class's largest connected component; ``min_component_ml``
+    removes smaller components (3D bundles with a spacing).
     """
 
     model: str | os.PathLike[str] | None = None
@@ -199,6 +203,8 @@ class ExportSettings:
     sw_mode: str = "gaussian"
     spacing: tuple[float, ...] | None = None
     segments: tuple[str, ...] = ()
+    keep_largest: str | None = None
+    min_component_ml: float | None = None
 
     def __post_init__(self) -> None:
         if self.opset not in SUPPORTED_OPSETS:
@@ -213,6 +219,27 @@ class ExportSettings:
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise InputError(f"exporter {self.exporter!r}: auto, dynamo or torchscript", field="exporter")
         Normalization.parse(self.normalize)  # a bad spec fails here, before any work
+        Postprocessing(min_component_ml=self.min_component_ml)  # its range check
+        if self.keep_largest is not None and self.keep_largest != "all" and not all(
+                p.strip().isdigit() for p in self.keep_largest.split(",")):
+            raise InputError(f"keep-largest {self.keep_largest!r}: all, or class numbers such as 1,2",
+                             field="keep_largest")
+
+    def cleanup(self, cout: int, spec_3d_spacing: bool) -> tuple[tuple[int, ...], float | None]:
+        """(classes to keep the largest component of, smallest component ml) for a model with ``cout``
+        output channels."""
+        top = 1 if cout <= 2 else cout - 1
+        classes: tuple[int, ...] = ()
+        if self.keep_largest is not None:
+            classes = tuple(range(1, top + 1)) if self.keep_largest == "all" else \
+                tuple(sorted({int(p) for p in self.keep_largest.split(",")}))
+            if any(not 1 <= c <= top for c in classes):
+                raise InputError(f"keep-largest {self.keep_largest!r}: this model's classes are 1..{top}",
+                                 field="keep_largest")
+        if self.min_component_ml is not None and not spec_3d_spacing:
+            raise InputError("a smallest component in ml needs a 3D model with a voxel spacing (give --spacing)",
+                             field="min_component_ml")
+        return classes, self.min_component_ml
 
     @property
     def demo(self) -> bool:
@@ -267,8 +294,11 @@ def export_bundle(settings: ExportSettings, reporter: Reporter | None = None) ->
 
         roi, spacing = roi or DEMO3D_ROI, spacing or DEMO3D_SPACING
     space = space_of(loaded, roi=roi, overlap=s.overlap, sw_mode=s.sw_mode, spacing=spacing)
+    keep, smallest = s.cleanup(cout, space.three_d and space.spacing is not None)
     spec = ModelSpec(InputSpec(cin, cout, space.layout, space.divisors), normalization,
-                     replace(Postprocessing.default(cout), segments=named), space.sliding_window, space.spacing)
+                     replace(Postprocessing.default(cout), segments=named, keep_largest=keep,
+                             min_component_ml=smallest),
+                     space.sliding_window, space.spacing)
     user = _read_user_images(s, space, cin, cout, demo, reporter)
     _root, _mode, txn = open_export_target(s.out, s.force, EXPORT_WRITES)
     with txn:
@@ -375,4 +405,36 @@ def _stage_golden(txn: Transaction, module: Any, segmenter: Segmenter, user: Use
         txn.set_golden(golden_volumes_manifest(user, list(window.roi)))
     else:
         txn.set_golden(golden_manifest(user, demo, synthetic if user is not None else len(cases), len(cases)))
+    txn.set_input_profile(_golden_profile(user, demo, segmenter, cases).to_dict())
     return cases
+
+
+def _golden_profile(user: UserImages | UserVolumes | None, demo: bool, segmenter: Segmenter,
+                    cases: list[GoldenCase]) -> InputProfile:
+    """What the golden images looked like (raw), with the reference's masks of them."""
+    from attunet_deploy.steps import profile
+
+    if isinstance(user, UserVolumes):  # golden volumes are windows of them: no whole-volume segment sizes
+        vols = user.volumes
+        spaced = [v.spacing for v in vols if v.spacing is not None]
+        return profile.measure([v.voxels for v in vols], [], segmenter, volume=True,
+                               pixel_spacing=[(s[1], s[2]) for s in spaced] if len(spaced) == len(vols) else (),
+                               slice_thickness=[s[0] for s in spaced], source=f"{len(vols)} golden volume(s)")
+    by_name = {n: m for c in cases for n, m in zip(c.image_names(), segmenter.masks(c.logits))}
+    if user is not None:
+        recs = [r for r in user.records if r.label in by_name]
+        return profile.of_records(recs, [by_name[r.label] for r in recs], segmenter,
+                                  f"{len(recs)} golden image(s) from {user.root.name}")
+    if not demo:
+        return InputProfile()  # synthetic fields tell nothing about the images the model will meet
+    if segmenter.spec.sliding_window is not None:
+        from attunet_deploy.demo import GOLDEN_SEED
+        from attunet_deploy.demo.phantom3d import make_volumes
+
+        hu, _ = make_volumes(8, seed=GOLDEN_SEED)
+        return profile.demo_profile(segmenter, list(hu), list(segmenter.masks(cases[0].logits)))
+    from attunet_deploy.demo import GOLDEN_SEED, make_phantoms
+
+    raws = [img for i, (n, h, w) in enumerate(DEMO_GOLDEN)
+            for img in make_phantoms(n, seed=GOLDEN_SEED * 100 + i, size=(h, w))[0]]
+    return profile.demo_profile(segmenter, raws, [m for c in cases for m in segmenter.masks(c.logits)])

@@ -16,6 +16,7 @@ from attunet_deploy.build.fp16 import check_node_names, convert_fp16
 from attunet_deploy.build.int8 import METHODS, calibrate, quantize_int8
 from attunet_deploy.build.int8_search import accuracy_aware_int8
 from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, OV_INT8_BIN, OV_INT8_XML, ArtifactKind, Bundle
+from attunet_deploy.bundle.profile import InputProfile
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
@@ -25,9 +26,19 @@ from attunet_deploy.segmenter import Segmenter
 
 
 # ------------------------------------------------------------------------------------ bundle step
-def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
-                       ) -> tuple[list[np.ndarray], str, list[str]]:
-    """Model-space calibration inputs, a description, and the calibration files (relative names).
+class Calibration(NamedTuple):
+    """Model-space calibration inputs, a description, the files used, and the input profile of the
+    calibration images (empty where they are phantoms or 3D windows) that widens the bundle's."""
+
+    inputs: list[np.ndarray]
+    described: str
+    used: list[str]
+    profile: InputProfile = InputProfile()
+
+
+def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int) -> Calibration:
+    """Model-space calibration inputs, a description, the calibration files (relative names) and
+    their input profile.
 
     Files whose content is one of the held-out golden images are never used for calibration,
     whatever folder they come from: calibration and verification stay disjoint.
@@ -51,8 +62,8 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
 
             hu, _ = make_phantoms(max_samples, seed=CALIB_SEED, size=DEMO_SIZE)
             x = segmenter.normalize(hu)
-            return ([x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})",
-                    [f"demo phantom seed {CALIB_SEED}"])
+            return Calibration([x[i:i + 1] for i in range(len(x))], f"{max_samples} demo phantoms (seed {CALIB_SEED})",
+                               [f"demo phantom seed {CALIB_SEED}"])
     root = Path(calib)
     files = list_image_files(root)
     held = golden.held_out()
@@ -84,7 +95,11 @@ def calibration_inputs(bundle: Bundle, calib: str | None, max_samples: int
     used_files = sorted({r.rel for r in records})
     described = f"{len(records)} images from {calib}" + (f" (held-out golden images excluded from {skipped} "
                                                           "file(s))" if skipped else "")
-    return model_inputs(records, segmenter), described, used_files
+    from attunet_deploy.steps.profile import of_records
+
+    # Intensities and spacings only: calibration images have no reference masks to size segments by.
+    profile = of_records(records, [], segmenter, f"{len(records)} calibration images")
+    return Calibration(model_inputs(records, segmenter), described, used_files, profile)
 
 
 def evaluate_int8(path: Path, cases: list[GoldenCase], segmenter: Segmenter, threads: int = 0
@@ -114,8 +129,7 @@ def evaluate_int8(path: Path, cases: list[GoldenCase], segmenter: Segmenter, thr
     return float(row.mean_dice or 0.0), 1000.0 * float(np.median(times))
 
 
-def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
-                         ) -> tuple[list[np.ndarray], str, list[str]]:
+def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int) -> Calibration:
     """3D bundles: roi-sized patches of the calibration volumes (never a held-out golden volume)."""
     from attunet_deploy.io.volumes import list_volumes, volume_sha256
     from attunet_deploy.steps.volume_data import calibration_patches
@@ -127,8 +141,8 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
 
         hu, _ = make_volumes(max(1, min(max_samples, 8)), seed=CALIB_SEED)
         x = segmenter.normalize(hu)
-        return ([x[i:i + 1] for i in range(len(x))], f"{len(x)} demo phantom volumes (seed {CALIB_SEED})",
-                [f"demo phantom volumes seed {CALIB_SEED}"])
+        return Calibration([x[i:i + 1] for i in range(len(x))], f"{len(x)} demo phantom volumes (seed {CALIB_SEED})",
+                           [f"demo phantom volumes seed {CALIB_SEED}"])
     if calib is None:
         root = bundle.golden.root if bundle.golden.kind == "user-volumes" else None
         if not root or not Path(root).exists():
@@ -141,7 +155,8 @@ def _calibration_volumes(bundle: Bundle, calib: str | None, max_samples: int
         raise InputError(f"every volume in {calib} is a held-out golden volume: calibration needs other volumes "
                          "(give a larger --calib set)")
     inputs, used = calibration_patches(files, segmenter, max_samples)
-    return inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used
+    # A 3D model resamples to its own spacing and sees windows: the golden volumes' profile stands.
+    return Calibration(inputs, f"{len(inputs)} windows of {len(used)} volume(s) from {calib}", used)
 
 
 #: ``quantize --target``: which INT8 graphs to write (``ATTDEPLOY_INT8_TARGET`` gives the default).
@@ -317,6 +332,8 @@ def quantize_bundle(bundle: Bundle, settings: QuantizeSettings | None = None,
         if calibration is not None:
             _stage_int8(bundle, txn, src, s, target, calibration, reporter)
             done.append("int8")
+            if calibration.profile.recorded:
+                txn.set_input_profile(bundle.input_profile.merged(calibration.profile).to_dict())
         _lint(bundle, txn, done, reporter)
         rows: list[VerifyRow] = []
         if s.verify:
@@ -335,9 +352,9 @@ def quantize_bundle(bundle: Bundle, settings: QuantizeSettings | None = None,
 
 
 def _stage_int8(bundle: Bundle, txn: Any, src: Path, s: QuantizeSettings, target: str,
-                calibration: tuple[list[np.ndarray], str, list[str]], reporter: Reporter) -> None:
+                calibration: Calibration, reporter: Reporter) -> None:
     """The Q/DQ INT8 graph (accuracy-aware with a Dice target), then NNCF's OpenVINO graph beside it."""
-    inputs, described, used = calibration
+    inputs, described, used, _ = calibration
     name = ONNX_FILES["int8"]
     ranges = calibrate(src, inputs, s.method, reporter)
     if s.max_dice_drop is None:

@@ -74,8 +74,9 @@ def test_node_segments_a_3d_series_as_one_volume(bundle3d: Path, tmp_path: Path)
 
 
 def test_irregular_3d_series_is_refused_with_the_reason(bundle3d: Path, tmp_path: Path) -> None:
-    hu, _ = make_volume(7, (12, 64, 64))
-    z = [2.5 * k + (2.5 if k >= 6 else 0.0) for k in range(12)]  # one slice missing
+    # 36 slices at 2.5 mm: deep enough for the gate's default (half the demo's 32 x 5 mm window = 80 mm)
+    hu, _ = make_volume(7, (36, 64, 64))
+    z = [2.5 * k + (2.5 if k >= 18 else 0.0) for k in range(36)]  # one slice missing
     write_ct_series(tmp_path / "ct", volume=hu, geometry=SeriesGeometry(positions=tuple([(-32.0, -32.0,
                                                                                           zk) for zk in z])))
     r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",
@@ -87,7 +88,7 @@ def test_irregular_3d_series_is_refused_with_the_reason(bundle3d: Path, tmp_path
 def test_crafted_pixel_spacing_cannot_blow_the_volume_up(bundle3d: Path, tmp_path: Path) -> None:
     """PixelSpacing 1000 mm would resample a 64x64 slice to 10,667 voxels a side at the model's 6 mm:
     refused in one line before it is allocated."""
-    hu, _ = make_volume(8, (6, 64, 64))
+    hu, _ = make_volume(8, (34, 64, 64))  # deep enough for the acceptance gate: refused for its spacing
     write_ct_series(tmp_path / "ct", volume=hu, geometry=SeriesGeometry(spacing=2.5, pixel_spacing=1000.0))
     r = CliRunner().invoke(main, ["predict", "-b", str(bundle3d), str(tmp_path / "ct"), "--dicom-seg", "-o",
                                   str(tmp_path / "segs"), "--backend", "ort"])

@@ -212,7 +212,8 @@ def test_silent_sockets_do_not_lock_senders_out(demo_bundle: Path, series: dict,
             t0 = time.monotonic()
             assert echo(port, timeout=10) == 0
             assert time.monotonic() - t0 < 10
-            assert storescu(port, series["ct8"][0].path) == ["0x0000"]
+            # two slices: a 1-slice series is refused by the acceptance gate's defaults
+            assert storescu(port, *(s.path for s in series["ct8"][:2])) == ["0x0000"] * 2
             time.sleep(4.5)  # --acse-timeout 3: the node has dropped every silent socket by now
             for s in socks:
                 s.settimeout(5)
@@ -223,7 +224,7 @@ def test_silent_sockets_do_not_lock_senders_out(demo_bundle: Path, series: dict,
         assert proc.poll() is None and echo(port) == 0
         wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
     (seg,) = pacs_segs(tmp_path / "pacs")
-    check_seg(seg, series["ct8"][:1], demo_bundle)
+    check_seg(seg, series["ct8"][:2], demo_bundle)
 
 
 # ---------------------------------------------------------------- finding 9: size and disk limits
@@ -342,11 +343,11 @@ def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, s
         assert echo(port, "ATTDEPLOY") != 0  # ECHOSCU is not allowed
         # MR is not offered at negotiation: the sender gets no presentation context, not a Success
         assert storescu(port, series["mr"][0].path, extra=("-aet", "SCANNER1")) == []
-        assert storescu(port, ct8[0].path, extra=("-aet", "SCANNER1")) == ["0x0000"]
+        assert storescu(port, ct8[0].path, ct8[1].path, extra=("-aet", "SCANNER1")) == ["0x0000"] * 2
         assert proc.poll() is None
         wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
-    (seg,) = pacs_segs(tmp_path / "pacs")  # one SEG: of the allowed sender's CT instance, nothing of the MR
-    check_seg(seg, ct8[:1], demo_bundle)
+    (seg,) = pacs_segs(tmp_path / "pacs")  # one SEG: of the allowed sender's CT instances, nothing of the MR
+    check_seg(seg, ct8[:2], demo_bundle)
     assert log.read_text().count("rejected: association refused") >= 3
     with node(demo_bundle, tmp_path / "b", "--any-called-ae", "--allow-host", "10.0.0.0/8") as (port, log, _):
         assert echo(port, "WRONG") != 0  # 127.0.0.1 is not in --allow-host

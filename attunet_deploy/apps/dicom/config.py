@@ -103,6 +103,9 @@ class NodeConfig:
     backend: str = "auto"
     precision: str = "fp32"
     segment_label: str = "Target"
+    #: result kinds per series (seg, rtstruct, sc, sr) and the acceptance rules file (None: defaults)
+    outputs: tuple[str, ...] = ("seg",)
+    accept: str | None = None
     limits: NodeLimits = field(default_factory=NodeLimits)
     runner_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -117,6 +120,13 @@ class NodeConfig:
         object.__setattr__(self, "allow_ae", tuple(check_ae_title(a, "allow_ae") for a in self.allow_ae))
         if self.forward is not None:
             ForwardTarget.parse(self.forward)
+        from attunet_deploy.apps.dicom.outputs import parse_outputs
+
+        object.__setattr__(self, "outputs", parse_outputs(",".join(self.outputs)))
+        if self.accept is not None:
+            from attunet_deploy.apps.dicom.gate import load_rules
+
+            load_rules(self.accept)  # a bad rules file is one line at start, not a refusal per series
 
     @property
     def forward_target(self) -> ForwardTarget | None:

@@ -25,7 +25,10 @@ class NodeMetrics:
         self.received = Counter("attdeploy_instances_received", "CT instances stored (Success)", registry=r)
         self.refused = Counter("attdeploy_instances_refused", "C-STORE requests refused, by status code",
                                ["status"], registry=r)
-        self.segmented = Counter("attdeploy_series_segmented", "Series segmented into a SEG", registry=r)
+        self.segmented = Counter("attdeploy_series_segmented", "Series segmented into results", registry=r)
+        self.series_refused = Counter("attdeploy_series_refused", "Series the acceptance gate refused, by rule",
+                                      ["rule"], registry=r)
+        self.qa = Counter("attdeploy_series_qa", "Segmented series by QA flag (ok, review)", ["status"], registry=r)
         self.failed = Counter("attdeploy_series_failed", "Series moved to failed/", registry=r)
         self.left_out = Counter("attdeploy_instances_left_out", "Stored instances left out of a series' SEG",
                                 registry=r)

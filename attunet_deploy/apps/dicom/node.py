@@ -121,8 +121,12 @@ class DicomNode:
     def _start_threads(self, server: Any, runner: Runner) -> None:
         c = self.config
         target = c.forward_target
-        worker = Worker(self.spool, runner, self.bundle, SegOptions(runner.precision, c.segment_label,
-                                                                    forward=target is not None), self.stop)
+        from attunet_deploy.apps.dicom.files import provenance
+        from attunet_deploy.apps.dicom.gate import Gate
+
+        options = SegOptions(provenance(self.bundle, runner.precision), c.outputs, c.segment_label,
+                             forward=target is not None)
+        worker = Worker(self.spool, runner, self.bundle, options, Gate.for_bundle(self.bundle, c.accept), self.stop)
         self.threads = {"scp": threading.Thread(target=server.serve_forever, name="attdeploy-scp", daemon=True),
                         "worker": threading.Thread(target=worker.run, name="attdeploy-worker", daemon=True)}
         if target is not None:
