@@ -16,6 +16,27 @@ from pathlib import Path
 
 from attunet_deploy.errors import InputError
 
+#: The largest value any limit variable may take, per unit: far above any real need, and small
+#: enough that every product computed from it stays an exact integer (no overflow, no inf).
+CEILINGS = {"MB": float(2**24), "pixels": float(2**40), "images": float(10**7), "levels": float(10**4)}
+
+
+def parse_limit(env: str, raw: str, unit: str) -> float:
+    """The value of a limit variable: a finite positive number no larger than its unit's ceiling,
+    a whole number where it counts things (pixels, images, levels); InputError naming the variable
+    (exit 2) for anything else. The one parser of every ``ATTDEPLOY_MAX_*``."""
+    ceiling = CEILINGS[unit]
+    try:
+        v = float(raw)
+    except ValueError:
+        raise InputError(f"{env}={raw[:40]!r} is not a number: unset it or give a positive number "
+                         f"(at most {ceiling:,.0f} {unit})") from None
+    if not math.isfinite(v) or v <= 0 or v > ceiling:
+        raise InputError(f"{env}={raw[:40]!r}: must be a positive number no larger than {ceiling:,.0f} {unit}")
+    if unit != "MB" and v != int(v):
+        raise InputError(f"{env}={raw[:40]!r}: counts {unit}, so it must be a whole number")
+    return v
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -23,22 +44,17 @@ class Limit:
 
     env: str
     default: int
-    unit: str  # "MB" (value in MiB) or "pixels" or "levels"
+    unit: str  # "MB" (value in MiB), "pixels", "images" or "levels"
     what: str
 
     def value(self) -> float:
         raw = os.environ.get(self.env)
         if raw is None or not raw.strip():
             return float(self.default)
-        try:
-            v = float(raw)
-        except ValueError:
-            raise InputError(f"{self.env}={raw!r} is not a number") from None
-        if not math.isfinite(v) or v <= 0:
-            raise InputError(f"{self.env}={raw!r} must be a positive number")
-        return v
+        return parse_limit(self.env, raw.strip(), self.unit)
 
     def bytes(self) -> int:
+        """The limit as an integer: bytes for MB limits, else the count."""
         return int(self.value() * 2**20) if self.unit == "MB" else int(self.value())
 
     def describe(self) -> str:
@@ -59,6 +75,9 @@ HELD_IMAGES = Limit("ATTDEPLOY_MAX_HELD_IMAGES_MB", 1024, "MB", "decoded images 
 #: Images ``verify --images`` judges (evenly spaced over the folder beyond it): every backend and
 #: the reference run on each, so this bounds the command's time.
 VERIFY_IMAGES = Limit("ATTDEPLOY_MAX_VERIFY_IMAGES", 512, "images", "images judged by verify --images")
+#: Memory of one sliding-window pass over a volume: the padded input, its blended logits and the
+#: weight map (float32). A 600x512x512 CT at full resolution needs about 2.5 GB.
+WINDOW = Limit("ATTDEPLOY_MAX_WINDOW_MB", 4096, "MB", "sliding-window working memory")
 JSON_DEPTH = Limit("ATTDEPLOY_MAX_JSON_DEPTH", 64, "levels", "JSON nesting depth")
 
 

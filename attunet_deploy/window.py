@@ -50,6 +50,33 @@ def importance_map(window: SlidingWindow) -> np.ndarray:
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 
+#: Padding a volume up to the window may multiply it by at most this much (a volume thinner than
+#: the window along an axis is padded to the window; a [1, 300000, 1] "volume" would grow 3,000-fold).
+PAD_GROWTH_MAX = 64
+
+
+def check_window_memory(shape: tuple[int, ...], window: SlidingWindow, out_channels: int = 2) -> None:
+    """Refuse, before any allocation, a volume [N, C, *spatial] whose sliding-window pass would need
+    more than ``ATTDEPLOY_MAX_WINDOW_MB`` (padded input, blended logits and weights, float32), or
+    that padding to the window would inflate more than PAD_GROWTH_MAX-fold; the message names which."""
+    from attunet_deploy import limits
+
+    n, c, spatial = shape[0], shape[1], shape[2:]
+    full = tuple(max(r, s) for r, s in zip(window.roi, spatial))
+    voxels, padded = math.prod(spatial), math.prod(full)
+    need = n * padded * (c + out_channels + 1) * 4
+    shown = "x".join(map(str, spatial))
+    roi = "x".join(map(str, window.roi))
+    if padded > PAD_GROWTH_MAX * max(voxels, 1) and need > 64 << 20:
+        raise InputError(f"a volume of {shown} voxels is much smaller than the {roi} window along some axis: "
+                         f"padding it to {'x'.join(map(str, full))} would need {need / 2**30:.1f} GB; this is not a "
+                         "volume for this model (check the file's shape and axis order)")
+    if need > limits.WINDOW.bytes():
+        raise InputError(f"a volume of {shown} voxels needs {need / 2**30:.1f} GB for the {roi} sliding window, above "
+                         f"the limit of {limits.WINDOW.describe()}: set {limits.WINDOW.env} to raise it, or crop the "
+                         "volume")
+
+
 def sliding_window(predict: Predictor, x: np.ndarray, window: SlidingWindow,
                    progress: Callable[[int], Any] | None = None) -> np.ndarray:
     """Logits of ``x`` [N, C, *spatial] by ``window`` (its roi, overlap, blending and windows per call):
@@ -60,6 +87,7 @@ def sliding_window(predict: Predictor, x: np.ndarray, window: SlidingWindow,
         raise InputError(f"input of shape {tuple(x.shape)} does not match a {len(roi)}D window {list(roi)}: "
                          f"expected [N, C, {', '.join('DHW'[-len(roi):] if len(roi) <= 3 else 'S' * len(roi))}]")
     n, spatial = x.shape[0], x.shape[2:]
+    check_window_memory(tuple(x.shape), window)
     pads = [(0, 0), (0, 0)] + [((max(r - s, 0)) // 2, max(r - s, 0) - max(r - s, 0) // 2)
                                for r, s in zip(roi, spatial)]
     if any(p != (0, 0) for p in pads):

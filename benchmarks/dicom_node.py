@@ -16,7 +16,9 @@ Reported: transfer time (first C-STORE to storescu's exit), quiet wait, the node
 series = first C-STORE to SEG on disk minus the quiet wait (receive + write + decode + segment +
 build and write the SEG; the node segments slices while the series is still arriving), bare
 segment time, the node's overhead = node time / bare - 1 (target < 15 %), slices/s, and
-series-to-SEG latency (last instance acknowledged to SEG on disk, which includes the quiet wait).
+series-to-SEG latency (last instance acknowledged to SEG on disk, which includes the quiet wait),
+and the node's resident memory (psutil): when its worker is ready, after each series, and the peak
+(sampled every 0.1 s).
 """
 
 from __future__ import annotations
@@ -100,11 +102,28 @@ def main() -> int:
                                  str(args.quiet), "--backend", args.backend, "--precision", args.precision,
                                  "--log-json"], stdout=fh,
                                 stderr=subprocess.STDOUT)
+    import threading
+
+    import psutil
+
+    rss = {"peak": 0}
+    sampling = threading.Event()
+
+    def sample() -> None:
+        proc = psutil.Process(node.pid)
+        while not sampling.wait(0.1):
+            try:
+                rss["peak"] = max(rss["peak"], proc.memory_info().rss)
+            except psutil.Error:
+                return
     try:
         while "ready" not in log.read_text():
             if node.poll() is not None:
                 raise SystemExit(log.read_text())
             time.sleep(0.1)
+        time.sleep(1.0)
+        rss["ready"] = psutil.Process(node.pid).memory_info().rss
+        threading.Thread(target=sample, daemon=True).start()
         with load_runner(bundle, backend=args.backend, precision=args.precision) as runner:
             bare(runner, np.stack([s.hu for s in series[0][:8 if not volume else None]]))  # warm-up, as the node did
             for k, slices in enumerate(series):
@@ -124,9 +143,11 @@ def main() -> int:
                 bare(runner, np.stack([s.hu for s in slices]))
                 bare_s = time.perf_counter() - t
                 runs.append({"transfer_s": t_sent - t0, "series_to_seg_s": t_seg - t_sent,
-                             "node_time_s": (t_seg - t0) - args.quiet, "bare_segment_s": bare_s})
+                             "node_time_s": (t_seg - t0) - args.quiet, "bare_segment_s": bare_s,
+                             "node_rss_after_mb": psutil.Process(node.pid).memory_info().rss / 2**20})
                 print(f"  series {k + 1}: node {runs[-1]['node_time_s']:.2f} s, bare {bare_s:.2f} s", flush=True)
     finally:
+        sampling.set()
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=120)
     events = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
@@ -146,9 +167,11 @@ def main() -> int:
         "after_complete_s": float(np.median([e["seconds"] for e in written])),
         "segmented_ahead": int(np.median([e.get("segmented_ahead", 0) for e in written])),
         "bare_segment_s": bare_s, "overhead": node_time / bare_s - 1.0, "node_slices_per_s": args.slices / node_time,
-        "model": "3D demo (oktay3d), whole series as one volume" if volume else "2D demo, slice batches of 8",
+        "model": "3D demo (oktay3d), whole series as one volume" if volume else "2D demo, slice batches of 2",
         "overhead_after_complete": (float(np.median([e["seconds"] for e in written])) / bare_s - 1.0),
         "bare_slices_per_s": args.slices / bare_s, "machine": machine_info(),
+        "node_rss_ready_mb": rss["ready"] / 2**20, "node_rss_after_series_mb": runs[-1]["node_rss_after_mb"],
+        "node_rss_peak_mb": rss["peak"] / 2**20,
     }
     processing = result["after_complete_s"]
     rows = [("transfer (storescu, first to last instance)", f"{result['transfer_s']:.2f} s"),
@@ -162,7 +185,10 @@ def main() -> int:
             ("node after completion over bare", f"{100 * result['overhead_after_complete']:+.1f} %"),
             ("node slices/s", f"{result['node_slices_per_s']:.1f}"),
             ("bare slices/s", f"{result['bare_slices_per_s']:.1f}"),
-            ("series-to-SEG (last ack to SEG on disk)", f"{result['series_to_seg_s']:.2f} s")]
+            ("series-to-SEG (last ack to SEG on disk)", f"{result['series_to_seg_s']:.2f} s"),
+            ("node RSS when ready", f"{result['node_rss_ready_mb']:.0f} MB"),
+            ("node RSS after the last series", f"{result['node_rss_after_series_mb']:.0f} MB"),
+            ("node RSS peak", f"{result['node_rss_peak_mb']:.0f} MB")]
     m = result["machine"]
     print(f"\nDICOM node, {args.slices} x {args.size}x{args.size} CT, {args.backend}/{args.precision}, sent by "
           f"{args.client}'s storescu, medians of {args.repeat}; "

@@ -257,3 +257,69 @@ def contour_masks(rtstruct: Path, slices: list[Any], roi_number: int) -> np.ndar
         fill[rr, cc] = True
         out[k] ^= fill
     return out
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """A test CA and a server and a client certificate it signed (for 127.0.0.1 and localhost), made
+    with openssl in ``d``; skips where openssl is missing."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl missing: apt-get install -y openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=attdeploy test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+            f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {k: d / k for k in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+#: What else a CT study holds, by SOP class: an MR series, an X-Ray Radiation Dose SR, a secondary capture.
+OTHER_OBJECTS = {"mr": ("1.2.840.10008.5.1.4.1.1.4", "MR"), "dose": ("1.2.840.10008.5.1.4.1.1.88.67", "SR"),
+                 "sc": ("1.2.840.10008.5.1.4.1.1.7", "OT")}
+
+
+def write_other_objects(folder: Path, like: Path, count: int = 2) -> dict[str, list[Path]]:
+    """``count`` instances of each of OTHER_OBJECTS in the study (and of the patient) of the CT file
+    ``like``, one series per kind: minimal but well-formed (UIDs, patient and study modules; images
+    with 32x32 pixel data, the SR with an empty content tree), as a PACS stores them."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ct = pydicom.dcmread(like, stop_before_pixels=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[Path]] = {}
+    for number, (kind, (sop_class, modality)) in enumerate(OTHER_OBJECTS.items(), start=20):
+        series = generate_uid()
+        for k in range(count):
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = sop_class
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.SOPClassUID = sop_class
+            for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                        "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+                setattr(ds, key, getattr(ct, key, ""))
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber, ds.Modality = series, number, k + 1, modality
+            if kind == "dose":
+                ds.ValueType, ds.ContentDate, ds.ContentTime = "CONTAINER", "20261208", "120000"
+                ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+            else:
+                ds.Rows = ds.Columns = 32
+                ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+                ds.PixelData = np.full((32, 32), 100 * (k + 1), np.uint16).tobytes()
+            path = folder / f"{kind}_{k}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            out.setdefault(kind, []).append(path)
+    return out

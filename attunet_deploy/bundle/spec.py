@@ -118,6 +118,11 @@ class Normalization:
 
 
 # ====================================================================================== sliding window
+#: Bounds of a window: each axis, and its voxels (256^3 = 16.8 M: 64 MiB per channel in float32).
+ROI_AXIS_MAX = 512
+ROI_VOXELS_MAX = 256**3
+
+
 @dataclass(frozen=True)
 class SlidingWindow:
     """How a 3D bundle tiles a volume (MONAI's ``sliding_window_inference``): window ``roi`` (D, H, W),
@@ -136,6 +141,13 @@ class SlidingWindow:
             object.__setattr__(self, "roi", tuple(roi))  # a list from JSON or a caller: hashable, comparable
         if not roi or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
             raise InputError(f"roi {list(roi)}: needs positive integers, one per spatial axis")
+        shown = "x".join(map(str, roi))
+        if max(roi) > ROI_AXIS_MAX:
+            raise InputError(f"roi {shown}: each axis at most {ROI_AXIS_MAX} voxels (MONAI's windows are 96-160; "
+                             "the window's memory grows with its product)", field="roi")
+        if math.prod(roi) > ROI_VOXELS_MAX:
+            raise InputError(f"roi {shown}: {math.prod(roi):,} voxels per window, above {ROI_VOXELS_MAX:,} (256^3): a "
+                             "U-Net's activations on it would need tens of GB; use a smaller --roi", field="roi")
         if not _number(self.overlap) or not 0.0 <= self.overlap < 1.0:
             raise InputError(f"overlap {self.overlap!r}: must be a number in [0, 1)")
         if self.mode not in WINDOW_MODES:

@@ -70,19 +70,40 @@ from attunet_deploy.cli.options import (
 @click.option("--accept", default=None, metavar="RULES.json",
               help="Segment only series that meet these selection rules (MONAI Deploy's format); default: refuse "
                    "localizers, derived/secondary images, MIPs, other orientations and too few slices.")
+@click.option("--accept-sop-classes", default="all", show_default=True, metavar="ct|all|LIST",
+              help="Storage SOP classes negotiated beside CT: all (a whole-study push succeeds; instances that are "
+                   "not CT are answered Success and not kept, one 'ignored' event per series), ct (strict: nothing "
+                   "else is negotiated), or SOP class keywords/UIDs, comma-separated.")
+@click.option("--forward-tls-ca", default=None, metavar="PEM", help="--forward over DICOM TLS: the CA that signed "
+              "the PACS's certificate (a host name in --forward is checked against it).")
+@click.option("--forward-tls-cert", default=None, metavar="PEM", help="--forward over TLS: this node's certificate, "
+              "where the PACS requires one.")
+@click.option("--forward-tls-key", default=None, metavar="PEM", help="--forward over TLS: that certificate's key.")
+@click.option("--forward-stow", default=None, metavar="URL", help="Send results by DICOMweb STOW-RS to this "
+              "service root (e.g. https://pacs/dicom-web), retried like --forward; instead of --forward.")
+@click.option("--forward-stow-auth", default=None, metavar="env:NAME|file:PATH",
+              help="Where the STOW-RS credential is: USER:PASSWORD (basic) or a bearer token; never on the command "
+                   "line.")
+@click.option("--forward-stow-ca", default=None, metavar="PEM", help="CA bundle that verifies an https STOW-RS "
+              "service (default: the system's; verification is always on).")
 def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, allow_ae: tuple[str, ...],
                 any_called_ae: bool, allow_host: tuple[str, ...], tls_cert: str | None, tls_key: str | None,
                 tls_ca: str | None, quiet_seconds: float, forward: str | None, max_instance_mb: float,
                 min_free_mb: float, keep_archive: str, max_associations: int, acse_timeout: float,
                 dimse_timeout: float, network_timeout: float, http_port: int | None, log_json: bool, backend: str,
-                precision: str, segment_label: str, outputs_text: str, accept: str | None) -> None:
+                precision: str, segment_label: str, outputs_text: str, accept: str | None,
+                accept_sop_classes: str, forward_tls_ca: str | None, forward_tls_cert: str | None,
+                forward_tls_key: str | None, forward_stow: str | None, forward_stow_auth: str | None,
+                forward_stow_ca: str | None) -> None:
     """A DICOM node beside the scanner: CT series in by C-STORE, a DICOM SEG out per series.
 
-    Each instance is checked (UIDs, pixel data, size) and on disk before Success is returned; a
-    non-CT or unusable instance gets a failure status. Stop with SIGTERM (or Ctrl-C): unfinished
+    Each CT instance is checked (UIDs, pixel data, size) and on disk before Success is returned; an
+    unusable one gets a failure status; instances of other SOP classes in a study are answered and
+    ignored (--accept-sop-classes). Stop with SIGTERM (or Ctrl-C): unfinished
     work is picked up on the next start.
     """
     require_extra("serve-dicom", ("pydicom", "pynetdicom", "highdicom"), "dicom")
+    from attunet_deploy.apps.dicom.config import ForwardTls, StowTarget
     from attunet_deploy.apps.dicom.node import DicomNode, NodeConfig, NodeLimits, parse_keep
 
     limits = NodeLimits(max_instance_mb=max_instance_mb, min_free_mb=min_free_mb,
@@ -92,7 +113,12 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
                         allow_host=allow_host, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                         quiet_seconds=quiet_seconds, forward=forward, http_port=http_port, log_json=log_json,
                         backend=backend, precision=precision, segment_label=segment_label, limits=limits,
-                        outputs=tuple(outputs_text.split(",")), accept=accept)
+                        outputs=tuple(outputs_text.split(",")), accept=accept,
+                        accept_sop_classes=accept_sop_classes,
+                        forward_tls=ForwardTls(forward_tls_ca, forward_tls_cert, forward_tls_key)
+                        if forward_tls_ca or forward_tls_cert or forward_tls_key else None,
+                        forward_stow=StowTarget(forward_stow, forward_stow_auth, forward_stow_ca)
+                        if forward_stow else None)
     bundle = load_bundle(bundle_dir)
     backend, precision = resolve_precision(bundle, backend, precision)
     DicomNode(bundle, out, replace(config, backend=backend, precision=precision)).serve()

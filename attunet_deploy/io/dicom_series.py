@@ -57,16 +57,37 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> tuple[dict[str, list[Instan
     return series, skipped
 
 
+#: ImageOrientationPatient's two direction cosines: each of unit length and at right angles, to
+#: within this (6-decimal values written by scanners are within 1e-5; 0.01 is 0.6 degrees).
+ORIENTATION_TOLERANCE = 0.01
+#: Physical ranges a CT slice's pixel spacing and its series' slice gaps must lie in (mm): a 0.01 mm
+#: pixel is a microscope's, a 50 mm gap no volume; outside them a header is wrong, and resampling it
+#: to a model's grid would cost minutes or gigabytes.
+PIXEL_SPACING_MM = (0.01, 50.0)
+SLICE_GAP_MM = (0.1, 50.0)
+
+
 def geometry_problem(inst: Instance) -> str | None:
     """Why a CT slice cannot be placed in a volume or a SEG (None when it can): the Image Plane
-    module's position and orientation are Type 1 in the CT Image IOD."""
+    module's position and orientation are Type 1 in the CT Image IOD, and must describe a plane."""
     if inst.position is None:
         return "no usable ImagePositionPatient (3 numbers)"
     if inst.orientation is None:
         return "no usable ImageOrientationPatient (6 numbers)"
-    o = np.asarray(inst.orientation)
-    if np.linalg.norm(np.cross(o[:3], o[3:])) < 0.5:
-        return "ImageOrientationPatient rows and columns are not orthogonal unit vectors"
+    o = np.asarray(inst.orientation, dtype=np.float64)
+    row, col = o[:3], o[3:]
+    lengths = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if any(abs(n - 1.0) > ORIENTATION_TOLERANCE for n in lengths):
+        return (f"ImageOrientationPatient {[round(v, 4) for v in o.tolist()]}: its row and column directions have "
+                f"lengths {lengths[0]:.3g} and {lengths[1]:.3g}, not 1 (direction cosines)")
+    if abs(float(row @ col)) > ORIENTATION_TOLERANCE:
+        angle = float(np.degrees(np.arccos(np.clip(row @ col / (lengths[0] * lengths[1]), -1, 1))))
+        return (f"ImageOrientationPatient {[round(v, 4) for v in o.tolist()]}: its row and column directions are "
+                f"{angle:.1f} degrees apart, not 90")
+    if inst.pixel_spacing is not None and not all(PIXEL_SPACING_MM[0] <= v <= PIXEL_SPACING_MM[1]
+                                                  for v in inst.pixel_spacing):
+        return (f"PixelSpacing {[float(f'{v:.4g}') for v in inst.pixel_spacing]} mm is outside "
+                f"{PIXEL_SPACING_MM[0]:g}-{PIXEL_SPACING_MM[1]:g} mm: not a CT slice's pixel")
     return None
 
 
@@ -87,8 +108,8 @@ def dedupe_series(instances: list[Instance]) -> tuple[list[Instance], list[str]]
     uid = instances[0].series_uid if instances else "?"
     missing = [(i.path, r) for i in instances if (r := geometry_problem(i))]
     if missing:
-        raise InputError(f"series {uid}: {missing[0][1]} in {_names([p for p, _ in missing])}: a SEG needs every "
-                         "slice's position and orientation")
+        raise InputError(f"series {uid}: {missing[0][1]} in {_names([p for p, _ in missing])}: every slice must lie "
+                         "in space (position, orientation, spacing) for a volume or a SEG")
     notices: list[str] = []
     by_uid: dict[str, list[Instance]] = {}
     for inst in instances:
@@ -162,6 +183,9 @@ def series_spacing(ordered: list[Instance]) -> tuple[float, float, float]:
     z = float(np.median(gaps))
     if z <= 0:
         raise InputError(f"series {uid}: slices do not advance along their normal")
+    if not SLICE_GAP_MM[0] <= z <= SLICE_GAP_MM[1]:
+        raise InputError(f"series {uid}: slices are {z:.4g} mm apart, outside {SLICE_GAP_MM[0]:g}-{SLICE_GAP_MM[1]:g} "
+                         "mm: check ImagePositionPatient (a volume that far apart is not a CT series)")
     worst = float(np.max(np.abs(gaps - z)) / z)
     if worst > SPACING_TOLERANCE:
         raise InputError(f"series {uid}: slice gaps range {gaps.min():.3f}..{gaps.max():.3f} mm (median {z:.3f}): "

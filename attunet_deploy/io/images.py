@@ -103,6 +103,9 @@ def open_nifti(path: Path) -> Any:
     total = int(np.prod(shape, dtype=np.float64)) * 4
     if total > limits.IMAGE_FILE.bytes():
         raise limits.too_large(path, total, limits.IMAGE_FILE)
+    from attunet_deploy.io.volumes import check_claimed_size
+
+    check_claimed_size(path, header, int(np.prod(shape, dtype=np.float64)))
     return img
 
 

@@ -90,12 +90,45 @@ def _nifti_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | 
         shape = shape[:-1]
     if len(shape) != 3:
         raise InputError(f"{path}: NIfTI of shape {shape} is not a 3D volume")
-    if int(np.prod(shape, dtype=np.float64)) * 4 > limits.IMAGE_FILE.bytes():
-        raise limits.too_large(path, int(np.prod(shape, dtype=np.float64)) * 4, limits.IMAGE_FILE)
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels * 4 > limits.IMAGE_FILE.bytes():
+        raise limits.too_large(path, voxels * 4, limits.IMAGE_FILE)
+    check_claimed_size(path, header, voxels)
+    spacing = _nifti_spacing(path, [float(z) for z in header.get_zooms()[:3]])
     data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    zooms = [float(z) for z in header.get_zooms()[:3]]
-    spacing = (zooms[2], zooms[1], zooms[0]) if all(z > 0 for z in zooms) else None
     return np.ascontiguousarray(data.transpose(2, 1, 0)), spacing
+
+
+#: gzip cannot expand data by more than about 1032:1; a .nii.gz claiming more is lying.
+GZIP_MAX_RATIO = 1100
+
+
+def check_claimed_size(path: Path, header: Any, voxels: int) -> None:
+    """The voxel data a NIfTI header claims must fit in the file (or, gzipped, in what it can expand
+    to) before a byte is allocated: a 416-byte file claiming 500^3 float64 is refused here."""
+    claimed = voxels * np.dtype(header.get_data_dtype()).itemsize
+    size = path.stat().st_size
+    gz = path.name.lower().endswith(".gz")
+    room = size * GZIP_MAX_RATIO if gz else size - int(header.get("vox_offset", 0) or 0)
+    if claimed > room:
+        raise InputError(f"{path}: the header claims {claimed:,} bytes of voxels but the file "
+                         f"{'can expand to at most' if gz else 'holds'} {max(room, 0):,}: truncated or not a NIfTI "
+                         "volume")
+
+
+def _nifti_spacing(path: Path, zooms: list[float]) -> tuple[float, float, float] | None:
+    """(z, y, x) mm from pixdim; None when the header leaves it zero (unknown); InputError for a
+    spacing no CT volume has (non-finite, or outside the ranges DICOM series are held to)."""
+    from attunet_deploy.io.dicom_series import PIXEL_SPACING_MM, SLICE_GAP_MM
+
+    if len(zooms) < 3 or any(z == 0 for z in zooms):
+        return None
+    ranges = (PIXEL_SPACING_MM, PIXEL_SPACING_MM, SLICE_GAP_MM)
+    for z, (lo, hi), axis in zip(zooms, ranges, "xyz"):
+        if not (np.isfinite(z) and lo <= z <= hi):
+            raise InputError(f"{path}: voxel size (pixdim) along {axis} is {z:g} mm, outside {lo:g}-{hi:g} mm: fix "
+                             "the NIfTI header's pixdim")
+    return (zooms[2], zooms[1], zooms[0])
 
 
 def read_volume(path: Path, channels: int, root: Path | None = None) -> Volume:

@@ -99,13 +99,15 @@ def test_echo_store_segment_and_forward(demo_bundle: Path, series: dict, tmp_pat
 def test_failure_statuses_then_a_valid_series(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with node(demo_bundle, out) as (port, log, proc):
-        assert storescu(port, *files(series["root"] / "mr")) == []  # MR is not even offered at negotiation
+        # MR in a study push: answered Success, not kept (--accept-sop-classes all, the default)
+        assert storescu(port, *files(series["root"] / "mr")) == ["0x0000"]
         assert storescu(port, *files(series["root"] / "nopix")) == ["0xC000"]  # cannot understand: no pixel data
         assert proc.poll() is None and echo(port) == 0
         assert storescu(port, *files(series["root"] / "ct")) == ["0x0000"] * 8
         wait_for(lambda: list((out / "seg").glob("*.dcm")), 60, "the SEG")
     text = log.read_text()
-    assert "refused: no pixel data" in text
+    assert "refused: no pixel data" in text and "ignored: 1 MRImageStorage instance(s)" in text
+    assert len(list((out / "seg").glob("*.dcm"))) == 1  # of the CT series only
     assert proc.returncode == 0  # SIGTERM: a clean stop
 
 

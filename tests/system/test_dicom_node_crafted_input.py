@@ -9,7 +9,6 @@ what the PACS received, and that every forwarded SEG passes dciodvfy with no err
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from dicomnet import (
     events,
     free_port,
     http_get,
+    make_certs,
     metric,
     node,
     pacs_segs,
@@ -335,13 +335,14 @@ def test_jpeg_lossless_sv1_from_dcmcjpeg(demo_bundle: Path, series: dict, tmp_pa
 def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, series: dict, tmp_path: Path) -> None:
     ct8 = series["ct8"]
     with storescp(tmp_path / "pacs") as pacs, \
-            node(demo_bundle, tmp_path / "a", "--allow-ae", "SCANNER1", "--forward", f"PACS@127.0.0.1:{pacs}"
+            node(demo_bundle, tmp_path / "a", "--allow-ae", "SCANNER1", "--accept-sop-classes", "ct", "--forward",
+                 f"PACS@127.0.0.1:{pacs}"
                  ) as (port, log, proc):
         assert echo(port, "ATTDEPLOY", "-aet", "SCANNER1") == 0
         assert echo(port, "WRONG", "-aet", "SCANNER1") != 0  # called AE title must be ours
         assert echo(port, "ATTDEPLOY", "-aet", "scanner1") != 0  # exact comparison, as DICOM does
         assert echo(port, "ATTDEPLOY") != 0  # ECHOSCU is not allowed
-        # MR is not offered at negotiation: the sender gets no presentation context, not a Success
+        # strict mode: MR is not offered at negotiation, the sender gets no presentation context
         assert storescu(port, series["mr"][0].path, extra=("-aet", "SCANNER1")) == []
         assert storescu(port, ct8[0].path, ct8[1].path, extra=("-aet", "SCANNER1")) == ["0x0000"] * 2
         assert proc.poll() is None
@@ -358,23 +359,7 @@ def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, s
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    openssl = shutil.which("openssl")
-    if not openssl:
-        pytest.skip("openssl missing: apt-get install -y openssl")
-    d = tmp_path_factory.mktemp("tls")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=attdeploy test CA")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-            f"/CN={name}")
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-            f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return {k: d / k for k in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+    return make_certs(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls(demo_bundle: Path, series: dict, certs: dict[str, Path], tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attunet_deploy.apps.dicom.series import segment_series, segment_slices, stream_masks
+from attunet_deploy.apps.dicom.series import SLICE_BATCH, segment_series, segment_slices, stream_masks
 from attunet_deploy.apps.dicom.spool import Spool, instance_key
 from attunet_deploy.bundle.spec import Postprocessing
 from attunet_deploy.errors import InputError
@@ -25,7 +25,7 @@ from attunet_deploy.runtimes.base import Runner
 
 #: Masks (2D) or decoded HU slices (3D) computed ahead of a series' completion, at most this many bytes.
 PRESEGMENT_CACHE_BYTES = 256 << 20
-PRESEGMENT_BATCH = 8
+PRESEGMENT_BATCH = SLICE_BATCH
 Key = tuple[str, int, int]
 
 

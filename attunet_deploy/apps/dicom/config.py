@@ -62,6 +62,68 @@ def check_ae_title(title: str, field_name: str = "ae_title") -> str:
     return title.strip(" ")
 
 
+def _readable(path: str, field_name: str, what: str) -> str:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise InputError(f"{what} {path}: not a readable file", field=field_name)
+    return path
+
+
+@dataclass(frozen=True)
+class ForwardTls:
+    """DICOM TLS for --forward: the CA that signed the PACS's certificate (None: the system's), and
+    this node's own certificate and key where the PACS asks for one. The PACS's certificate must
+    name the host when --forward gives a name (an address is checked against the CA only)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise InputError("a client certificate needs both --forward-tls-cert and --forward-tls-key",
+                             field="forward_tls_cert")
+        for name, value in (("ca", self.ca), ("cert", self.cert), ("key", self.key)):
+            if value:
+                _readable(value, f"forward_tls_{name}", f"--forward-tls-{name}")
+
+
+@dataclass(frozen=True)
+class StowTarget:
+    """Where results go by DICOMweb STOW-RS: the service root URL (its ``/studies`` is posted to), the
+    credentials' source (``env:NAME`` or ``file:PATH``: ``USER:PASSWORD`` for basic authentication,
+    anything else a bearer token; never on the command line) and the CA bundle that verifies an https
+    service (None: the system's; verification is always on)."""
+
+    url: str
+    auth: str | None = None
+    ca: str | None = None
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"STOW-RS URL {self.url[:80]!r}: use http(s)://HOST[:PORT]/dicom-web",
+                             field="forward_stow")
+        if parts.username or parts.password:
+            raise InputError("credentials do not go in the URL: use --forward-stow-auth env:NAME or file:PATH",
+                             field="forward_stow")
+        if self.auth is not None:
+            kind, _, where = self.auth.partition(":")
+            if kind not in ("env", "file") or not where:
+                raise InputError(f"--forward-stow-auth {self.auth[:40]!r}: use env:NAME or file:PATH",
+                                 field="forward_stow_auth")
+            if kind == "file":
+                _readable(where, "forward_stow_auth", "--forward-stow-auth file")
+        if self.ca:
+            _readable(self.ca, "forward_stow_ca", "--forward-stow-ca")
+
+    def __str__(self) -> str:
+        return self.url
+
+
 @dataclass(frozen=True)
 class ForwardTarget:
     """Where SEGs are sent on by C-STORE: AE title, host and port."""
@@ -80,6 +142,49 @@ class ForwardTarget:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: ``--accept-sop-classes``: ``ct`` (strict: only CT Image Storage is negotiated), ``all`` (every
+#: storage SOP class: a whole-study push succeeds; what is not CT is answered Success and ignored),
+#: or a comma-separated list of SOP class UIDs or keywords negotiated beside CT.
+SOP_CLASS_MODES = ("ct", "all")
+
+
+def parse_sop_classes(text: str) -> tuple[str, ...] | None:
+    """``--accept-sop-classes`` -> the storage SOP class UIDs negotiated beside CT Image Storage
+    (None: every storage SOP class; () for ``ct``)."""
+    mode = text.strip().lower()
+    if mode == "all":
+        return None
+    if mode == "ct":
+        return ()
+    from pydicom.uid import UID
+
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        uid = _storage_uid(item)
+        if uid is None:
+            raise InputError(f"SOP class {item[:64]!r}: not a storage SOP class UID or keyword (e.g. MRImageStorage, "
+                             "1.2.840.10008.5.1.4.1.1.4); or use ct or all", field="accept_sop_classes")
+        out.append(str(UID(uid)))
+    return tuple(dict.fromkeys(out))
+
+
+def _storage_uid(item: str) -> str | None:
+    from pynetdicom import AllStoragePresentationContexts
+
+    if not item:
+        return None
+
+    known = {str(cx.abstract_syntax): cx for cx in AllStoragePresentationContexts}
+    if item in known:
+        return item
+    from pydicom.uid import UID
+
+    for uid in known:
+        if UID(uid).keyword == item:
+            return uid
+    return None
 
 
 @dataclass(frozen=True)
@@ -106,6 +211,11 @@ class NodeConfig:
     #: result kinds per series (seg, rtstruct, sc, sr) and the acceptance rules file (None: defaults)
     outputs: tuple[str, ...] = ("seg",)
     accept: str | None = None
+    #: storage SOP classes negotiated beside CT (``parse_sop_classes``): ``all`` by default
+    accept_sop_classes: str = "all"
+    #: results go on by C-STORE (``forward``, with ``forward_tls`` for DICOM TLS) or by STOW-RS
+    forward_tls: ForwardTls | None = None
+    forward_stow: StowTarget | None = None
     limits: NodeLimits = field(default_factory=NodeLimits)
     runner_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -117,9 +227,20 @@ class NodeConfig:
         if not 0.1 <= self.quiet_seconds <= 3600:
             raise InputError(f"quiet period {self.quiet_seconds} s: must be in 0.1..3600", field="quiet_seconds")
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title))
+        from attunet_deploy.dicomtext import check_dicom_text
+
+        object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
+                                                                   field="segment_label"))
         object.__setattr__(self, "allow_ae", tuple(check_ae_title(a, "allow_ae") for a in self.allow_ae))
         if self.forward is not None:
             ForwardTarget.parse(self.forward)
+        if self.forward is not None and self.forward_stow is not None:
+            raise InputError("one destination: --forward (C-STORE) or --forward-stow (DICOMweb), not both",
+                             field="forward_stow")
+        if self.forward_tls is not None and self.forward is None:
+            raise InputError("--forward-tls-* options secure --forward: give --forward AET@HOST:PORT too",
+                             field="forward_tls_ca")
+        parse_sop_classes(self.accept_sop_classes)
         from attunet_deploy.apps.dicom.outputs import parse_outputs
 
         object.__setattr__(self, "outputs", parse_outputs(",".join(self.outputs)))

@@ -20,6 +20,7 @@ from attunet_deploy.apps.dicom.seg import Provenance, SegNaming
 from attunet_deploy.apps.dicom.series import segment_series
 from attunet_deploy.bundle import Bundle
 from attunet_deploy.console import Reporter
+from attunet_deploy.dicomtext import check_dicom_text
 from attunet_deploy.errors import InputError
 from attunet_deploy.io.dicom import Instance, dicom_header, load_volume
 from attunet_deploy.io.dicom_series import dedupe_series, order_slices, scan
@@ -76,6 +77,8 @@ class SeriesOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", parse_outputs(",".join(self.outputs)))
+        object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
+                                                                   field="segment_label"))
 
 
 @dataclass(frozen=True)

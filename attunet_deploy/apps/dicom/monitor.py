@@ -25,6 +25,8 @@ class NodeMetrics:
         self.received = Counter("attdeploy_instances_received", "CT instances stored (Success)", registry=r)
         self.refused = Counter("attdeploy_instances_refused", "C-STORE requests refused, by status code",
                                ["status"], registry=r)
+        self.ignored = Counter("attdeploy_instances_ignored", "Instances answered Success and not kept (not CT "
+                               "Image Storage: a whole-study push), by SOP class", ["sop_class"], registry=r)
         self.segmented = Counter("attdeploy_series_segmented", "Series segmented into results", registry=r)
         self.series_refused = Counter("attdeploy_series_refused", "Series the acceptance gate refused, by rule",
                                       ["rule"], registry=r)

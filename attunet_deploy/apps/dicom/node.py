@@ -32,8 +32,9 @@ from typing import Any
 
 from attunet_deploy.apps.dicom.access import parse_hosts, server_class, tls_context
 from attunet_deploy.apps.dicom.config import ForwardTarget, NodeConfig, NodeLimits, NodeLog, check_ae_title, parse_keep
-from attunet_deploy.apps.dicom.forwarder import Forwarder
+from attunet_deploy.apps.dicom.forwarder import DimseSender, Forwarder, Sender
 from attunet_deploy.apps.dicom.monitor import NodeMetrics, start_http
+from attunet_deploy.apps.dicom.pdu import PDATA_MAX, PENDING_FACTOR, PduLimits
 from attunet_deploy.apps.dicom.scp import ScpContext, handlers, make_ae
 from attunet_deploy.apps.dicom.spool import Spool
 from attunet_deploy.apps.dicom.worker import SegOptions, Worker
@@ -86,7 +87,9 @@ class DicomNode:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.dirs["tmp"])
         ctx = ScpContext(self.spool, c.limits, self.log, self.spool.metrics)
-        cls = server_class(self.allow_host, c.limits.acse_timeout, self.log)
+        pdu = PduLimits(PDATA_MAX, c.limits.acse_timeout, c.limits.network_timeout, self.log)
+        cls = server_class(self.allow_host, c.limits.acse_timeout, self.log, pdu,
+                           PENDING_FACTOR * c.limits.max_associations)
         ae = make_ae(c)
         try:
             server = ae.make_server((c.bind, c.port), evt_handlers=handlers(ctx), ssl_context=self.ssl_context,
@@ -125,24 +128,36 @@ class DicomNode:
         from attunet_deploy.apps.dicom.gate import Gate
 
         options = SegOptions(provenance(self.bundle, runner.precision), c.outputs, c.segment_label,
-                             forward=target is not None)
+                             forward=target is not None or c.forward_stow is not None)
         worker = Worker(self.spool, runner, self.bundle, options, Gate.for_bundle(self.bundle, c.accept), self.stop)
         self.threads = {"scp": threading.Thread(target=server.serve_forever, name="attdeploy-scp", daemon=True),
                         "worker": threading.Thread(target=worker.run, name="attdeploy-worker", daemon=True)}
-        if target is not None:
-            forwarder = Forwarder(self.spool, target, c.ae_title, self.stop)
+        sender = self.sender()
+        if sender is not None:
+            forwarder = Forwarder(self.spool, sender, self.stop)
             self.threads["forwarder"] = threading.Thread(target=forwarder.run, name="attdeploy-forwarder",
                                                          daemon=True)
         for t in self.threads.values():
             t.start()
         limits = c.limits
         self.log("listening", f"{c.ae_title} on {c.bind}:{c.port}", pid=os.getpid(),
-                 out=str(self.out), forward=str(target) if target else None,
+                 out=str(self.out), forward=str(sender) if sender is not None else None,
+                 accept_sop_classes=c.accept_sop_classes,
                  allow_ae=",".join(c.allow_ae) or "any", allow_host=",".join(map(str, self.allow_host)) or "any",
                  called_ae="any" if c.any_called_ae else c.ae_title, tls=self.ssl_context is not None,
                  http_port=c.http_port, max_associations=limits.max_associations,
                  max_instance_mb=limits.max_instance_mb, min_free_mb=limits.min_free_mb,
                  keep_archive="none" if limits.keep_archive_days is None else limits.keep_archive_days)
+
+    def sender(self) -> Sender | None:
+        """Where results go on: C-STORE (with DICOM TLS) or STOW-RS; None without a destination."""
+        c = self.config
+        if c.forward_stow is not None:
+            from attunet_deploy.apps.dicom.stow import StowSender
+
+            return StowSender(c.forward_stow)
+        target = c.forward_target
+        return DimseSender(target, c.ae_title, c.forward_tls) if target is not None else None
 
     def _schedule(self) -> None:
         """The main thread until a signal: seal quiet series, prune once a minute."""

@@ -60,6 +60,9 @@ class ScpContext:
     log: NodeLog
     metrics: NodeMetrics
     received_bytes: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
+    #: per association: (series, SOP class) -> [modality, count] of instances answered Success and not kept
+    ignored: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[Any]]] = field(
+        default_factory=weakref.WeakKeyDictionary)
 
     @property
     def out(self) -> Path:
@@ -73,6 +76,8 @@ def handle_store(event: Any, ctx: ScpContext) -> int:
     sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     ctx.received_bytes[event.assoc] = 0
     try:
+        if str(event.request.AffectedSOPClassUID) != CT_IMAGE_STORAGE:
+            return ignore(event, ctx)
         inst, target = store(event, ctx)
     except Refused as exc:
         code = f"0x{exc.status:04X}"
@@ -88,6 +93,37 @@ def handle_store(event: Any, ctx: ScpContext) -> int:
     ctx.log("received", f"CT instance {inst.instance_number or '?'} of series {inst.series_uid}",
             sop_instance=sop_uid, calling_ae=calling, path=str(target))
     return SUCCESS
+
+
+def ignore(event: Any, ctx: ScpContext) -> int:
+    """An instance of a study that is not CT Image Storage (dose report, MR, secondary capture, ...),
+    negotiated so that a whole-study push succeeds: answered Success, not kept, tallied for one
+    ``ignored`` event per series when the association ends."""
+    import pydicom
+
+    src = Path(event.dataset_path)
+    sop_class = str(event.request.AffectedSOPClassUID)
+    series, modality = "?", "?"
+    try:
+        ds = pydicom.dcmread(str(src), stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
+        series = str(getattr(ds, "SeriesInstanceUID", "?"))[:64]
+        modality = str(getattr(ds, "Modality", "?"))[:16]
+    except Exception:  # what cannot be read is still not ours to keep
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            src.unlink()
+    tally = ctx.ignored.setdefault(event.assoc, {})
+    tally.setdefault((series, sop_class), [modality, 0])[1] += 1
+    ctx.metrics.count("ignored", sop_class=sop_class_name(sop_class))
+    return SUCCESS
+
+
+def sop_class_name(uid: str) -> str:
+    """A SOP class's keyword (bounded label values for /metrics), ``other`` when unknown."""
+    from pydicom.uid import UID
+
+    return UID(uid).keyword or "other" if is_valid_uid(uid) else "other"
 
 
 def store(event: Any, ctx: ScpContext) -> tuple[Instance, Path]:
@@ -108,8 +144,6 @@ def store(event: Any, ctx: ScpContext) -> tuple[Instance, Path]:
     if free < limits.min_free_mb * 2**20 + size:
         raise Refused(OUT_OF_RESOURCES, f"{free / 2**20:,.0f} MB free under {ctx.out}, below --min-free-mb "
                                         f"{limits.min_free_mb:g}")
-    if sop_class != CT_IMAGE_STORAGE:
-        raise Refused(SOP_CLASS_NOT_SUPPORTED, f"only CT Image Storage is segmented (got {sop_class[:70]})")
     if not is_valid_uid(sop_uid):
         raise Refused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID {sop_uid[:80]!r} is not a valid DICOM UID")
     try:
@@ -162,8 +196,14 @@ def handle_data(event: Any, ctx: ScpContext) -> None:
 
 
 def handle_closed(event: Any, ctx: ScpContext) -> None:
-    """EVT_CONN_CLOSE: an association that ended mid-instance (aborted, dropped) leaves pynetdicom's
-    partial file in tmp/: it was never acknowledged, so it goes."""
+    """EVT_CONN_CLOSE: one ``ignored`` event per series of instances answered and not kept; and an
+    association that ended mid-instance (aborted, dropped) leaves pynetdicom's partial file in tmp/:
+    it was never acknowledged, so it goes."""
+    calling = str(getattr(event.assoc.requestor, "ae_title", "?")).strip()
+    for (series, sop_class), (modality, n) in sorted(ctx.ignored.pop(event.assoc, {}).items()):
+        ctx.log("ignored", f"{n} {sop_class_name(sop_class)} instance(s) of series {series} ({modality}) answered "
+                "Success and not kept: only CT Image Storage is segmented", series=series, sop_class=sop_class,
+                modality=modality, instances=n, calling_ae=calling)
     message = getattr(getattr(event.assoc, "dimse", None), "message", None)
     partial = getattr(message, "_data_set_file", None)
     if partial is not None:
@@ -188,15 +228,26 @@ def handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
 
 def make_ae(config: NodeConfig) -> Any:
     """The node's AE: what it negotiates, who it accepts, its association limits and timeouts."""
-    from pynetdicom import AE
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
+    from attunet_deploy.apps.dicom.config import parse_sop_classes
+    from attunet_deploy.apps.dicom.pdu import PDATA_MAX, node_ae_class
+
     limits = config.limits
-    ae = AE(ae_title=config.ae_title)
-    # Negotiation offers only what the node processes: CT Image Storage in the transfer syntaxes it
-    # can decode, and Verification. Anything else is refused at association time.
+    ae = node_ae_class()(ae_title=config.ae_title)
+    ae.maximum_pdu_size = PDATA_MAX
+    # CT Image Storage in the transfer syntaxes the node can decode, and Verification; beside them
+    # (--accept-sop-classes, default all) every other storage SOP class in any transfer syntax, so that
+    # a sender's whole-study push succeeds: those instances are answered Success and not kept (ignore()).
     ae.add_supported_context(CT_IMAGE_STORAGE, accepted_transfer_syntaxes())
     ae.add_supported_context(Verification)
+    others = parse_sop_classes(config.accept_sop_classes)
+    if others is None:
+        others = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+    for uid in others:
+        if uid != CT_IMAGE_STORAGE:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     ae.require_called_aet = not config.any_called_ae
     if config.allow_ae:
         ae.require_calling_aet = list(config.allow_ae)

@@ -134,8 +134,32 @@ def build_seg(source_datasets: list[Any], masks: np.ndarray, naming: SegNaming, 
             contributing_equipment=provenance.equipment())
 
 
+#: Value representations whose text may hold characters beyond ASCII (PS3.5 6.1.2.3).
+_TEXT_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
+
+
+def declare_charset(ds: Any) -> None:
+    """Set SpecificCharacterSet to ISO_IR 192 (UTF-8) when any text value is not ASCII (a segment
+    label in Japanese, a patient name with umlauts): without it such text is not valid DICOM."""
+    def non_ascii(value: Any) -> bool:
+        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        return any(not str(v).isascii() for v in values if v is not None)
+
+    found = False
+
+    def visit(dataset: Any, elem: Any) -> None:
+        nonlocal found
+        if not found and elem.VR in _TEXT_VRS and non_ascii(elem.value):
+            found = True
+
+    ds.walk(visit)
+    if found:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+
+
 def write_dataset(ds: Any, path: Path) -> None:
     """Save a DICOM object atomically (temp file + rename): a reader or forwarder never sees half a file."""
+    declare_charset(ds)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)

@@ -16,7 +16,12 @@ from attunet_deploy.runtimes.base import Runner
 Observe = Callable[[np.ndarray], Any] | None
 
 
-def segment_slices(runner: Runner, hu: np.ndarray, batch: int = 8, observe: Observe = None) -> np.ndarray:
+#: Slices per request. Two, not eight: on ONNX Runtime CPU a 512x512 batch of 8 holds a 2.2 GB arena for
+#: 1-2 % less time per slice than a batch of 2 (0.6 GB); benchmarks/dicom_node.py reports the node's RSS.
+SLICE_BATCH = 2
+
+
+def segment_slices(runner: Runner, hu: np.ndarray, batch: int = SLICE_BATCH, observe: Observe = None) -> np.ndarray:
     """uint8 masks [N, H, W] of a 2D model over an HU stack [N, H, W], ``batch`` slices per request;
     the batches are streamed (``Runner.segment_many``: OpenVINO keeps several in flight)."""
     stacks = (hu[s:s + batch] for s in range(0, len(hu), batch))
@@ -36,7 +41,7 @@ def stream_masks(runner: Runner, stacks: Iterable[np.ndarray], observe: Observe 
     return runner.segment_many(raw_batches(), observe)
 
 
-def segment_series(runner: Runner, ordered: list[Instance], hu: np.ndarray, batch: int = 8,
+def segment_series(runner: Runner, ordered: list[Instance], hu: np.ndarray, batch: int = SLICE_BATCH,
                    observe: Observe = None) -> np.ndarray:
     """uint8 masks [N, H, W] of a series ordered along its normal (``hu`` [N, H, W] in that order).
 
