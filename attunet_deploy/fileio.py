@@ -40,6 +40,44 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+STAGING_PREFIX = ".attdeploy-staging."
+OWNER_FILE = ".owner"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return "-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders under ``out`` left by a process that died (kill -9): their owner
+    file names a pid that is not running (or ran before the last boot). A folder without an owner
+    file is left alone (another tool's, or a writer that has only just made it)."""
+    removed = []
+    for folder in out.glob(STAGING_PREFIX + "*"):
+        try:
+            pid_text, _, boot = (folder / OWNER_FILE).read_text(encoding="ascii").partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if boot.strip() != _boot_id() or not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class StagingDir:
     """Files written under a hidden folder inside ``out`` while the work that decides their final
     names still runs, then moved onto those names at once (:meth:`commit`, one rename each, every
@@ -52,16 +90,29 @@ class StagingDir:
         self._made_out = False
 
     def path(self, name: str) -> Path:
-        """Where to write the staged file ``name`` (the folder is made on first use); the writer
-        fsyncs it (:func:`fsync_file`)."""
+        """Where to write the staged file ``name`` (the folder is made on first use, with the writing
+        process's pid inside, and stale folders of dead processes removed); the writer fsyncs it
+        (:func:`fsync_file`)."""
         if self.root is None:
             self._made_out = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
-            self.root = Path(tempfile.mkdtemp(prefix=".attdeploy-staging.", dir=self.out))
+            remove_stale_staging(self.out)
+            self.root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+            (self.root / OWNER_FILE).write_text(f"{os.getpid()} {_boot_id()}\n", encoding="ascii")
         return self.root / name
 
     def commit(self, moves: list[tuple[Path, Path]]) -> None:
-        """Rename each staged file onto its target (replacing one that exists)."""
+        """Rename each staged file onto its target (replacing one that exists). Every target is
+        checked first: a target that is a directory, or under a file, refuses the whole commit
+        (InputError) before anything is moved."""
+        from attunet_deploy.errors import InputError
+
+        for _, target in moves:
+            if target.is_dir() and not target.is_symlink():
+                raise InputError(f"{target} is a directory: an output cannot replace it; choose another -o")
+            blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise InputError(f"{blocked} is a file where {target} needs a folder; choose another -o")
         parents: set[Path] = set()
         for staged, target in moves:
             target.parent.mkdir(parents=True, exist_ok=True)

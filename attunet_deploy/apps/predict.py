@@ -136,11 +136,12 @@ def plan_outputs(per_file: list[tuple[Path, list[ImageRecord]]], out: Path, over
             names = _outputs_for(stem, recs, overlay)
         taken.update(names)
         plan[f] = (stem, names)
-    if not overwrite:
-        for _, names in plan.values():
-            for n in names:
-                if os.path.lexists(out / n):
-                    raise InputError(f"{out / n} exists: choose another -o, or pass --overwrite to replace it")
+    for _, names in plan.values():
+        for n in names:
+            if (out / n).is_dir():  # --overwrite replaces files, never a folder: refused before the first commit
+                raise InputError(f"{out / n} is a directory: an output cannot replace it; choose another -o")
+            if not overwrite and os.path.lexists(out / n):
+                raise InputError(f"{out / n} exists: choose another -o, or pass --overwrite to replace it")
     return plan
 
 

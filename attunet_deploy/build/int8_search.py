@@ -19,16 +19,21 @@ Evaluate = Callable[[Path], tuple[float, float]]
 
 def accuracy_aware_int8(src: Path, dst: Path, ranges: Any, *, method: str, target: float, evaluate: Evaluate,
                         quantize_all: bool = False, full_range_weights: bool = False,
-                        reporter: Reporter | None = None) -> dict[str, Any]:
+                        reporter: Reporter | None = None, allow_float: bool = False) -> dict[str, Any]:
     """Quantise, and while the held-out images' mean Dice vs FP32 misses ``target``, return the most
     sensitive convolutions to float one at a time (after NNCF's quantize_with_accuracy_control,
     which also takes the validation function as an argument).
 
     Sensitivity of a convolution = the mean Dice gained by keeping only it in float. Writes the
     final graph to ``dst``; returns the record for the manifest (every step's float layers, Dice
-    and latency). Raises VerificationFailed when even all convolutions in float miss the target.
+    and latency). Raises VerificationFailed when even all convolutions in float miss the target, and
+    when the target is met only with every convolution in float (not an INT8 graph at all) unless
+    ``allow_float``.
     """
     reporter = reporter or Reporter()
+    if target >= 1.0:
+        reporter.notice("note:", "a Dice drop of 0 asks INT8 to equal FP32 on every held-out pixel: the search will "
+                        "likely return every convolution to float (then exit 1 unless --allow-float)")
     kw = {"method": method, "quantize_all": quantize_all, "full_range_weights": full_range_weights,
           "ranges": ranges}
     info = quantize_int8(src, dst, **kw)
@@ -62,6 +67,11 @@ def accuracy_aware_int8(src: Path, dst: Path, ranges: Any, *, method: str, targe
         reporter.info(f"  + {', '.join(added)} in float: mean Dice {dice:.4f}, {ms:.1f} ms")
         if dice >= target:
             record["reverted"] = list(reverted)
+            if len(reverted) >= len({c for u in units for c in u}) and not allow_float:
+                raise VerificationFailed(f"INT8 reached mean Dice {target:.4f} only with every one of the "
+                                         f"{len(reverted)} convolutions in float: that is not an INT8 graph, and "
+                                         "nothing was written; "
+                                         "allow a larger --max-dice-drop, or pass --allow-float to keep it anyway")
             return {**info, "accuracy_aware": record}
     raise VerificationFailed(f"INT8 cannot reach mean Dice {target:.4f} on the held-out images even with all "
                              f"{len(reverted)} convolutions in float (best {max(s['mean_dice'] for s in steps):.4f}); "

@@ -26,9 +26,17 @@ from attunet_deploy.segmenter import Segmenter
 
 
 def nncf_available() -> bool:
-    import importlib.util
+    """True when OpenVINO and NNCF import here: installed is not enough (a broken NNCF install, or
+    one built against another OpenVINO, fails only on import), and an import error found after
+    calibration would cost minutes and say "verification failed"."""
+    import importlib
 
-    return all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+    try:
+        for name in ("openvino", "nncf"):
+            importlib.import_module(name)
+    except Exception:  # ImportError, or whatever a half-installed package raises while importing
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class ArtifactKind(str, enum.Enum):
     WEIGHTS = "pytorch-weights"
     TORCHSCRIPT = "torchscript"
     GOLDEN = "golden"
+    SELFCHECK = "self-check"  # one golden input and its reference logits, run by every runner on activation
     ENGINE = "tensorrt-engine"
     OPENVINO_IR = "openvino-ir"  # an OpenVINO-native graph (.xml) ...
     OPENVINO_WEIGHTS = "openvino-weights"  # ... and its weights (.bin)
@@ -57,6 +58,7 @@ OV_INT8_XML, OV_INT8_BIN = "model.int8.ov.xml", "model.int8.ov.bin"
 WEIGHTS_FILE = "weights.pt"
 TORCHSCRIPT_FILE = "model.ts"
 GOLDEN_FILE = "golden.npz"
+SELFCHECK_FILE = "selfcheck.npz"
 ENGINE_DIR = "engines"
 #: Our private folder inside a bundle: the writer lock and transaction staging. Never an artifact.
 INTERNAL_DIR = ".attdeploy"

@@ -60,7 +60,7 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
     BenchSettings.check_options(warmup=warmup, iterations=iterations, duration=duration, threads=threads,
                                 concurrency=concurrency)
     check_json_path(json_path, bundle_dir)
-    check_report_dir(report_dir, bundle_dir)
+    check_report_dir(report_dir, bundle_dir, json_path=json_path)
     bundle = load_bundle(bundle_dir)
     if volume is not None:
         shp = parse_shape(volume, bundle.in_channels, 3)

@@ -222,13 +222,20 @@ def report_option(fn: Any) -> Any:
                              "report.md and report.json into DIR (new or empty).")(fn)
 
 
-def check_report_dir(report_dir: str | None, bundle_dir: str, save_diff: str | None = None) -> None:
-    """--report DIR is checked before any work: new or empty, outside the bundle, not --save-diff's."""
+def check_report_dir(report_dir: str | None, bundle_dir: str, save_diff: str | None = None,
+                     json_path: str | None = None) -> None:
+    """--report DIR is checked before any work: new or empty, outside the bundle, not --save-diff's,
+    and not where --json would write one of the report's own files (one would silently replace the
+    other)."""
     if report_dir is None:
         return
     from attunet_deploy.outputs import check_output
 
     target = check_output(report_dir, "--report", kind="dir", empty=True, bundles=[bundle_dir])
+    if json_path not in (None, "-") and Path(json_path).resolve().parent == target \
+            and Path(json_path).name in ("report.json", "report.md", "report.html"):
+        raise InputError(f"--json {json_path} is the report's own {Path(json_path).name} in --report {report_dir}: "
+                         "write the JSON elsewhere (the report folder has report.json already)")
     if save_diff is not None and target == Path(save_diff).resolve():  # --save-diff itself was checked already
         raise InputError("--report and --save-diff need different folders (both write a report.md)")
 

@@ -32,13 +32,15 @@ from attunet_deploy.cli.render import print_accuracy_aware, stdout
 @click.option("--max-dice-drop", type=float, default=None, metavar="X",
               help="Accuracy-aware INT8: while the held-out golden images' mean Dice vs FP32 is below 1 - X, return "
                    "the most sensitive convolutions to float, one at a time.")
+@click.option("--allow-float", is_flag=True, help="With --max-dice-drop: keep the graph even when every convolution "
+              "had to return to float (otherwise that is exit 1: it is not an INT8 graph).")
 @click.option("--target", type=click.Choice(["all", "onnx", "openvino"]), default=None,
               help="INT8 graphs to write: onnx (the Q/DQ graph for TensorRT and ONNX Runtime), all (also NNCF's "
                    "OpenVINO graph when OpenVINO is installed; the default, or $ATTDEPLOY_INT8_TARGET), openvino "
                    "(as all, but an error when the OpenVINO graph cannot be made or misses its tolerance).")
 def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, quantize_all: bool,
              precisions: tuple[str, ...], full_range_weights: bool, keep_fp32: tuple[str, ...],
-             no_verify: bool, max_dice_drop: float | None, target: str | None) -> None:
+             no_verify: bool, max_dice_drop: float | None, allow_float: bool, target: str | None) -> None:
     """Write model.fp16.onnx and model.int8.onnx (Q/DQ), verified on ONNX Runtime CPU, in one commit."""
     from attunet_deploy.judge.report import verify_table
     from attunet_deploy.steps.quantize import QuantizeSettings, quantize_bundle
@@ -46,7 +48,7 @@ def quantize(bundle_dir: str, calib: str | None, method: str, max_samples: int, 
     settings = QuantizeSettings(calib=calib, method=method, max_samples=max_samples, quantize_all=quantize_all,
                                 precisions=tuple(precisions) or ("fp16", "int8"), verify=not no_verify,
                                 full_range_weights=full_range_weights, fp16_keep_fp32=tuple(keep_fp32),
-                                max_dice_drop=max_dice_drop, target=target)
+                                max_dice_drop=max_dice_drop, target=target, allow_float=allow_float)
     done = quantize_bundle(load_bundle(bundle_dir), settings, reporter=reporter())
     if done.rows:
         stdout().print(verify_table(done.rows, title="Quantised graphs on ONNX Runtime CPU vs PyTorch FP32"))

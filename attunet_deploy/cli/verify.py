@@ -59,7 +59,7 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
     check_json_path(json_path, bundle_dir)
     if labels is not None and images is None:
         raise InputError("--labels needs --images (the images the labels belong to)")
-    check_report_dir(report_dir, bundle_dir, save_diff)
+    check_report_dir(report_dir, bundle_dir, save_diff, json_path)
     bundle = load_bundle(bundle_dir)
     backend_list = ["all"] if "all" in backends else list(backends)
     precision_list = ["all"] if "all" in precisions else list(precisions)

@@ -102,6 +102,35 @@ def _candidates(bundle: Bundle, backend: str) -> tuple[list[tuple[str, str]], di
     return out, why
 
 
+def valid_entry(entry: Any) -> bool:
+    """A ``best-precision.json`` entry: a known backend and precision, and candidate records."""
+    from attunet_deploy.runtimes.registry import BACKENDS
+
+    return isinstance(entry, dict) and entry.get("backend") in BACKENDS and entry.get("precision") in ONNX_FILES \
+        and isinstance(entry.get("candidates", []), list)
+
+
+def _still_passes(bundle: Bundle, backend: str, precision: str, reporter: Reporter, **options: Any) -> bool:
+    """A cached choice is input, not fact: it must run here, and pass verification here (checked
+    again on the golden set: the cache file is writable by anyone who can edit it)."""
+    from attunet_deploy.io.golden import load_golden
+    from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, reference_gt_dice, run_backend
+
+    if check(bundle, backend, precision) is not None:
+        return False
+    cases = load_golden(bundle)
+    with reporter.step(f"Checking the cached choice {backend}/{precision} on the golden set"):
+        row = run_backend(bundle, backend, precision, cases, DEFAULT_TOLERANCES[precision],
+                          ref_gt_dice=reference_gt_dice(cases, Segmenter(bundle.spec)), **options)
+    if row.status != Status.PASS:
+        import sys
+
+        print(f"note: cache file {CACHE_FILE}: the cached choice {backend}/{precision} does not pass verification "
+              f"here ({row.reason or row.status}): chosen again", file=sys.stderr)
+        return False
+    return True
+
+
 def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | None = None,
                  **options: Any) -> BestChoice:
     """The fastest (backend, precision) of ``bundle`` that passes verification here (see the module)."""
@@ -109,13 +138,12 @@ def resolve_best(bundle: Bundle, backend: str = "auto", reporter: Reporter | Non
     from attunet_deploy.judge.verify import DEFAULT_TOLERANCES, reference_gt_dice, run_backend
 
     key = best_key(bundle, backend)
-    entry = read_cache(CACHE_FILE).get(key)
-    if isinstance(entry, dict) and entry.get("backend") and entry.get("precision") in ONNX_FILES \
-            and check(bundle, entry["backend"], entry["precision"]) is None:
+    entry = read_cache(CACHE_FILE, valid_entry).get(key)
+    reporter = reporter or Reporter()
+    if entry is not None and _still_passes(bundle, entry["backend"], entry["precision"], reporter, **options):
         return BestChoice(entry["backend"], entry["precision"],
                           tuple(Candidate.from_dict(c) for c in entry.get("candidates", []) if isinstance(c, dict)),
                           cached=True)
-    reporter = reporter or Reporter()
     candidates, why = _candidates(bundle, backend)
     if not candidates:
         raise BackendUnavailable(f"--precision best: no precision of this bundle can run on {backend} here: "

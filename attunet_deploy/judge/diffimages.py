@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attunet_deploy.fileio import write_bytes_atomic, write_text_atomic
+from attunet_deploy.judge.markdown import md_escape
 from attunet_deploy.judge.panels import LEGEND, Panel, encode_png, render_panel
 from attunet_deploy.judge.results import VerifyRow
 
@@ -45,7 +46,7 @@ def write_diff_index(folder: Path, rows: Sequence[VerifyRow], reference: str) ->
         pics = dict(zip([w.file for w in r.worst_images], r.diff_images or ()))
         for w in r.worst_images:
             pic = pics.get(w.file, "")
-            lines.append(f"| {r.backend} | {r.precision} | {w.file.replace('|', '/')} | {w.dice:.4f} | "
+            lines.append(f"| {r.backend} | {r.precision} | {md_escape(w.file)} | {w.dice:.4f} | "
                          + (f"![]({pic})" if pic else "-") + " |")
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attunet_deploy.bundle import Bundle, now_iso
+from attunet_deploy.judge.markdown import markdown_table, md_escape
 from attunet_deploy.judge.results import BenchResult, Status, VerifyRow
 
 _STATUS_STYLE = {Status.PASS.value: "[green]pass[/green]", Status.FAIL.value: "[bold red]FAIL[/bold red]",
@@ -104,13 +105,6 @@ def bench_table(results: Sequence[BenchResult], title: str = "Latency") -> Any:
     return table
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(h.replace("|", "/") for h in headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def machine_record() -> dict[str, Any]:
     """The machine a report's figures come from: CPU and ISA flags, GPU (None without one), versions."""
     from attunet_deploy.environment import gpu_identity, machine_info, nvidia_smi_gpus, versions
@@ -131,7 +125,7 @@ def render_report(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: 
             "notes": dict(extra or {}), **(extra or {})}
     intro = report_intro(bundle, str(data["generated"]))
     ref = verify_rows[0].reference if verify_rows else "torch/fp32"
-    md = [f"# {data['title']}", "", *[line + "\n" for line in intro]]
+    md = [f"# {md_escape(data['title'])}", "", *[line + "\n" for line in intro]]
     if verify_rows:
         vcols = verify_columns(verify_rows)
         md += [f"## Verification against {ref}", "",
@@ -139,7 +133,7 @@ def render_report(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: 
         worst = [r for r in verify_rows if r.worst_images]
         if worst:
             md += ["Lowest Dice against the reference, per backend: "
-                   + "; ".join(f"{r.name}: " + ", ".join(f"{w.file} {w.dice:.4f}" for w in r.worst_images)
+                   + "; ".join(f"{r.name}: " + ", ".join(f"{md_escape(w.file)} {w.dice:.4f}" for w in r.worst_images)
                                for r in worst), ""]
     if bench_rows:
         mach = bench_rows[0].machine
@@ -158,5 +152,5 @@ def report_intro(bundle: Bundle, generated: str) -> list[str]:
 
     src = bundle.source
     params = "?" if src.parameters is None else src.parameters
-    return [f"Generated {generated}. Model: {bundle.describe_model()} ({params} parameters), from `{src.path}`.",
-            describe(bundle.golden).capitalize() + "."]
+    return [f"Generated {generated}. Model: {md_escape(bundle.describe_model())} ({params} parameters), from "
+            f"{md_escape(src.path)}.", md_escape(describe(bundle.golden).capitalize()) + "."]

@@ -65,11 +65,57 @@ class Runner(abc.ABC):
         return None
 
     def activate(self) -> Runner:
+        """Open the backend, then check it on the bundle's self-check input (runtimes/selfcheck.py)
+        before any answer: a runner whose output is not the verified one refuses to run."""
         with self._activate_lock:
             if not self.is_active:
                 self._activate()
                 self.is_active = True
+                try:
+                    self._self_check()
+                except BaseException:
+                    self.is_active = False
+                    self._deactivate()
+                    raise
         return self
+
+    #: seconds the self-check took on activation (None: not run)
+    self_check_seconds: float | None = None
+
+    def _self_check(self) -> None:
+        from attunet_deploy.runtimes import selfcheck
+
+        if not selfcheck.enabled(self.options):
+            return
+        ref = selfcheck.load_selfcheck(self.bundle)
+        if ref is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            y = self.infer(ref.inputs)
+        except InputError:
+            raise
+        except Exception as exc:  # a graph that cannot run the stored input, or answers in another shape, is not
+            # the verified model (the Segmenter's shape check raises BackendUnavailable for the latter)
+            raise selfcheck.SelfCheckFailed(f"{self.name} refuses to run: it cannot run {ref.source}'s "
+                                            f"{list(ref.inputs.shape)} input ({type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                                            f"{self.suspects()}") from None
+        why = selfcheck.compare(self.precision, y, ref.logits,
+                                (self.segmenter.masks(y), self.segmenter.masks(ref.logits)))
+        self.self_check_seconds = time.perf_counter() - t0
+        if why is not None:
+            raise selfcheck.SelfCheckFailed(f"{self.name} refuses to run: its output on {ref.source} is not the "
+                                            f"verified one ({why}); {self.suspects()}")
+        self._seal_caches()
+
+    def suspects(self) -> str:
+        """What to delete or re-make when the self-check misses (a backend with caches says which)."""
+        return ("its graph or this machine's libraries changed since verification: run 'attdeploy verify' and, if it "
+                "fails, re-export or re-quantize the bundle")
+
+    def _seal_caches(self) -> None:  # noqa: B027  # a hook: most backends keep no run-time cache
+        """Record digests of run-time caches the backend wrote (runtimes/cachedigest.py); none by default."""
 
     def deactivate(self) -> None:
         with self._activate_lock:

@@ -7,6 +7,7 @@ the session and raises BackendUnavailable instead of passing a CPU run off as a 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, Bundle
 from attunet_deploy.environment import cuda_devices, has_module, module_version, tensorrt_major
 from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes import cachedigest
 from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.registry import register
 
@@ -132,6 +134,9 @@ class OrtTensorrtRunner(OrtCudaRunner):
         # an old engine (quantize also deletes the old folders).
         cache = Path(self.bundle.root) / ENGINE_DIR / "ort-trt" / f"{self.precision}-{graph_sha[:12]}"
         cache.mkdir(parents=True, exist_ok=True)
+        # the EP loads a cached engine without checking it: each file carries a digest sidecar
+        cachedigest.check(cache, TRT_EP_PATTERNS, say=lambda text: print(f"note: {text}", file=sys.stderr))
+        self._cache = cache
         flags = ort_trt_needs_flags(_ort_version(), module_version("tensorrt"))
         trt_opts: dict[str, str | int | bool] = {
             "device_id": int(self.options.get("device_id", 0)),
@@ -148,6 +153,21 @@ class OrtTensorrtRunner(OrtCudaRunner):
             trt_opts["trt_int8_enable"] = self.precision == "int8"
         return [(self.provider, trt_opts),
                 ("CUDAExecutionProvider", {"device_id": trt_opts["device_id"]}), "CPUExecutionProvider"]
+
+    def _seal_caches(self) -> None:
+        # after the self-check's inference, which is when the EP builds (and caches) its engine
+        if getattr(self, "_cache", None) is not None:
+            cachedigest.seal(self._cache, TRT_EP_PATTERNS)
+
+    def suspects(self) -> str:
+        cache = getattr(self, "_cache", None)
+        return (f"delete {cache} (the TensorRT EP rebuilds its engines); " if cache is not None else "") + \
+            "if it still fails, run 'attdeploy verify --backend ort-trt'"
+
+
+#: What ONNX Runtime's TensorRT EP writes into its cache folder: engines, their optimisation profiles,
+#: and the timing cache.
+TRT_EP_PATTERNS = ("*.engine", "*.profile", "*.timing")
 
 
 def _ort_version() -> str:

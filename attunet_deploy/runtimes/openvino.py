@@ -24,8 +24,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ import numpy as np
 from attunet_deploy.bundle import ENGINE_DIR, ONNX_FILES, OV_INT8_BIN, OV_INT8_XML, Bundle
 from attunet_deploy.environment import has_module, machine_info
 from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.runtimes import cachedigest
 from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.registry import register
 
@@ -55,6 +58,14 @@ def precision_plan(precision: str, isa: list[str]) -> tuple[str, str]:
 
     hint, graph = fixed_rule(isa)  # the fp16 row's mode when nothing was measured (ov_precision.choose)
     return graph, hint
+
+
+#: OpenVINO's compiled-model cache files (CACHE_DIR): one blob per compiled network and device.
+BLOB_PATTERNS = ("*.blob",)
+
+
+def _say(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
 @register
@@ -108,14 +119,23 @@ class OpenVinoRunner(Runner):
             "NUM_STREAMS": 1,
         }
         cache = self.bundle.root / ENGINE_DIR / "openvino"
+        self._cache: Path | None = None
         try:
             cache.mkdir(parents=True, exist_ok=True)
             if os.access(cache, os.W_OK):
+                # OpenVINO loads a cached blob without checking it: each one carries a digest sidecar
+                cachedigest.check(cache, BLOB_PATTERNS, say=_say)
                 config["CACHE_DIR"] = str(cache)
+                self._cache = cache
         except OSError:
             pass  # a read-only bundle: compile every time
-        native = self.precision == "int8" and self.bundle.has(OV_INT8_XML) and self.bundle.has(OV_INT8_BIN) \
+        # NNCF's graph when the manifest lists it: a listed file that is missing is an error, never a
+        # silent run of the Q/DQ graph instead
+        native = self.precision == "int8" and (self.bundle.lists(OV_INT8_XML) or self.bundle.lists(OV_INT8_BIN)) \
             and not self.options.get("qdq_graph")
+        if native:
+            self.bundle.require(OV_INT8_XML)
+            self.bundle.require(OV_INT8_BIN)
         try:
             if native:  # NNCF's OpenVINO-native INT8 graph, from the bytes whose sha256 was checked
                 graph = OV_INT8_XML
@@ -147,10 +167,22 @@ class OpenVinoRunner(Runner):
 
     def _compile(self, model: Any, config: dict[str, str | int]) -> Any:
         try:
-            return self._core.compile_model(model, "CPU", config)
+            compiled = self._core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise BackendUnavailable(f"OpenVINO cannot compile {self._graph}: "
                                      f"{str(exc).splitlines()[0][:200]}") from exc
+        if self.is_active and getattr(self, "_cache", None) is not None:
+            self._seal_caches()  # a blob compiled after the self-check (another shape) is sealed as it appears
+        return compiled
+
+    def _seal_caches(self) -> None:
+        if self._cache is not None:
+            cachedigest.seal(self._cache, BLOB_PATTERNS)
+
+    def suspects(self) -> str:
+        cache = getattr(self, "_cache", None)
+        where = f"delete {cache} (OpenVINO rebuilds it); if it still fails, " if cache is not None else ""
+        return where + f"run 'attdeploy verify -b {self.bundle.root} --backend ov' and re-quantize if it fails"
 
     def _dynamic(self) -> Any:
         """The dynamic-shape latency model (caller holds ``_lock``)."""

@@ -63,6 +63,11 @@ def _key(bundle: Bundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def valid_choice(entry: Any) -> bool:
+    """An ``ov-16bit.json`` entry: the 16-bit hint chosen (bf16 or f16) and the graph it ran."""
+    return isinstance(entry, dict) and entry.get("hint") in ("bf16", "f16")
+
+
 def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, str, dict[str, object]]:
     """(hint, graph, record) for the fp16 row: cached, measured (``compile_fn(graph, hint)`` gives a
     callable OpenVINO compiled model), or the fixed rule when measuring is off."""
@@ -73,7 +78,7 @@ def choose(bundle: Bundle, compile_fn: Callable[[str, str], Any]) -> tuple[str, 
     if len(options) == 1:
         return (*options[0], {"chosen_by": "only option"})
     key = _key(bundle)
-    entry = read_cache(CACHE_FILE).get(key)
+    entry = read_cache(CACHE_FILE, valid_choice).get(key)
     if entry is None and os.environ.get("ATTDEPLOY_AUTO_MEASURE", "1") == "0":
         hint, graph = fixed_rule(isa)
         return hint, graph, {"chosen_by": "fixed rule (ATTDEPLOY_AUTO_MEASURE=0)"}

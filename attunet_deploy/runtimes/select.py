@@ -17,15 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attunet_deploy import limits
 from attunet_deploy.bundle import ONNX_FILES, Bundle
 from attunet_deploy.environment import machine_info, module_version, versions
-from attunet_deploy.errors import BackendUnavailable
+from attunet_deploy.errors import BackendUnavailable, InputError
 from attunet_deploy.runtimes.base import Runner
 from attunet_deploy.runtimes.registry import check, runner_class
 
@@ -58,29 +61,77 @@ def _ov_version() -> str | None:
     return module_version("openvino")
 
 
-def read_cache(name: str = CACHE_FILE) -> dict[str, Any]:
-    """One per-machine measurement cache file (key -> entry); empty when missing or unreadable."""
+#: A per-machine cache file is a few entries of a few hundred bytes each.
+CACHE_LIMIT = limits.Limit("ATTDEPLOY_MAX_CACHE_MB", 1, "MB", "per-machine cache file")
+
+
+def _drop(path: Path, why: str) -> None:
+    """An invalid cache file: deleted (it is re-measured), said once on stderr."""
     try:
-        data = json.loads((cache_dir() / name).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+    except OSError:
+        pass
+    print(f"note: cache file {path} is invalid ({why}): deleted", file=sys.stderr)
+
+
+def read_cache(name: str = CACHE_FILE, valid: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """One per-machine measurement cache file (key -> entry), read as untrusted input: a regular file
+    (never a FIFO or a device: opened non-blocking and checked before reading), at most CACHE_LIMIT,
+    JSON of bounded depth holding an object; entries ``valid`` refuses are dropped. Anything else is
+    deleted with a note and reads as empty (the value is measured again)."""
+    path = cache_dir() / name
+    if not os.path.lexists(path):
         return {}
+    try:
+        text = limits.read_bounded(path, CACHE_LIMIT, "cache file").decode("utf-8")
+        if not limits.json_depth_ok(text, 8):
+            raise ValueError("nested too deep")
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (InputError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        _drop(path, str(exc).split(":")[-1].strip()[:80] or type(exc).__name__)
+        return {}
+    if valid is not None:
+        bad = [k for k, v in data.items() if not valid(v)]
+        if bad:
+            for k in bad:
+                del data[k]
+            _rewrite(path, data)
+            print(f"note: cache file {path}: {len(bad)} invalid entr{'y' if len(bad) == 1 else 'ies'} deleted",
+                  file=sys.stderr)
+    return data
+
+
+def _rewrite(path: Path, data: dict[str, Any]) -> None:
+    from attunet_deploy.fileio import write_json_atomic
+
+    try:
+        write_json_atomic(path, data)
+    except OSError:
+        pass  # a cache that cannot be written is simply not kept
 
 
 def write_cache(key: str, entry: dict[str, Any], name: str = CACHE_FILE) -> None:
     """Keep a measurement; a cache that cannot be written is simply not kept."""
-    from attunet_deploy.fileio import write_json_atomic
-
     data = read_cache(name)
     data[key] = entry
-    try:
-        write_json_atomic(cache_dir() / name, data)
-    except OSError:
-        pass
+    _rewrite(cache_dir() / name, data)
+
+
+def valid_timings(entry: Any) -> bool:
+    """An ``auto-backend.json`` entry: p50 seconds of known backends, finite and positive."""
+    from attunet_deploy.runtimes.registry import BACKENDS
+
+    p50 = entry.get("p50_s") if isinstance(entry, dict) else None
+    return isinstance(p50, dict) and bool(p50) and all(
+        k in BACKENDS and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 3600
+        for k, v in p50.items())
 
 
 def _load() -> dict[str, Any]:
-    return read_cache(CACHE_FILE)
+    return read_cache(CACHE_FILE, valid_timings)
 
 
 def record(key: str, timings: dict[str, float]) -> None:
@@ -99,7 +150,7 @@ def measure_pairs(bundle: Bundle, pairs: list[tuple[str, str]], x: np.ndarray, r
                   **options: Any) -> dict[tuple[str, str], float]:
     """p50 seconds of each (backend, precision) on ``x``: every runner opened, one warm-up call each,
     then ``runs`` calls round-robin, so a busy moment of the machine hits every runner alike."""
-    runners = [runner_class(b)(bundle, p, **options).activate() for b, p in pairs]
+    runners = [runner_class(b)(bundle, p, **{"self_check": False, **options}).activate() for b, p in pairs]
     try:
         times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
         for r in runners:

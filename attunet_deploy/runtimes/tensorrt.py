@@ -156,6 +156,7 @@ class TensorrtRunner(Runner):
         self._trt_version = probe.version
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        self._engine_name = name
         engine = self._runtime.deserialize_cuda_engine(self.bundle.read_artifact(name))
         if engine is None:
             raise BackendUnavailable(f"TensorRT {probe.version} cannot load {name}: run 'attdeploy build "
@@ -182,6 +183,11 @@ class TensorrtRunner(Runner):
             with self._contexts_lock:
                 self._contexts[profile] = ctx
         return ctx
+
+    def suspects(self) -> str:
+        name = getattr(self, "_engine_name", None)
+        return (f"rebuild {self.bundle.path(name)} with 'attdeploy build' (TensorRT or the GPU driver changed, or "
+                "the engine does not fit this GPU)" if name else "rebuild the engine with 'attdeploy build'")
 
     def _deactivate(self) -> None:
         for ctx in self._contexts.values():

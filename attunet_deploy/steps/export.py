@@ -21,6 +21,7 @@ from attunet_deploy.build.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS, add_metad
 from attunet_deploy.bundle import (
     GOLDEN_FILE,
     ONNX_FILES,
+    SELFCHECK_FILE,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
     ArtifactKind,
@@ -256,7 +257,7 @@ class Exported(NamedTuple):
 
 
 #: What export writes into a bundle (a foreign folder is refused before any work).
-EXPORT_WRITES = [WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILES["fp32"], GOLDEN_FILE]
+EXPORT_WRITES = [WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILES["fp32"], GOLDEN_FILE, SELFCHECK_FILE]
 
 
 def export_bundle(settings: ExportSettings, reporter: Reporter | None = None) -> Exported:
@@ -398,6 +399,7 @@ def _stage_golden(txn: Transaction, module: Any, segmenter: Segmenter, user: Use
             advance()
     with open(txn.stage(GOLDEN_FILE), "wb") as fh:
         save_golden(fh, cases)
+    _stage_selfcheck(txn, module, segmenter, cases[0])
     txn.add_artifact(GOLDEN_FILE, kind=ArtifactKind.GOLDEN, producer=versions(include_torch=True),
                      shapes=[list(c.inputs.shape) for c in cases])
     if isinstance(user, UserVolumes):
@@ -407,6 +409,29 @@ def _stage_golden(txn: Transaction, module: Any, segmenter: Segmenter, user: Use
         txn.set_golden(golden_manifest(user, demo, synthetic if user is not None else len(cases), len(cases)))
     txn.set_input_profile(_golden_profile(user, demo, segmenter, cases).to_dict())
     return cases
+
+
+def _stage_selfcheck(txn: Transaction, module: Any, segmenter: Segmenter, case: GoldenCase) -> None:
+    """selfcheck.npz: the input every runner checks itself on before its first answer
+    (runtimes/selfcheck.py): a golden image (2D), or one window of a golden volume (3D, padded to
+    the window where the volume is thinner), with its PyTorch FP32 logits."""
+    from attunet_deploy.runtimes.selfcheck import save_selfcheck
+    from attunet_deploy.steps.volume_data import window_box
+
+    window = segmenter.spec.sliding_window
+    if window is None:
+        x, y = case.inputs[:1], case.logits[:1]
+    else:
+        vol = case.inputs[:1]
+        grow = [(0, 0), (0, 0)] + [(0, max(r - s, 0)) for r, s in zip(window.roi, vol.shape[2:])]
+        vol = np.pad(vol, grow) if any(g != (0, 0) for g in grow) else vol
+        box = (slice(None), slice(None), *window_box(vol.shape[2:], window.roi))
+        x = np.ascontiguousarray(vol[box])
+        y = reference_logits(module, x, segmenter)
+    with open(txn.stage(SELFCHECK_FILE), "wb") as fh:
+        save_selfcheck(fh, x, y)
+    txn.add_artifact(SELFCHECK_FILE, kind=ArtifactKind.SELFCHECK, producer=versions(include_torch=True),
+                     shapes=[list(x.shape)])
 
 
 def _golden_profile(user: UserImages | UserVolumes | None, demo: bool, segmenter: Segmenter,

@@ -176,8 +176,8 @@ def int8_target(target: str | None, bundle: Bundle, precisions: list[str]) -> st
         from attunet_deploy.build.ov_int8 import nncf_available
 
         if not nncf_available():
-            raise InputError("--target openvino: OpenVINO and NNCF are not installed (pip install "
-                             "'attunet-deploy[openvino]')")
+            raise InputError("--target openvino: OpenVINO and NNCF cannot be imported here (pip install "
+                             "'attunet-deploy[openvino]'; 'attdeploy doctor' shows why)")
     return chosen
 
 
@@ -258,7 +258,8 @@ class QuantizeSettings:
     most ``max_samples`` images of ``calib`` (default: the images export held out a quarter of, or the
     demo's phantoms). ``quantize_all`` also quantises the gates' psi and the head; ``full_range_weights``
     uses 8-bit weights (GPU-only targets); ``fp16_keep_fp32`` names ONNX nodes kept in float32 in the FP16
-    graph. ``max_dice_drop`` makes INT8 accuracy-aware. ``target``: which INT8 graphs (onnx, openvino,
+    graph. ``max_dice_drop`` makes INT8 accuracy-aware (``allow_float`` keeps a result with every
+    convolution in float). ``target``: which INT8 graphs (onnx, openvino,
     all; None: ``$ATTDEPLOY_INT8_TARGET`` or all). ``verify``: check the graphs on ONNX Runtime first.
     """
 
@@ -272,6 +273,8 @@ class QuantizeSettings:
     fp16_keep_fp32: tuple[str, ...] = ()
     max_dice_drop: float | None = None
     target: str | None = None
+    #: keep an accuracy-aware "INT8" graph that ended with every convolution in float
+    allow_float: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -368,7 +371,7 @@ def _stage_int8(bundle: Bundle, txn: Any, src: Path, s: QuantizeSettings, target
         info = accuracy_aware_int8(src, txn.stage(name), ranges, method=s.method, target=1.0 - s.max_dice_drop,
                                    evaluate=lambda p: evaluate_int8(p, cases, segmenter),
                                    quantize_all=s.quantize_all, full_range_weights=s.full_range_weights,
-                                   reporter=reporter)
+                                   reporter=reporter, allow_float=s.allow_float)
     info["calibration_images"] = len(inputs)
     txn.add_artifact(name, kind=ArtifactKind.ONNX, precision="int8",
                      producer={**versions(), **info, "calibration": described, "calibration_files": used})

@@ -281,10 +281,47 @@ attdeploy verify -b BUNDLE --backend triton --triton-url localhost:8000 --triton
 """
 
 
+def _written_before(target: Path) -> set[str] | None:
+    """The files (relative paths) the marker says this command wrote into ``target`` (None: no
+    readable marker). A marker from before the file list counts its models' folders, README.md and itself."""
+    from attunet_deploy import limits
+
+    try:
+        data = json.loads(limits.read_bounded(target / MARKER, limits.MANIFEST, "repository marker"))
+    except (InputError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    files = data.get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return set(files) | {MARKER}
+    models = data.get("models")
+    if not isinstance(models, list):
+        return None
+    return {p.relative_to(target).as_posix() for m in models if isinstance(m, str) and (target / m).is_dir()
+            for p in (target / m).rglob("*") if p.is_file()} | {"README.md", MARKER}
+
+
 def _check_repository_target(target: Path, out: str | os.PathLike[str]) -> None:
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
+    """-o is new, empty, or a repository this command wrote whose every file it wrote: anything
+    else in it (a user's notes, another model) would be deleted by the swap, so it is refused."""
+    if not target.exists():
+        return
+    if not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file()):
         raise InputError(f"-o {out} exists and is not a repository written by 'attdeploy triton': choose a new or "
                          "empty folder")
+    if not any(target.iterdir()):
+        return
+    ours = _written_before(target)
+    if ours is None:
+        raise InputError(f"-o {out}: its {MARKER} marker is unreadable: choose a new or empty folder")
+    # Triton's python backend leaves __pycache__ beside each model.py: derived, not the user's
+    foreign = sorted(rel for p in target.rglob("*") if (p.is_file() or p.is_symlink())
+                     and (rel := p.relative_to(target).as_posix()) not in ours and "__pycache__" not in p.parts)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"-o {out} holds {shown}, which 'attdeploy triton' did not write and would delete: move "
+                         "them out, or choose another -o")
 
 
 def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: list[str], *, max_batch: int = 8,
@@ -314,7 +351,9 @@ def write_repository(bundle: Bundle, out: str | os.PathLike[str], precisions: li
                 else:
                     shutil.copyfile(src, dst)
         (staging / "README.md").write_text(readme(list(models), kind), encoding="utf-8")
-        (staging / MARKER).write_text(json.dumps({"bundle": str(bundle.root), "models": list(models)}) + "\n")
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        (staging / MARKER).write_text(json.dumps({"bundle": str(bundle.root), "models": list(models),
+                                                  "files": files}) + "\n")
         # Two writers of one repository take turns for the swap (a flock on the parent folder):
         # each swap is whole, the last one wins, and neither sees the other's half-moved folder.
         with dir_lock(target.parent):

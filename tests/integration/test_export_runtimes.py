@@ -27,7 +27,7 @@ def test_bundle_layout_and_manifest(small_bundle: Path) -> None:
     assert m["model"]["config"] == {"in_channels": 1, "out_channels": 2, "base_channels": 8}
     assert m["input"]["spatial_divisor"] == 16 and m["input"]["layout"] == "NCHW"
     assert m["postprocessing"] == {"kind": "argmax"}
-    assert set(m["artifacts"]) == {"weights.pt", "model.onnx", "golden.npz"}
+    assert set(m["artifacts"]) == {"weights.pt", "model.onnx", "golden.npz", "selfcheck.npz"}
     for name, entry in m["artifacts"].items():
         assert len(entry["sha256"]) == 64 and entry["bytes"] == (small_bundle / name).stat().st_size
     assert m["artifacts"]["model.onnx"]["producer"]["opset"] == 18

@@ -176,7 +176,7 @@ def test_openvino_threads_and_cache(need_openvino: None, demo_bundle: Path, tmp_
     b = tmp_path / "b"
     shutil.copytree(demo_bundle, b)
     x = np.random.default_rng(0).random((2, 1, 70, 90), dtype=np.float32)
-    with load_runner(b, backend="ov", precision="fp32", threads=1) as r:
+    with load_runner(b, backend="ov", precision="fp32", threads=1, self_check=False) as r:
         assert r._compiled is None  # compiled on first use (a stream needs only throughput models)
         y = r.infer(x)
         assert r._compiled.get_property("INFERENCE_NUM_THREADS") == 1
@@ -259,6 +259,13 @@ def test_nncf_openvino_int8_graph_is_written_verified_and_run(need_openvino: Non
     assert row["status"] == "pass" and row["device"] == "cpu (NNCF IR)" and row["mean_dice"] >= 0.99
     with load_runner(b, backend="ov", precision="int8", qdq_graph=True) as qdq:
         assert qdq.bench_extras()["openvino_graph"] == "model.int8.onnx"
+    # issue 34: a listed NNCF graph whose weights went missing is an error, not a silent run of the Q/DQ graph
+    gone = tmp_path / "gone"
+    shutil.copytree(b, gone, ignore=shutil.ignore_patterns(OV_INT8_BIN, "engines"))
+    from attunet_deploy.errors import BundleError
+
+    with pytest.raises(BundleError, match=f"{OV_INT8_BIN} is listed in the manifest but missing"):
+        load_runner(gone, backend="ov", precision="int8").activate()
     monkeypatch.setenv("ATTDEPLOY_INT8_TARGET", "all")
     code, _, err = run("quantize", "-b", str(b), "--precision", "int8", "--max-samples", "4", "--no-verify",
                        "--target", "onnx")

@@ -156,3 +156,36 @@ def test_a_volume_beyond_the_window_memory_limit_names_the_variable(monkeypatch:
     monkeypatch.setenv(limits.WINDOW.env, "64")
     with pytest.raises(InputError, match="ATTDEPLOY_MAX_WINDOW_MB"):
         check_window_memory((1, 1, 100, 512, 512), SlidingWindow((32, 64, 64)))
+
+
+# ------------------------------------------------------------------ --max-dice-drop 0
+def test_an_accuracy_aware_search_that_ends_all_float_is_exit_1_unless_allowed(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    """Our search logic with stand-ins for the quantiser and the evaluation: Dice reaches 1.0 only
+    when every convolution is back in float (what --max-dice-drop 0 does on a real model)."""
+    import json
+
+    from attunet_deploy.build import int8_search
+    from attunet_deploy.errors import VerificationFailed
+
+    convs = ["conv_a", "conv_b", "conv_c"]
+
+    def fake_quantize(src: Path, dst: Path, extra_float: tuple[str, ...] | list[str] = (), **kw: object) -> dict:
+        Path(dst).write_text(json.dumps(sorted(extra_float)))
+        return {"float_nodes": list(extra_float)}
+
+    def evaluate(path: Path) -> tuple[float, float]:
+        n = len(json.loads(Path(path).read_text()))
+        return (1.0 if n == len(convs) else 0.97 + 0.01 * n), 1.0
+
+    monkeypatch.setattr(int8_search, "quantize_int8", fake_quantize)
+    monkeypatch.setattr(int8_search, "revert_units", lambda dst: [(c,) for c in convs])
+    kw = {"method": "percentile", "target": 1.0, "evaluate": evaluate}
+    with pytest.raises(VerificationFailed, match="every one of the 3 convolutions in float"):  # was exit 0
+        int8_search.accuracy_aware_int8(tmp_path / "src.onnx", tmp_path / "int8.onnx", None, **kw)  # type: ignore[arg-type]
+    record = int8_search.accuracy_aware_int8(tmp_path / "src.onnx", tmp_path / "int8.onnx", None, allow_float=True,
+                                             **kw)  # type: ignore[arg-type]
+    assert record["accuracy_aware"]["reverted"] == convs
+    partial = int8_search.accuracy_aware_int8(tmp_path / "src.onnx", tmp_path / "int8.onnx", None, method="percentile",
+                                              target=0.985, evaluate=evaluate)
+    assert len(partial["accuracy_aware"]["reverted"]) == 2  # a reachable target keeps some INT8: no refusal
