@@ -66,8 +66,13 @@ class RichReporter(Reporter):
         if self.quiet:
             yield
             return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         t0 = time.perf_counter()
-        with self.console.status(f"{description} ..."):
+        # length unknown: a spinner, with the time so far (a step that takes a minute says so as it goes)
+        with Progress(SpinnerColumn(), TextColumn("{task.description} ..."), TimeElapsedColumn(),
+                      console=self.console, transient=True) as bar:
+            bar.add_task(description, total=None)
             yield
         self.console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - t0:.1f}s)[/dim]",
                            highlight=False)
@@ -77,11 +82,19 @@ class RichReporter(Reporter):
         if self.quiet:
             yield lambda n=1: None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         t0 = time.perf_counter()
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=self.console, transient=True) as bar:
+        # elapsed and remaining (the ETA from the units done so far)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
         self.console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - t0:.1f}s)[/dim]",

@@ -19,6 +19,26 @@ from attunet_deploy.limits import IMAGE_FILE, check_pixels, too_large
 _NUMERIC_KINDS = "biuf"  # bool, signed/unsigned int, float
 
 
+def _rank_hint(ndim: int, spatial_dims: int, channels: int) -> str:
+    """The call that works for an array of ``ndim`` axes given to a bundle of ``spatial_dims``."""
+    if spatial_dims == 3:
+        if ndim == 3:
+            return ": one volume [D, H, W] goes to runner.segment_volume(volume, spacing=(z, y, x)), or add the " \
+                   "batch and channel axes: volume[None, None]"
+        if ndim in (2, 4):
+            return (": this bundle's model is 3D (NCDHW): segment a whole volume [D, H, W] with "
+                    "runner.segment_volume(volume, spacing=(z, y, x)), not 2D slices")
+        return ""
+    if ndim == 2:
+        return ": one slice [H, W]: x[None, None]"
+    if ndim == 3:
+        return (": a stack of one-channel slices [N, H, W]: x[:, None]" if channels == 1 else
+                f": one {channels}-channel image [C, H, W]: x[None]")
+    if ndim == 5:
+        return ": this bundle's model is 2D (NCHW): give slices [N, C, H, W] (a volume's slices: volume[:, None])"
+    return ""
+
+
 def check_batch(images: Any, channels: int, *, name: str = "images", spatial_dims: int = 2) -> np.ndarray:
     """Validate a model-space batch and return it as C-contiguous float32 [N, C, *spatial]
     ([N, C, H, W] for 2D models, [N, C, D, H, W] for 3D ones).
@@ -31,8 +51,8 @@ def check_batch(images: Any, channels: int, *, name: str = "images", spatial_dim
         raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
     axes = "N, C, " + ", ".join("DHW"[-spatial_dims:])
     if arr.ndim != spatial_dims + 2:
-        hint = " (add a batch axis: x[None])" if arr.ndim == spatial_dims + 1 else ""
-        raise InputError(f"{name} must be [{axes}], got shape {tuple(arr.shape)}{hint}")
+        raise InputError(f"{name} must be [{axes}] for this {spatial_dims}D bundle, got shape {tuple(arr.shape)}"
+                         f"{_rank_hint(arr.ndim, spatial_dims, channels)}")
     n, c = arr.shape[:2]
     if n == 0:
         raise InputError(f"{name} is an empty batch (N=0)")

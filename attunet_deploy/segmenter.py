@@ -62,13 +62,16 @@ class Segmenter:
         return check_batch(images, self.channels, name=name, spatial_dims=self.spatial_dims)
 
     def as_batch(self, raw: Any, name: str = "images") -> np.ndarray:
-        """Raw images as a validated batch: [N,C,*s], [C,*s] or (one channel) [*s] accepted."""
+        """Raw images as a validated batch: [N,C,*s], [C,*s], or for a one-channel model [*s] and a stack
+        [N,*s] (which can only mean N images)."""
         arr = np.asarray(raw)
         dims = self.spatial_dims
         if arr.ndim == dims and self.channels == 1:
             arr = arr[None, None]
         elif arr.ndim == dims + 1 and arr.shape[0] == self.channels:
             arr = arr[None]
+        elif arr.ndim == dims + 1 and self.channels == 1 and dims == 2:
+            arr = arr[:, None]  # [N, H, W] slices of a one-channel 2D model
         return check_batch(arr, self.channels, name=name, spatial_dims=dims)
 
     def prepare(self, raw: Any, name: str = "images") -> np.ndarray:

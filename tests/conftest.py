@@ -68,6 +68,17 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo3d_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled 3D demo (oktay3d) exported (read-only for tests: copy before changing)."""
+    from attunet_deploy.demo import DEMO3D_WEIGHTS
+    from attunet_deploy.steps.export import ExportSettings, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "demo3d"
+    export_bundle(ExportSettings(DEMO3D_WEIGHTS, out))
+    return out
+
+
 @pytest.fixture
 def bundle_copy(tmp_path: Path, small_bundle: Path) -> Path:
     """A private copy of small_bundle that a test may modify."""

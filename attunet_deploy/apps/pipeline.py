@@ -80,7 +80,11 @@ def judge_and_report(bundle: Bundle, notes: dict[str, str], *, bench_iterations:
     settings = BenchSettings(shape=shp, warmup=3, iterations=bench_iterations)
     runnable = sorted({r.backend for r in rows if r.status != Status.UNAVAILABLE}, key=registry.BACKENDS.index)
     results, _ = bench_many(bundle, runnable, ["all"], settings, reporter=reporter)
-    files = report_files(bundle, rows, results, extra=notes)
+    from attunet_deploy.io.golden import load_golden
+    from attunet_deploy.judge.degenerate import golden_warnings
+
+    warnings = golden_warnings(bundle, load_golden(bundle))
+    files = report_files(bundle, rows, results, extra=notes, warnings=warnings)
     with bundle.transaction() as txn:
         txn.record_verification(rows)
         for name, text in files.items():
@@ -94,4 +98,8 @@ def judge_and_report(bundle: Bundle, notes: dict[str, str], *, bench_iterations:
         counts = summary_counts(rows)
         console.print(f"[bold]{counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} "
                       f"unavailable here[/bold] · report: {bundle.path('report.html')}", highlight=False)
+        from rich.markup import escape
+
+        for w in warnings:  # beside the verdict, where the reader looks
+            console.print(f"[bold red]warning:[/bold red] {escape(w)}", highlight=False)
     return 1 if summary_counts(rows)[Status.FAIL] else 0

@@ -369,8 +369,12 @@ class Producer:
         return tuple(str(n) for n in self.details.get("float_nodes", []) or [])
 
     def made_by(self) -> str:
-        return ", ".join(f"{k} {self.details[k]}" for k in ("torch", "onnxruntime", "tensorrt", "nncf", "openvino",
-                                                             "exporter", "opset") if k in self.details)
+        """The tools that made the artifact, not every version recorded beside them."""
+        d = self.details
+        keys = ("nncf", "openvino") if d.get("quantizer") == "nncf" else ("tensorrt",) if "tensorrt" in d and \
+            "exporter" not in d else ("torch", "exporter", "opset") if "exporter" in d or "opset" in d else \
+            ("torch", "onnxruntime", "tensorrt", "nncf", "openvino")
+        return ", ".join(f"{k} {d[k]}" for k in keys if k in d) or "-"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from attunet_deploy.cli import (  # noqa: F401
     bench,
     build,
+    demo_series,
     doctor,
     export,
     info,

@@ -71,7 +71,7 @@ def bench(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ...
                              volume=volume is not None)
     results, skipped = bench_many(bundle, list(backends), list(precisions), settings, reporter=reporter(),
                                   **runner_options(triton_url, triton_model, triton_timeout))
-    if json_path != "-":
+    if json_path != "-" and results:  # nothing timed: the one error line below says why, on stderr only
         print_bench(results, skipped, shp, end_to_end=end_to_end, concurrency=concurrency)
     write_json(json_path, {"bundle": str(bundle.root), "results": results, "skipped": skipped})
     if report_dir is not None and results:

@@ -15,6 +15,30 @@ def _check_iterations(n: int) -> None:
     BenchSettings.check_options(iterations=n)
 
 
+def _refuse_another_model(out: str, model: str | None) -> None:
+    """A pipeline re-run into its own bundle is fine (idempotent); into a folder holding another
+    model's bundle it would replace it without a word: exit 2, naming --force and -o."""
+    from pathlib import Path
+
+    from attunet_deploy.bundle import Bundle
+    from attunet_deploy.bundle.schema import MANIFEST
+    from attunet_deploy.demo import DEMO3D_WEIGHTS, DEMO_WEIGHTS
+    from attunet_deploy.errors import AttDeployError, InputError
+
+    if not (Path(out) / MANIFEST).is_file():
+        return
+    try:
+        held = Bundle.load(out)
+    except AttDeployError:
+        return  # not a readable bundle of ours: export's own target checks decide
+    new = Path(model).name if model is not None else DEMO_WEIGHTS.name
+    old = Path(held.source.path).name
+    if old and new != old:
+        kind = {DEMO_WEIGHTS.name: "the 2D demo", DEMO3D_WEIGHTS.name: "the 3D demo"}
+        raise InputError(f"-o {out} holds the bundle of {kind.get(old, old)}, not {kind.get(new, new)}: choose "
+                         "another -o, or pass --force to replace it")
+
+
 @main.command()
 @export_options
 @click.option("--calib", default=None, metavar="PATH",
@@ -39,6 +63,10 @@ def pipeline(model: str | None, out: str, calib: str | None, images: str | None,
         from attunet_deploy.demo import DEMO3D_WEIGHTS
 
         model = str(DEMO3D_WEIGHTS)
+        if click.get_current_context().get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
+            out = "deploy3d"  # the 2D demo's ./deploy stays as it is
+    if not force:
+        _refuse_another_model(out, model)
     settings = export_settings(model, out, images=images if images is not None else calib, labels=labels,
                                trust_pickle=trust_pickle, force=force,
                                normalize=normalize, check_rel_l2=check_rel_l2)

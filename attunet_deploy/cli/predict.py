@@ -42,11 +42,12 @@ from attunet_deploy.cli.render import print_masks, print_segs
               "results are flagged for review).")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write the rows (with each series' QA flag) "
               "as JSON ('-': stdout).")
-@click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+@click.option("--segment-label", default=None, metavar="TEXT", help="Label of a one-class model's segment in DICOM "
+              "outputs (default: the bundle's name for it, else Target).")
 @triton_options
 def predict(bundle_dir: str, inputs: tuple[str, ...], out: str, backend: str, precision: str,
             no_overlay: bool, overwrite: bool, dicom_seg: bool, outputs_text: str, accept: str | None, force: bool,
-            json_path: str | None, segment_label: str, triton_url: str | None, triton_model: str | None,
+            json_path: str | None, segment_label: str | None, triton_url: str | None, triton_model: str | None,
             triton_timeout: float | None) -> None:
     """Segment images (.npy/.npz, PNG/TIFF, DICOM, NIfTI): masks plus an overlay PNG per image,
     or with --dicom-seg DICOM results per CT series."""

@@ -15,7 +15,8 @@ from attunet_deploy.cli.render import print_accuracy_aware, stdout
 @bundle_option
 @click.option("--calib", type=click.Path(exists=False), default=None, metavar="PATH",
               help="Calibration images: a directory or file (.npy/.npz, PNG/TIFF, DICOM, NIfTI); held-out golden "
-                   "images are excluded by content. Default: the --images export held out from, or demo phantoms.")
+                   "images are excluded by content. Default: the images export was given (--images; the held-out "
+                   "quarter excluded); for the demo its phantoms. A user model exported without --images needs it.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="percentile",
               show_default=True, help="Activation calibration method.")
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration images used at most.")

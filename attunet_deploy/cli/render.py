@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attunet_deploy.judge.results import BenchResult, Skip, VerifyRow
+from attunet_deploy.tables import fit
 
 if TYPE_CHECKING:
     from attunet_deploy.apps.dicom.files import SegRow
@@ -49,7 +50,7 @@ def print_bundle_summary(bundle: Any) -> None:
               + escape(f"{Path(src.path).name} · normalisation: {spec.normalization.describe()} · post: "
                        f"{spec.postprocessing.kind}"), highlight=False)
     out.print(escape(describe(bundle.golden)), highlight=False)
-    out.print(table)
+    out.print(fit(table))
 
 
 def size_text(n: int) -> str:
@@ -75,7 +76,7 @@ def print_accuracy_aware(bundle: Any) -> None:
     for i, st in enumerate(aa["steps"]):
         table.add_row(str(i), escape(", ".join(st["float_added"]) or "-"), f"{st['mean_dice']:.4f}",
                       f"{st['latency_ms']:.1f}")
-    stdout().print(table)
+    stdout().print(fit(table))
 
 
 def print_bench(results: Sequence[BenchResult], skipped: Sequence[Skip], shape: tuple[int, ...], *,
@@ -112,7 +113,7 @@ def print_engines(results: Sequence[EngineRecord]) -> None:
     for r in results:
         table.add_row(r.precision, r.engine, r.status, ", ".join(f"{k} {v}" for k, v in r.layer_precisions.items()),
                       f"{r.build_seconds:.1f}")
-    stdout().print(table)
+    stdout().print(fit(table))
 
 
 def print_segs(rows: Sequence[SegRow], out: str) -> None:
@@ -125,7 +126,7 @@ def print_segs(rows: Sequence[SegRow], out: str) -> None:
     for r in rows:
         qa = "[green]ok[/green]" if r.qa.status == "ok" else "[bold yellow]review[/bold yellow]"
         table.add_row(escape(r.series), str(r.slices), str(r.frames), str(len(r.outputs)), qa, r.backend)
-    stdout().print(table)
+    stdout().print(fit(table))
     for r in rows:
         for reason in r.qa.reasons:
             stdout().print(f"[yellow]review[/yellow] {escape(r.series)}: {escape(reason)}", highlight=False)
@@ -140,7 +141,7 @@ def print_masks(results: Sequence[PredictRow], out: str) -> None:
         table.add_column(col)
     for r in results:
         table.add_row(escape(r.input), "x".join(map(str, r.shape)), str(r.foreground), escape(r.mask), r.backend)
-    stdout().print(table)
+    stdout().print(fit(table))
 
 
 def print_triton_repository(models: list[str], out: str) -> None:
@@ -155,7 +156,7 @@ def print_triton_repository(models: list[str], out: str) -> None:
                 "attunet_post": "crop + mask (python)", "attunet_cpu": "model.onnx on ONNX Runtime (python backend)",
                 "attunet_volume": "raw volume -> mask: sliding window, windows by BLS (python)"}
         table.add_row(m, what.get(m, "TensorRT plan" if m.startswith("attunet_trt_") else "ONNX (onnxruntime backend)"))
-    stdout().print(table)
+    stdout().print(fit(table))
     stdout().print(f"serve it: see {escape(str(Path(out) / 'README.md'))}", highlight=False)
 
 
@@ -180,8 +181,9 @@ def print_bundle_state(bundle: Any) -> None:
                          + (f"; files: {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "") if files else "")),
                   highlight=False)
     ver = bundle.verification_records()
+    ver = {k: v for k, v in ver.items() if v.get("status") != "unavailable"}  # only runs that ran are records
     if ver:
-        table = Table(title="Last recorded verification (passing runs)", title_justify="left")
+        table = Table(title="Last recorded verification", title_justify="left")
         for col in ("backend/precision", "status", "rel L2", "mean Dice", "Dice vs truth", "when"):
             table.add_column(col)
 
@@ -192,7 +194,7 @@ def print_bundle_state(bundle: Any) -> None:
             r = VerifyRow.from_dict(raw)
             table.add_row(escape(key), escape(str(r.status)), num(r.metric("rel_l2"), ".2e"),
                           num(r.mean_dice, ".4f"), num(r.metric("gt_dice"), ".4f"), escape(str(raw.get("time", ""))))
-        stdout().print(table)
+        stdout().print(fit(table))
     else:
         stdout().print("not verified yet: run 'attdeploy verify'")
 
@@ -211,4 +213,4 @@ def print_doctor(probes: list[Any]) -> None:
                                        for g in p.extra["gpus"])
         table.add_row(p.name, "[green]available[/green]" if p.available else "[yellow]missing[/yellow]",
                       escape(p.version), escape(detail))
-    stdout().print(table)
+    stdout().print(fit(table))

@@ -63,7 +63,8 @@ from attunet_deploy.cli.options import (
               show_default=True)
 @click.option("--precision", type=click.Choice(RUN_PRECISIONS), default="fp32", show_default=True,
               help="A precision, or best: the fastest that passes verification on this machine (measured once).")
-@click.option("--segment-label", default="Target", show_default=True, help="DICOM SEG segment label.")
+@click.option("--segment-label", default=None, metavar="TEXT", help="Label of a one-class model's segment in DICOM "
+              "outputs (default: the bundle's name for it, else Target).")
 @click.option("--outputs", "outputs_text", default="seg", show_default=True, metavar="seg,rtstruct,sc,sr",
               help="Results per series: DICOM SEG, RT Structure Set, a Secondary Capture overlay series, a TID 1500 "
                    "SR with volumes and the QA flag (needs seg); each forwarded like the SEG.")
@@ -91,7 +92,7 @@ def serve_dicom(bundle_dir: str, out: str, port: int, ae_title: str, bind: str, 
                 tls_ca: str | None, quiet_seconds: float, forward: str | None, max_instance_mb: float,
                 min_free_mb: float, keep_archive: str, max_associations: int, acse_timeout: float,
                 dimse_timeout: float, network_timeout: float, http_port: int | None, log_json: bool, backend: str,
-                precision: str, segment_label: str, outputs_text: str, accept: str | None,
+                precision: str, segment_label: str | None, outputs_text: str, accept: str | None,
                 accept_sop_classes: str, forward_tls_ca: str | None, forward_tls_cert: str | None,
                 forward_tls_key: str | None, forward_stow: str | None, forward_stow_auth: str | None,
                 forward_stow_ca: str | None) -> None:

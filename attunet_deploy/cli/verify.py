@@ -70,6 +70,14 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
     else:
         rows = run_verify(bundle, backend_list, precision_list, tolerances, reporter=reporter(),
                           max_dice_drop=max_dice_drop, save_diff=save_diff, **opts)
+    warnings: list[str] = []
+    if images is None:  # the golden set: say when agreeing with its reference proves little
+        from attunet_deploy.io.golden import load_golden
+        from attunet_deploy.judge.degenerate import golden_warnings
+
+        warnings = golden_warnings(bundle, load_golden(bundle))
+        for w in warnings:
+            reporter().notice("warning:", w)
     if json_path != "-":
         ref = rows[0].reference if rows else "reference"
         stdout().print(verify_table(rows, title=f"Verification against {ref}"))
@@ -77,12 +85,14 @@ def verify(bundle_dir: str, backends: tuple[str, ...], precisions: tuple[str, ..
             from attunet_deploy.judge.diffimages import LEGEND
 
             stdout().print(f"Mask differences in {save_diff} ({LEGEND})", highlight=False)
-    write_json(json_path, {"bundle": str(bundle.root), "images": images, "results": [r.to_dict() for r in rows]})
+    write_json(json_path, {"bundle": str(bundle.root), "images": images, "warnings": warnings,
+                           "results": [r.to_dict() for r in rows]})
     if report_dir is not None:
         from attunet_deploy.judge.report_html import report_files, write_report_dir
 
         write_report_dir(report_dir, report_files(bundle, rows, [], extra=None if images is None else {
-            "Images": f"Judged on {images}" + (f" with labels {labels}" if labels else "") + ", not the golden set."}))
+            "Images": f"Judged on {images}" + (f" with labels {labels}" if labels else "") + ", not the golden set."},
+            warnings=warnings))
     counts = summary_counts(rows)
     if counts[Status.PASS] + counts[Status.FAIL] == 0:
         raise InputError("no requested backend can run here: " + "; ".join(

@@ -2,7 +2,8 @@
 
 Each slice is a CT Image Storage instance, int16 pixels with RescaleIntercept -1024 and
 RescaleSlope 1 (stored value = HU + 1024), positioned along z. Used by the tests, the DICOM
-node benchmark and the README's walk-through; needs pydicom (``attunet-deploy[dicom]``).
+node benchmark and ``attdeploy demo-series`` (the README's "Try it" walk-through); needs pydicom
+(``attunet-deploy[dicom]``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class SeriesGeometry:
         return [float(v) for v in corner + k * self.spacing * normal]
 
 
+def _ds(value: float) -> str:
+    """A Decimal String value that fits DS's 16 characters (10 significant digits)."""
+    return f"{float(value):.10g}"[:16]
+
+
 def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tuple[int, int], header: SeriesHeader,
                    geometry: SeriesGeometry, today: str) -> Any:
     """The header of slice ``k`` (no pixel data): what a CT scanner writes for one image."""
@@ -101,10 +107,11 @@ def _slice_dataset(sop_class: str, uids: tuple[str, str, str], k: int, size: tup
     ds.BodyPartExamined = "ABDOMEN"
     ds.InstanceNumber = k + 1
     ds.AcquisitionNumber = 1
-    ds.ImagePositionPatient = geometry.position(k, size)
-    ds.ImageOrientationPatient = list(geometry.orientation)
-    ds.PixelSpacing = [geometry.pixel_spacing, geometry.pixel_spacing]
-    ds.SliceThickness = geometry.slice_thickness if geometry.slice_thickness is not None else geometry.spacing
+    # DS values are at most 16 characters: 400/96 mm written whole (4.166666666666667) is not valid DICOM
+    ds.ImagePositionPatient = [_ds(v) for v in geometry.position(k, size)]
+    ds.ImageOrientationPatient = [_ds(v) for v in geometry.orientation]
+    ds.PixelSpacing = [_ds(geometry.pixel_spacing)] * 2
+    ds.SliceThickness = _ds(geometry.slice_thickness if geometry.slice_thickness is not None else geometry.spacing)
     ds.Rows, ds.Columns = size
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -109,7 +109,7 @@ def latency_bars(results: Sequence[BenchResult]) -> str:
     if not results:
         return ""
     hi = max(float(r.latency_ms.get("p99", r.p50)) for r in results) * 1.05 or 1.0
-    x0, x1 = LABEL_W, WIDTH - 190
+    x0, x1 = LABEL_W, WIDTH - 250  # room right of the longest bar for "1234.56 ms · 12.34× · 0.7 img/s"
     body: list[str] = []
     y = 10
     for r in results:

@@ -8,6 +8,7 @@ from typing import Any
 from attunet_deploy.bundle import Bundle, now_iso
 from attunet_deploy.judge.markdown import markdown_table, md_escape
 from attunet_deploy.judge.results import BenchResult, Status, VerifyRow
+from attunet_deploy.tables import fit
 
 _STATUS_STYLE = {Status.PASS.value: "[green]pass[/green]", Status.FAIL.value: "[bold red]FAIL[/bold red]",
                  Status.UNAVAILABLE.value: "[dim]unavailable[/dim]"}
@@ -72,7 +73,7 @@ def verify_table(rows: Sequence[VerifyRow], title: str = "Verification against P
         cells = [escape(str(fn(r))) for _, fn in cols]
         cells[2] = _STATUS_STYLE.get(str(r.status), str(r.status))
         table.add_row(*cells)
-    return table
+    return fit(table)
 
 
 BENCH_COLUMNS: list[tuple[str, Callable[[BenchResult], str]]] = [
@@ -89,7 +90,7 @@ BENCH_COLUMNS: list[tuple[str, Callable[[BenchResult], str]]] = [
     ("img/s", lambda r: f"{r.throughput_ips:.1f}"),
     ("CoV %", lambda r: f"{100 * r.cov:.1f}"),
     ("RSS MB", lambda r: "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"),
-    ("vs first", lambda r: "-" if r.ratio_vs_first is None else f"{r.ratio_vs_first:.2f}x"),
+    ("ratio", lambda r: "-" if r.ratio_vs_first is None else f"{r.ratio_vs_first:.2f}x"),
 ]
 
 
@@ -102,7 +103,7 @@ def bench_table(results: Sequence[BenchResult], title: str = "Latency") -> Any:
                          else "right")
     for r in results:
         table.add_row(*[fn(r) for _, fn in BENCH_COLUMNS])
-    return table
+    return fit(table)
 
 
 def machine_record() -> dict[str, Any]:
@@ -117,15 +118,19 @@ def machine_record() -> dict[str, Any]:
 
 
 def render_report(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: Sequence[BenchResult],
-                  extra: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str]:
-    """(report.json data, report.md text) of a pipeline, verify or bench run."""
+                  extra: Mapping[str, str] | None = None, warnings: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """(report.json data, report.md text) of a pipeline, verify or bench run; ``warnings`` say when the
+    verification proves little (judge/degenerate.py)."""
     data = {"bundle": str(bundle.root), "title": f"attunet-deploy report: {bundle.root.name}",
             "generated": now_iso(), **bundle.report_header(), "machine": machine_record(),
+            "warnings": list(warnings),
             "verification": [r.to_dict() for r in verify_rows], "benchmarks": [r.to_dict() for r in bench_rows],
             "notes": dict(extra or {}), **(extra or {})}
     intro = report_intro(bundle, str(data["generated"]))
     ref = verify_rows[0].reference if verify_rows else "torch/fp32"
-    md = [f"# {md_escape(data['title'])}", "", *[line + "\n" for line in intro]]
+    md = [f"# {md_escape(data['title'])}", "", *[md_escape(line) + "\n" for line in intro]]
+    if warnings:
+        md += ["## Warnings", "", *[f"- {md_escape(w)}" for w in warnings], ""]
     if verify_rows:
         vcols = verify_columns(verify_rows)
         md += [f"## Verification against {ref}", "",
@@ -152,5 +157,5 @@ def report_intro(bundle: Bundle, generated: str) -> list[str]:
 
     src = bundle.source
     params = "?" if src.parameters is None else src.parameters
-    return [f"Generated {generated}. Model: {md_escape(bundle.describe_model())} ({params} parameters), from "
-            f"{md_escape(src.path)}.", md_escape(describe(bundle.golden).capitalize()) + "."]
+    return [f"Generated {generated}. Model: {bundle.describe_model()} ({params} parameters), from {src.path}.",
+            describe(bundle.golden).capitalize() + "."]

@@ -34,11 +34,15 @@ from attunet_deploy.judge.report import BENCH_COLUMNS, render_report, report_int
 from attunet_deploy.judge.results import BenchResult, Status, VerifyRow
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1720px;padding:0 16px;
-color:#111;background:#fff;line-height:1.4}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;
+color:#111;background:#fff;line-height:1.4;overflow-wrap:anywhere}
+svg{max-width:100%;height:auto}.warn{border:2px solid #c62828;background:#fde7e6;padding:8px 14px;margin:12px 0}
+#summary{border:1px solid #ccc;background:#f7f7f7;padding:8px 14px;margin:12px 0;font-size:15px}
+details{margin:8px 0;font-size:13px}
 h1{font-size:1.5em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f2f2f2}td.l,th.l{text-align:left}td.nw{white-space:nowrap}
+table{border-collapse:collapse;margin:8px 0;font-size:12px;max-width:100%}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+th{background:#f2f2f2}td.l,th.l{text-align:left}td.w,th.w{white-space:normal;min-width:8em}
 td.pass{background:#e3f4e8;color:#1b7f3b;font-weight:600}td.fail{background:#fde7e6;color:#c62828;font-weight:700}
 td.unavailable{background:#eee;color:#666}
 figure{margin:10px 0 22px 0}figure img{display:block;image-rendering:pixelated;border:1px solid #333;
@@ -74,8 +78,9 @@ def tolerance_text(tol: Mapping[str, Any]) -> str:
 
 
 def verdict_table(rows: Sequence[VerifyRow]) -> str:
-    """Every row; those that ran first (in their order), then those unavailable here."""
-    rows = [r for r in rows if r.status != Status.UNAVAILABLE] + [r for r in rows if r.status == Status.UNAVAILABLE]
+    """The rows that ran (in their order); those unavailable here follow as one collapsed line per
+    backend with its reason (:func:`unavailable_details`). Numbers never wrap; text cells do."""
+    rows = [r for r in rows if r.status != Status.UNAVAILABLE]
     gt = any(r.metric("gt_dice") is not None for r in rows)
     heads = ["backend", "precision", "verdict", "judged against", "reference", "device", "rel L2",
              "pixels agree %", "mean Dice", "worst Dice"] + (["Dice vs truth"] if gt else []) + ["note"]
@@ -86,18 +91,48 @@ def verdict_table(rows: Sequence[VerifyRow]) -> str:
         status = str(r.status)
         agree = r.metric("pixel_agreement")
         cells = [(r.backend, "l"), (r.precision, "l"), (status.upper() if status == "fail" else status, status),
-                 (tolerance_text(r.tolerance), "l nw"), (r.reference, "l"),
-                 (r.device or "", "l"), (_f(r.metric("rel_l2"), ".2e"), ""),
+                 (tolerance_text(r.tolerance), "l w"), (r.reference, "l"),
+                 (r.device or "", "l w"), (_f(r.metric("rel_l2"), ".2e"), ""),
                  ("-" if agree is None else f"{100 * agree:.4f}", ""), (_f(r.metric("mean_dice"), ".4f"), ""),
                  (_f(r.metric("worst_dice"), ".4f"), "")]
         if gt:
             cells.append((_f(r.metric("gt_dice"), ".4f"), ""))
-        cells.append((r.reason, "l"))
+        cells.append((r.reason, "l w"))
         out.append(f'<tr data-backend="{escape(r.backend)}" data-precision="{escape(r.precision)}" '
                    f'data-status="{escape(status)}">'
                    + "".join(f'<td class="{c}">{escape(str(v))}</td>' for v, c in cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def unavailable_details(rows: Sequence[VerifyRow]) -> str:
+    """Rows that could not run here, one line per backend and reason, collapsed (no JavaScript)."""
+    gone = [r for r in rows if r.status == Status.UNAVAILABLE]
+    if not gone:
+        return ""
+    by: dict[tuple[str, str], list[str]] = {}
+    for r in gone:
+        by.setdefault((r.backend, r.reason), []).append(r.precision)
+    items = "".join(f'<li data-backend="{escape(b)}" data-precisions="{escape(",".join(ps))}"><b>{escape(b)}</b> '
+                    f'({escape(", ".join(ps))}): {escape(reason)}</li>' for (b, reason), ps in by.items())
+    return (f'<details id="unavailable"><summary>{len(gone)} row(s) unavailable here, '
+            f'{len({b for b, _ in by})} backend(s)</summary><ul>{items}</ul></details>')
+
+
+def summary_block(rows: Sequence[VerifyRow], results: Sequence[BenchResult], ref: str) -> str:
+    """The result first: the verdict, and the fastest (backend, precision) that passed with its speedup."""
+    counts = {s: sum(str(r.status) == s for r in rows) for s in ("pass", "fail", "unavailable")}
+    lines = [f'<b>Verdict against {escape(ref)}:</b> <span style="color:{STATUS_COLOUR["pass"]}">{counts["pass"]} '
+             f'passed</span>, <span style="color:{STATUS_COLOUR["fail"]}">{counts["fail"]} failed</span>, '
+             f'{counts["unavailable"]} unavailable here.']
+    passed = {(r.backend, r.precision) for r in rows if r.status == Status.PASS}
+    timed = [b for b in results if (b.backend, b.precision) in passed]
+    if timed:
+        best = min(timed, key=lambda b: b.p50)
+        base = next((b for b in results if (b.backend, b.precision) == tuple(ref.split("/", 1))), None) or results[0]
+        speed = f", {base.p50 / best.p50:.2f}× {escape(base.name)}" if base is not best and best.p50 > 0 else ""
+        lines.append(f"<b>Fastest that passes:</b> {escape(best.name)}, {best.p50:.2f} ms p50{speed}.")
+    return '<div id="summary">' + "<br>".join(lines) + "</div>"
 
 
 def panel_figure(panel: Panel) -> str:
@@ -168,18 +203,25 @@ def render_html(rows: Sequence[VerifyRow], results: Sequence[BenchResult], data:
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
     parts += [f'<p class="muted">{escape(line)}</p>' for line in intro]
+    warnings = [w for w in data.get("warnings") or [] if isinstance(w, str)]
+    if warnings:
+        parts.append('<div class="warn" id="warnings"><b>This verification proves little:</b><ul>'
+                     + "".join(f"<li>{escape(w)}</li>" for w in warnings) + "</ul></div>")
+    if rows:
+        parts.append(summary_block(rows, results, str(ref)))
+    if results:  # the result a reader came for, right after the verdict
+        shape = "x".join(map(str, results[0].shape))
+        parts.append(f'<h2 id="latency-heading">Latency at {escape(shape)}</h2>{latency_bars(results)}'
+                     f"{bench_table_html(results)}")
     if rows:
         parts.append(f'<h2 id="verdict-heading">Verdict against {escape(str(ref))}: '
                      f'<span style="color:{STATUS_COLOUR["pass"]}">{counts["pass"]} passed</span>, '
                      f'<span style="color:{STATUS_COLOUR["fail"]}">{counts["fail"]} failed</span>, '
                      f'{counts["unavailable"]} unavailable here</h2>')
-        parts.append(verdict_table(rows))
+        parts.append(verdict_table(rows) + unavailable_details(rows))
         strip = dice_strip(rows)
         parts.append("<h2>Dice of every judged image</h2>" + (strip or '<p class="muted">No row ran.</p>'))
         parts.append(f"<h2>Worst images per backend</h2>{worst_sections(rows)}")
-    if results:
-        shape = "x".join(map(str, results[0].shape))
-        parts.append(f"<h2>Latency at {escape(shape)}</h2>{latency_bars(results)}{bench_table_html(results)}")
     for key, value in (data.get("notes") or {}).items():
         if isinstance(value, str):
             parts.append(f"<h2>{escape(key)}</h2><p>{escape(value)}</p>")
@@ -190,11 +232,11 @@ def render_html(rows: Sequence[VerifyRow], results: Sequence[BenchResult], data:
 
 
 def report_files(bundle: Bundle, verify_rows: Sequence[VerifyRow], bench_rows: Sequence[BenchResult],
-                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
+                 extra: Mapping[str, str] | None = None, warnings: Sequence[str] = ()) -> dict[str, str]:
     """report.json, report.md and report.html of one run, by file name. The page's mask panels come
     from the rows (``VerifyRow.panels``: kept by verify, never in JSON)."""
-    data, md = render_report(bundle, verify_rows, bench_rows, extra)
-    intro = [line.replace("`", "") for line in report_intro(bundle, str(data["generated"]))]
+    data, md = render_report(bundle, verify_rows, bench_rows, extra, warnings)
+    intro = report_intro(bundle, str(data["generated"]))
     html = render_html(verify_rows, bench_rows, data, intro)
     return {"report.json": dumps(data) + "\n", "report.md": md, "report.html": html}
 

@@ -31,7 +31,7 @@ from attunet_deploy.bundle import (
     open_export_target,
 )
 from attunet_deploy.bundle.profile import InputProfile
-from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing
+from attunet_deploy.bundle.spec import InputSpec, ModelSpec, Normalization, Postprocessing, Segment
 from attunet_deploy.console import Reporter
 from attunet_deploy.environment import versions
 from attunet_deploy.errors import InputError, VerificationFailed
@@ -288,6 +288,8 @@ def export_bundle(settings: ExportSettings, reporter: Reporter | None = None) ->
         raise InputError(f"the normalisation gives {len(normalization.mean)} means for a {cin}-channel model",
                          field="normalize")
     named = parse_segments(s.segments, cout)  # before any work, as every option
+    if demo and not named:  # the demo is the paper's pancreas task; a user's model stays neutral ("Organ")
+        named = (Segment(1, "Pancreas", ("SCT", "15776009", "Pancreas")),)
     roi, spacing = s.roi, s.spacing
     if demo and loaded.family == "oktay3d":
         from attunet_deploy.demo import DEMO3D_ROI

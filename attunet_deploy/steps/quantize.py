@@ -324,6 +324,11 @@ def quantize_bundle(bundle: Bundle, settings: QuantizeSettings | None = None,
     calibration = None
     if "int8" in s.precisions:  # read the calibration set first: a bad --calib fails before any work
         calibration = calibration_inputs(bundle, s.calib, s.max_samples)
+    if s.calib is not None and bundle.golden.kind == "synthetic-fields" and not bundle.is_demo:
+        from attunet_deploy.io.golden import describe
+
+        reporter.notice("note:", f"--calib calibrates only; the {describe(bundle.golden)} (re-export with --images "
+                        f"{s.calib} to judge every graph on images like these)")
     with bundle.transaction() as txn:
         done = []
         if "fp16" in s.precisions:

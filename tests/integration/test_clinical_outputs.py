@@ -172,13 +172,8 @@ def test_seg_rtstruct_overlay_and_sr_are_valid_and_agree_with_the_masks(demo_bun
 
 
 @pytest.fixture(scope="module")
-def bundle3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import ExportSettings, export_bundle
-
-    out = tmp_path_factory.mktemp("b3d") / "bundle"
-    export_bundle(ExportSettings(DEMO3D_WEIGHTS, out))
-    return out
+def bundle3d(demo3d_bundle: Path) -> Path:
+    return demo3d_bundle
 
 
 def test_rtstruct_round_trip_on_the_3d_demo_series(bundle3d: Path, tmp_path: Path) -> None:

@@ -20,15 +20,30 @@ from attunet_deploy.cli import main
 from attunet_deploy.demo import DEMO3D_WEIGHTS
 
 
-def test_pipeline_demo_3d(tmp_path: Path) -> None:
+def test_pipeline_demo_3d(tmp_path: Path, demo_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a newcomer runs it after the 2D quickstart: in a folder whose ./deploy holds the 2D demo,
+    `pipeline --demo 3d` writes ./deploy3d and leaves ./deploy byte for byte as it was (issue 35)."""
+    import hashlib
+    import shutil
+
     assert DEMO3D_WEIGHTS.is_file()
-    r = CliRunner().invoke(main, ["pipeline", "--demo", "3d", "-o", str(tmp_path / "b"), "--bench-iterations", "2"],
-                           catch_exceptions=True)
+    shutil.copytree(demo_bundle, tmp_path / "deploy")
+
+    def digest() -> dict[str, str]:
+        return {p.relative_to(tmp_path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / "deploy").rglob("*")) if p.is_file()}
+
+    before = digest()
+    monkeypatch.chdir(tmp_path)
+    refused = CliRunner().invoke(main, ["pipeline", "--demo", "3d", "-o", "deploy"])
+    assert refused.exit_code == 2 and "holds the bundle of the 2D demo, not the 3D demo" in refused.output
+    r = CliRunner().invoke(main, ["pipeline", "--demo", "3d", "--bench-iterations", "2"], catch_exceptions=True)
     assert r.exit_code == 0, r.output[-3000:]
-    b = Bundle.load(tmp_path / "b")
+    assert digest() == before
+    b = Bundle.load(tmp_path / "deploy3d")
     assert (b.family, b.layout, b.sliding_window.roi, b.spacing) == ("oktay3d", "NCDHW", (32, 48, 48),
                                                                          (5.0, 6.0, 6.0))
-    rows = json.loads((tmp_path / "b" / "report.json").read_text())["verification"]
+    rows = json.loads((tmp_path / "deploy3d" / "report.json").read_text())["verification"]
     ran = {(row["backend"], row["precision"]): row for row in rows if row["status"] != "unavailable"}
     assert {("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")} <= set(ran)
     assert all(row["status"] == "pass" for row in ran.values()), ran
@@ -55,8 +70,8 @@ def test_pipeline_demo_3d(tmp_path: Path) -> None:
                for shape in b.manifest["artifacts"]["golden.npz"]["shapes"])
     assert all(b.manifest["artifacts"][f]["trt_lint"] == [] for f in ("model.onnx", "model.fp16.onnx",
                                                                       "model.int8.onnx"))
-    _verify_on_user_volumes(tmp_path, tmp_path / "b")
-    _nncf_graph_for_3d(tmp_path / "b")
+    _verify_on_user_volumes(tmp_path, tmp_path / "deploy3d")
+    _nncf_graph_for_3d(tmp_path / "deploy3d")
 
 
 def _nncf_graph_for_3d(bundle: Path) -> None:

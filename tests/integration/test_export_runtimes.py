@@ -100,6 +100,7 @@ def test_runner_accepts_common_dtypes_and_2d_segment(small_bundle: Path) -> None
     assert np.allclose(runner.infer(x64), runner.infer(x64.astype(np.float32)))
     assert runner.infer((x64 > 0).astype(np.uint8)).shape == (1, 2, 33, 17)
     assert runner.segment(x64[0, 0]).shape == (1, 33, 17)  # [H, W] for one channel
+    assert runner.segment(np.repeat(x64[:, 0], 3, axis=0)).shape == (3, 33, 17)  # [N, H, W] slices, one channel
     runner.deactivate()
 
 
@@ -107,7 +108,7 @@ def test_runner_accepts_common_dtypes_and_2d_segment(small_bundle: Path) -> None
     (np.zeros((1, 3, 32, 32), np.float32), "3 channels, the model takes 1"),
     (np.zeros((0, 1, 32, 32), np.float32), "empty batch"),
     (np.full((1, 1, 32, 32), np.nan, np.float32), "NaN/Inf"),
-    (np.zeros((1, 32, 32), np.float32), "add a batch axis"),
+    (np.zeros((1, 32, 32), np.float32), r"one-channel slices \[N, H, W\]: x\[:, None\]"),
     (np.array([["a"]]), "numeric"),
     (np.zeros((1, 1, 0, 32), np.float32), "empty spatial"),
 ])

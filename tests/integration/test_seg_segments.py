@@ -42,7 +42,7 @@ def test_named_classes_reach_the_seg(tmp_path: Path) -> None:
     (path,) = (tmp_path / "segs").glob("*.dcm")
     seg = hd.seg.segread(str(path))
     described = [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence]
-    assert described == [("Liver", "10200004"), ("Spleen", "15776009")]  # unnamed code: the default (pancreas)
+    assert described == [("Liver", "10200004"), ("Spleen", "113343008")]  # unnamed code: the neutral default (Organ)
 
     manifest = tmp_path / "b" / "manifest.json"
     data = json.loads(manifest.read_text())

@@ -29,13 +29,8 @@ SPACING = (2.5, 3.0, 3.0)  # z, y, x mm: finer than the demo's 5 x 6 x 6, so the
 
 
 @pytest.fixture(scope="module")
-def bundle3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attunet_deploy.demo import DEMO3D_WEIGHTS
-    from attunet_deploy.steps.export import ExportSettings, export_bundle
-
-    out = tmp_path_factory.mktemp("b3d") / "bundle"
-    export_bundle(ExportSettings(DEMO3D_WEIGHTS, out))
-    return out
+def bundle3d(demo3d_bundle: Path) -> Path:
+    return demo3d_bundle
 
 
 def test_node_segments_a_3d_series_as_one_volume(bundle3d: Path, tmp_path: Path) -> None:

@@ -349,7 +349,17 @@ def test_called_and_calling_ae_titles_hosts_and_negotiation(demo_bundle: Path, s
         wait_for(lambda: pacs_segs(tmp_path / "pacs"), 90, "the SEG at the PACS")
     (seg,) = pacs_segs(tmp_path / "pacs")  # one SEG: of the allowed sender's CT instances, nothing of the MR
     check_seg(seg, ct8[:2], demo_bundle)
-    assert log.read_text().count("rejected: association refused") >= 3
+    text = log.read_text()
+    assert text.count("rejected: association refused") >= 3
+    # the operator's log says why, as the sender was told (issue 35)
+    assert "association refused: called AE title 'WRONG' is not this node's 'ATTDEPLOY'" in text
+    assert "association refused: calling AE title 'scanner1' is not in --allow-ae" in text
+    assert "association refused: calling AE title 'ECHOSCU' is not in --allow-ae" in text
+    assert "echo: C-ECHO from SCANNER1 answered" in text
+    assert "association: association from SCANNER1 at 127.0.0.1" in text
+    refused = [ln for ln in text.splitlines() if "refused at negotiation (not negotiated by this node" in ln]
+    assert refused and all("MRImageStorage" in ln for ln in refused)  # the MR context, named
+    assert "released: association from SCANNER1 released" in text
     with node(demo_bundle, tmp_path / "b", "--any-called-ae", "--allow-host", "10.0.0.0/8") as (port, log, _):
         assert echo(port, "WRONG") != 0  # 127.0.0.1 is not in --allow-host
         assert "not in --allow-host" in log.read_text()

@@ -103,6 +103,8 @@ def test_forwarding_over_dicom_tls_and_over_stow_rs_survives_a_pacs_outage(demo_
         pacs.start()
         for study in studies:
             wait_for(lambda study=study: segs_in(pacs, study), 120, "each SEG in Orthanc after the outage")
+        for log in (log1, log2):  # Orthanc files a SEG before the sender has logged its acknowledgement
+            wait_for(lambda log=log: any(e["event"] == "sent" for e in events(log)), 30, "the node's sent event")
         sent1 = [e for e in events(log1) if e["event"] == "sent"]
         sent2 = [e for e in events(log2) if e["event"] == "sent"]
         assert len(sent1) == 1 and "(TLS)" in sent1[0]["message"]

@@ -26,11 +26,14 @@ class _Page(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[tuple[str, str, str]] = []
+        self.unavailable: list[tuple[str, str]] = []  # (backend, precision) from the collapsed list
         self.images: list[tuple[str, str]] = []
         self._table: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
+        if tag == "li" and "data-precisions" in a:
+            self.unavailable += [(a.get("data-backend") or "", p) for p in (a["data-precisions"] or "").split(",")]
         if tag == "table":
             self._table = a.get("id")
         elif tag == "tr" and self._table == "verdict" and "data-backend" in a:
@@ -89,10 +92,26 @@ def test_demo_report_renders_in_a_real_browser(demo_bundle: Path, tmp_path: Path
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _Page()
     page.feed(dom.stdout)
-    expected = [(r["backend"], r["precision"], r["status"]) for r in report["verification"]]
-    assert sorted(page.rows) == sorted(expected)  # the verdict table holds every row of report.json
-    unavailable = [status == "unavailable" for _, _, status in page.rows]
-    assert unavailable == sorted(unavailable)  # the rows that ran lead
+    expected = [(r["backend"], r["precision"], r["status"]) for r in report["verification"]
+                if r["status"] != "unavailable"]
+    assert sorted(page.rows) == sorted(expected)  # the verdict table holds every row that ran...
+    gone = [(r["backend"], r["precision"]) for r in report["verification"] if r["status"] == "unavailable"]
+    assert sorted(page.unavailable) == sorted(gone)  # ...and the collapsed list every one that could not
+    assert report["warnings"] == []  # the demo's verification proves something
+
+    # Laid out for a 1280 px window: nothing wider than the window, the latency chart near the top. The
+    # report has no script; a copy for the test gets one that writes the measurements into the title.
+    probe = b / "probe.html"
+    probe.write_text(html.replace("</body>", "<script>var svg=document.querySelector('#latency-heading');"
+                                  "document.title=JSON.stringify({w:document.documentElement.scrollWidth,"
+                                  "lat:svg.getBoundingClientRect().top+window.scrollY});</script></body>"))
+    measured = _chromium("--window-size=1280,900", "--virtual-time-budget=3000", "--dump-dom", probe.as_uri(),
+                         tmp=tmp_path)
+    title = re.search(r"<title>(\{.*?\})</title>", measured.stdout)
+    assert title, measured.stdout[:500]
+    layout = json.loads(title.group(1))
+    assert layout["w"] <= 1280, layout  # no horizontal overflow at 1280 px
+    assert layout["lat"] < 2500, layout  # the latency chart starts within the first 2,500 px
 
     panels = [src for cls, src in page.images if "panel" in cls]
     ran = [r for r in report["verification"] if r["status"] != "unavailable"]

@@ -24,7 +24,7 @@ MAX_FUNCTION_LINES = 80
 
 #: (layer, module prefixes); a module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("errors", "fileio", "limits", "console", "environment", "metrics", "version", "models", "demo",
+    (0, ("errors", "fileio", "limits", "console", "environment", "metrics", "version", "models", "demo", "tables",
          "demo.phantom", "demo.ctseries", "components", "dicomtext")),
     (1, ("checkpoint", "bundle", "io", "preprocess", "outputs", "segmenter", "window", "qa")),
     (2, ("runtimes", "build", "demo.train", "demo.train3d")),

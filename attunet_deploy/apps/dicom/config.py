@@ -207,7 +207,7 @@ class NodeConfig:
     log_json: bool = False
     backend: str = "auto"
     precision: str = "fp32"
-    segment_label: str = "Target"
+    segment_label: str | None = None  # None: the bundle's name, else "Target"
     #: result kinds per series (seg, rtstruct, sc, sr) and the acceptance rules file (None: defaults)
     outputs: tuple[str, ...] = ("seg",)
     accept: str | None = None
@@ -229,8 +229,9 @@ class NodeConfig:
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title))
         from attunet_deploy.dicomtext import check_dicom_text
 
-        object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
-                                                                   field="segment_label"))
+        if self.segment_label is not None:
+            object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
+                                                                       field="segment_label"))
         object.__setattr__(self, "allow_ae", tuple(check_ae_title(a, "allow_ae") for a in self.allow_ae))
         if self.forward is not None:
             ForwardTarget.parse(self.forward)

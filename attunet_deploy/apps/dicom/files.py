@@ -73,12 +73,13 @@ class SeriesOptions:
     outputs: tuple[str, ...] = ("seg",)
     accept: str | None = None
     force: bool = False
-    segment_label: str = "Target"
+    segment_label: str | None = None  # None: the bundle's name, else "Target"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", parse_outputs(",".join(self.outputs)))
-        object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
-                                                                   field="segment_label"))
+        if self.segment_label is not None:
+            object.__setattr__(self, "segment_label", check_dicom_text(self.segment_label, "segment label",
+                                                                       field="segment_label"))
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class DicomNode:
         # renamed into incoming/ on the same filesystem. This process serves only the node.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.dirs["tmp"])
-        ctx = ScpContext(self.spool, c.limits, self.log, self.spool.metrics)
+        ctx = ScpContext(self.spool, c.limits, self.log, self.spool.metrics, config=c)
         pdu = PduLimits(PDATA_MAX, c.limits.acse_timeout, c.limits.network_timeout, self.log)
         cls = server_class(self.allow_host, c.limits.acse_timeout, self.log, pdu,
                            PENDING_FACTOR * c.limits.max_associations)

@@ -59,6 +59,8 @@ class ScpContext:
     limits: NodeLimits
     log: NodeLog
     metrics: NodeMetrics
+    #: the node's settings, for saying why an association was refused (None: reasons not derived)
+    config: NodeConfig | None = None
     received_bytes: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
     #: per association: (series, SOP class) -> [modality, count] of instances answered Success and not kept
     ignored: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[Any]]] = field(
@@ -212,10 +214,68 @@ def handle_closed(event: Any, ctx: ScpContext) -> None:
             os.unlink(partial.name)
 
 
+def _peer(event: Any) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return str(getattr(requestor, "ae_title", "?")).strip(), str(getattr(requestor, "address", "?"))
+
+
+def _why_rejected(event: Any, ctx: ScpContext) -> str:
+    """What the sender was told, in words: pynetdicom's EVT_REJECTED carries no reason, so the node's
+    own rules are asked in the order its ACSE applies them."""
+    c = ctx.config
+    if c is None:
+        return "refused at negotiation"
+    from attunet_deploy.apps.dicom.access import same_ae
+
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    calling, _ = _peer(event)
+    if not c.any_called_ae and called and not same_ae(called, c.ae_title):
+        return f"called AE title {called[:16]!r} is not this node's {c.ae_title!r} (--any-called-ae accepts any)"
+    if c.allow_ae and not any(same_ae(calling, a) for a in c.allow_ae):
+        return f"calling AE title {calling[:16]!r} is not in --allow-ae"
+    return f"{c.limits.max_associations} associations are open already (--max-associations)"
+
+
 def handle_rejected(event: Any, ctx: ScpContext) -> None:
-    """EVT_REJECTED: an association refused at negotiation."""
-    ctx.log("rejected", "association refused", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-            address=event.assoc.requestor.address)
+    """EVT_REJECTED: an association refused at negotiation, with the reason the sender was given."""
+    calling, address = _peer(event)
+    ctx.log("rejected", f"association refused: {_why_rejected(event, ctx)}", calling_ae=calling, address=address)
+
+
+def handle_accepted(event: Any, ctx: ScpContext) -> None:
+    """EVT_ACCEPTED: who, from where, which presentation contexts were accepted, and which proposed
+    ones were refused (a study's MR series under --accept-sop-classes ct: nothing of it will arrive)."""
+    calling, address = _peer(event)
+    assoc = event.assoc
+    accepted = sorted({sop_class_name(str(cx.abstract_syntax)) for cx in assoc.accepted_contexts})
+    refused = sorted({sop_class_name(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+    message = f"association from {calling} at {address}: {len(accepted)} SOP class(es) accepted"
+    if refused:
+        # senders such as DCMTK's storescu propose every class they know: images first, the count, the rest
+        # in the field (nothing of a refused class will arrive on this association)
+        shown = sorted(refused, key=lambda n: ("Image" not in n, n))[:5]
+        message += (f"; {len(refused)} refused at negotiation (not negotiated by this node, see "
+                    f"--accept-sop-classes), e.g. {', '.join(shown)}")
+    ctx.log("association", message, calling_ae=calling, address=address, accepted=",".join(accepted)[:2000],
+            refused_contexts=",".join(refused)[:4000] or None)
+
+
+def handle_released(event: Any, ctx: ScpContext) -> None:
+    calling, address = _peer(event)
+    ctx.log("released", f"association from {calling} released", calling_ae=calling, address=address)
+
+
+def handle_aborted(event: Any, ctx: ScpContext) -> None:
+    calling, address = _peer(event)
+    ctx.log("aborted", f"association from {calling} aborted", calling_ae=calling, address=address)
+
+
+def handle_echo(event: Any, ctx: ScpContext) -> int:
+    """EVT_C_ECHO: served (Success), and logged so an operator sees a scanner's connectivity test."""
+    calling, address = _peer(event)
+    ctx.log("echo", f"C-ECHO from {calling} answered", calling_ae=calling, address=address)
+    return SUCCESS
 
 
 def handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
@@ -223,7 +283,9 @@ def handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
     from pynetdicom import evt
 
     return [(evt.EVT_C_STORE, handle_store, [ctx]), (evt.EVT_REJECTED, handle_rejected, [ctx]),
-            (evt.EVT_DATA_RECV, handle_data, [ctx]), (evt.EVT_CONN_CLOSE, handle_closed, [ctx])]
+            (evt.EVT_DATA_RECV, handle_data, [ctx]), (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
+            (evt.EVT_ACCEPTED, handle_accepted, [ctx]), (evt.EVT_RELEASED, handle_released, [ctx]),
+            (evt.EVT_ABORTED, handle_aborted, [ctx]), (evt.EVT_C_ECHO, handle_echo, [ctx])]
 
 
 def make_ae(config: NodeConfig) -> Any:

@@ -20,9 +20,11 @@ from attunet_deploy.bundle import Bundle
 from attunet_deploy.bundle.spec import Segment, segment_color
 from attunet_deploy.fileio import atomic_path
 
-#: SNOMED CT defaults: category "Anatomical Structure", type "Pancreas" (the task of Oktay et al.).
+#: SNOMED CT defaults for a segment the bundle does not name: category "Anatomical Structure", type
+#: "Organ" (neutral: a liver model's SEG must not say pancreas). The demo names its segment
+#: "Pancreas" (SCT 15776009) in its manifest, the task of Oktay et al.
 DEFAULT_CATEGORY = ("SCT", "91723000", "Anatomical Structure")
-DEFAULT_TYPE = ("SCT", "15776009", "Pancreas")
+DEFAULT_TYPE = ("SCT", "113343008", "Organ")
 SEG_SERIES_NUMBER = 900
 
 
@@ -37,10 +39,14 @@ class SegNaming:
     category: tuple[str, str, str] = DEFAULT_CATEGORY
     segment_type: tuple[str, str, str] = DEFAULT_TYPE
     segments: tuple[Segment, ...] = ()
+    #: ``label`` was given by the user (``--segment-label``): it names a one-class model's segment even
+    #: where the bundle names it (the bundle's type code stays)
+    override: bool = False
 
     @classmethod
-    def of(cls, bundle: Bundle, label: str = "Target") -> SegNaming:
-        return cls(tuple(bundle.spec.input.classes), label, segments=bundle.spec.postprocessing.segments)
+    def of(cls, bundle: Bundle, label: str | None = None) -> SegNaming:
+        return cls(tuple(bundle.spec.input.classes), label or "Target", segments=bundle.spec.postprocessing.segments,
+                   override=label is not None)
 
     def _named(self, cls_: int) -> Segment | None:
         return next((s for s in self.segments if s.number == cls_), None)
@@ -49,8 +55,11 @@ class SegNaming:
         """(label, segmented property type) of segment ``number`` (class ``cls_``)."""
         named = self._named(cls_)
         kind = named.type if named is not None and named.type else self.segment_type
-        name = named.label if named is not None else (self.label if len(self.classes) == 1
-                                                      else f"{self.label} class {cls_}")
+        if self.override and len(self.classes) == 1:
+            name = self.label
+        else:
+            name = named.label if named is not None else (self.label if len(self.classes) == 1
+                                                          else f"{self.label} class {cls_}")
         return name, kind
 
     def color(self, cls_: int) -> tuple[int, int, int]:

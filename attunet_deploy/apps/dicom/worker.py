@@ -47,7 +47,7 @@ class SegOptions:
 
     provenance: Provenance
     outputs: tuple[str, ...] = ("seg",)
-    segment_label: str = "Target"
+    segment_label: str | None = None
     forward: bool = False
 
 
